@@ -1,0 +1,60 @@
+/* Kernel -> user space ABI of netstatd.
+ *
+ * Keep in step with events.py beside this file: tests/unit/test_bpf_abi.py
+ * compares both against the BTF of the compiled object.
+ * Fixed-width types and explicit padding only.
+ */
+#ifndef NETSTATD_EVENTS_H
+#define NETSTATD_EVENTS_H
+
+/* event.kind */
+#define EV_TCP_STATE 1  /* inet_sock_set_state transition */
+#define EV_TCP_ACCEPT 2 /* accept()/accept4() returned this socket */
+#define EV_TCP_LISTEN 3 /* listen() succeeded: real bound address */
+#define EV_UDP_SEND 4   /* datagram sent (deduplicated per flow) */
+#define EV_UDP_RECV 5   /* datagram received (deduplicated per flow) */
+#define EV_UDP_BIND 6   /* bind() on a UDP socket: a UDP "listener" */
+#define EV_UDP_CLOSE 7  /* UDP socket with flows or a bound port released */
+
+/* event.flags */
+#define EVF_OWNER_CURRENT 0x1 /* owner is the task that was running (process context) */
+#define EVF_OWNER_STORED 0x2  /* owner came from the per-socket owner storage */
+#define EVF_OWNER_ACCEPT 0x4  /* owner was set by accept() after the listener's clone */
+
+#define NETSTATD_COMM_LEN 16
+
+struct netstat_event {
+	__u64 ts_ns;     /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cookie;    /* socket cookie (== ss -e "sk:" / inet_diag cookie) */
+	__u64 cgroup_id; /* owner's cgroup v2 id, 0 when unknown */
+	__u32 tgid;      /* owner process, 0 when unknown */
+	__u32 netns;     /* network namespace inode */
+	__u8 saddr[16];  /* local address: IPv4 in the first 4 bytes */
+	__u8 daddr[16];  /* remote address */
+	__u16 sport;     /* local port, host byte order */
+	__u16 dport;     /* remote port, host byte order */
+	__u8 kind;       /* EV_* */
+	__u8 family;     /* 4 or 6 */
+	__u8 oldstate;   /* TCP states as in the kernel's enum */
+	__u8 newstate;
+	__u8 flags;      /* EVF_* */
+	__u8 _pad[7];
+	char comm[NETSTATD_COMM_LEN]; /* owner's comm */
+};
+
+/* Rewritten by the loader in .rodata before load. */
+struct agent_settings {
+	__u8 capture_tcp;
+	__u8 capture_udp;
+	__u8 include_loopback;
+	__u8 _pad[5];
+	__u64 udp_refresh_ns; /* re-announce an active UDP flow at most this often */
+};
+
+/* counters map index */
+#define CNT_EMITTED 0
+#define CNT_LOST 1 /* ring buffer reserve failed */
+#define CNT_UDP_DEDUPED 2
+#define CNT_MAX 3
+
+#endif

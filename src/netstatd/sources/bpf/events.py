@@ -1,0 +1,91 @@
+"""Python side of events.h: record layout, constants and batch decoding.
+
+Keep in step with events.h; tests/unit/test_bpf_abi.py checks both against
+the compiled object's BTF.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator
+
+EV_TCP_STATE = 1
+EV_TCP_ACCEPT = 2
+EV_TCP_LISTEN = 3
+EV_UDP_SEND = 4
+EV_UDP_RECV = 5
+EV_UDP_BIND = 6
+EV_UDP_CLOSE = 7
+
+EVF_OWNER_CURRENT = 0x1
+EVF_OWNER_STORED = 0x2
+EVF_OWNER_ACCEPT = 0x4
+
+CNT_EMITTED = 0
+CNT_LOST = 1
+CNT_UDP_DEDUPED = 2
+CNT_MAX = 3
+
+# struct netstat_event, field by field (name, struct code).
+EVENT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("ts_ns", "Q"),
+    ("cookie", "Q"),
+    ("cgroup_id", "Q"),
+    ("tgid", "I"),
+    ("netns", "I"),
+    ("saddr", "16s"),
+    ("daddr", "16s"),
+    ("sport", "H"),
+    ("dport", "H"),
+    ("kind", "B"),
+    ("family", "B"),
+    ("oldstate", "B"),
+    ("newstate", "B"),
+    ("flags", "B"),
+    ("_pad", "7x"),
+    ("comm", "16s"),
+)
+EVENT_FORMAT = "<" + "".join(code for _, code in EVENT_FIELDS)
+EVENT_SIZE = struct.calcsize(EVENT_FORMAT)  # 96
+
+# Tuple positions of a decoded record (the ring header comes first, see RECORD).
+_names = [n for n, c in EVENT_FIELDS if not c.endswith("x")]
+(TS, COOKIE, CGROUP, TGID, NETNS, SADDR, DADDR, SPORT, DPORT, KIND, FAMILY, OLDSTATE, NEWSTATE, FLAGS, COMM) = (
+    i + 2 for i in range(len(_names))
+)
+
+# A ring buffer record: u32 len (+ BUSY/DISCARD bits), u32 page offset, the event.
+RING_HEADER = 8
+RECORD = struct.Struct("<II" + EVENT_FORMAT[1:])
+RECORD_SIZE = RECORD.size  # 104, already 8-byte aligned as the ring requires
+
+# struct agent_settings
+SETTINGS = struct.Struct("<BBB5xQ")
+
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+TCP_SYN_SENT = 2
+TCP_SYN_RECV = 3
+
+
+def iter_records(chunk: bytes) -> Iterator[tuple]:
+    """Decode a run of committed fixed-size records (header included)."""
+    return RECORD.iter_unpack(chunk)
+
+
+def comm_str(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")

@@ -1,0 +1,221 @@
+"""Loads netstatd.bpf.o into the kernel, attaches its programs, reads its counters."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import events
+from .libbpf import BpfError, check_ptr, check_rc, lib, recent_warnings
+
+log = logging.getLogger("netstatd.bpf")
+
+HERE = Path(__file__).resolve().parent
+OBJECT_PATH = HERE / "netstatd.bpf.o"
+PROBE_PATH = HERE / "probe_fentry.bpf.o"
+
+ACCEPT_TRACEPOINTS = ("on_accept4_exit", "on_accept_exit")
+ACCEPT_FEXIT = "on_inet_csk_accept_exit"
+TCP_PROGRAMS = ("on_inet_sock_set_state", "on_listen_enter", "on_listen_exit", *ACCEPT_TRACEPOINTS, ACCEPT_FEXIT)
+UDP_PROGRAMS = (
+    "on_udp_sendmsg4",
+    "on_udp_sendmsg6",
+    "on_udp_recvmsg4",
+    "on_udp_recvmsg6",
+    "on_sock_send_length",
+    "on_sock_recv_length",
+    "on_post_bind4",
+    "on_post_bind6",
+    "on_sock_release",
+)
+
+
+class LoadError(RuntimeError):
+    """The kernel side cannot run; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    capture_tcp: bool = True
+    capture_udp: bool = True
+    include_loopback: bool = False
+    udp_refresh_s: float = 5.0
+    ring_bytes: int = 16 << 20
+
+
+def find_cgroup2_root(mounts: str = "/proc/mounts") -> str:
+    """The unified hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts."""
+    with open(mounts) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return parts[1]
+    raise LoadError("no cgroup2 mount found: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+
+
+def ensure_tracefs() -> None:
+    """Tracepoint attachment needs tracefs for event ids."""
+    if os.path.exists("/sys/kernel/tracing/events") or os.path.exists("/sys/kernel/debug/tracing/events"):
+        return
+    rc = os.system("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null")
+    if rc != 0 or not os.path.exists("/sys/kernel/tracing/events"):
+        raise LoadError("tracefs is not mounted and mounting it failed: mount -t tracefs nodev /sys/kernel/tracing")
+    log.info("mounted tracefs at /sys/kernel/tracing")
+
+
+def check_environment() -> None:
+    if os.geteuid() != 0:
+        raise LoadError("netstatd must run as root (it loads eBPF programs): run it with sudo")
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        raise LoadError("kernel BTF is missing (/sys/kernel/btf/vmlinux): a kernel built with CONFIG_DEBUG_INFO_BTF=y is required")
+    if not OBJECT_PATH.exists():
+        raise LoadError(f"{OBJECT_PATH} is missing: build it with 'make setup'")
+
+
+def probe_fentry() -> bool:
+    """True when this kernel accepts fentry/fexit programs."""
+    if not PROBE_PATH.exists():
+        return False
+    obj = lib.bpf_object__open_file(str(PROBE_PATH).encode(), None)
+    if not obj:
+        return False
+    try:
+        return lib.bpf_object__load(obj) == 0
+    finally:
+        lib.bpf_object__close(obj)
+
+
+class KernelProbes:
+    """The loaded object and its links. Paired open()/close()."""
+
+    def __init__(self, settings: KernelSettings, object_path: Path = OBJECT_PATH) -> None:
+        self.settings = settings
+        self.object_path = object_path
+        self.uses_fexit = False
+        self._obj: int | None = None
+        self._links: list[int] = []
+        self._cgroup_fd = -1
+        self.ring_fd = -1
+        self.ring_size = settings.ring_bytes
+
+    # -- lifecycle --------------------------------------------------------
+    def open(self) -> None:
+        check_environment()
+        ensure_tracefs()
+        cgroup_root = find_cgroup2_root()
+        fexit = probe_fentry()
+        if not fexit:
+            log.info("fentry/fexit programs are refused by this kernel; accept() is traced through syscall tracepoints")
+        try:
+            self._load(use_fexit=fexit)
+        except BpfError as e:
+            if not fexit:
+                raise self._load_error(e) from None
+            log.warning("fexit accept program did not load (%s); falling back to syscall tracepoints", e)
+            self._load(use_fexit=False)
+        self.uses_fexit = fexit and self._obj is not None and self._autoload(ACCEPT_FEXIT)
+        self._attach_all(cgroup_root)
+
+    def close(self) -> None:
+        for link in self._links:
+            lib.bpf_link__destroy(link)
+        self._links.clear()
+        if self._cgroup_fd >= 0:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = -1
+        if self._obj:
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+
+    # -- steps ------------------------------------------------------------
+    def _load(self, use_fexit: bool) -> None:
+        if self._obj:
+            lib.bpf_object__close(self._obj)
+        obj = check_ptr(lib.bpf_object__open_file(str(self.object_path).encode(), None), f"open {self.object_path}")
+        self._obj = obj
+        s = self.settings
+        wanted = set()
+        if s.capture_tcp:
+            wanted.update(TCP_PROGRAMS)
+            wanted.difference_update(ACCEPT_TRACEPOINTS if use_fexit else (ACCEPT_FEXIT,))
+        if s.capture_udp:
+            wanted.update(UDP_PROGRAMS)
+        for name, prog in self._programs():
+            lib.bpf_program__set_autoload(prog, name in wanted)
+        ring = check_ptr(lib.bpf_object__find_map_by_name(obj, b"events"), "find map events")
+        check_rc(lib.bpf_map__set_max_entries(ring, s.ring_bytes), "size ring buffer")
+        self._write_settings()
+        recent_warnings.clear()
+        check_rc(lib.bpf_object__load(obj), "load BPF object")
+        self.ring_fd = lib.bpf_map__fd(ring)
+        self._counters_fd = lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters"))
+
+    def _write_settings(self) -> None:
+        m = None
+        while True:
+            m = lib.bpf_object__next_map(self._obj, m)
+            if not m:
+                raise LoadError(f"{self.object_path} has no .rodata map: rebuild it with 'make setup'")
+            if lib.bpf_map__name(m).endswith(b".rodata"):
+                break
+        size = ctypes.c_size_t()
+        ptr = check_ptr(lib.bpf_map__initial_value(m, ctypes.byref(size)), "read .rodata")
+        if size.value < events.SETTINGS.size:
+            raise LoadError(".rodata is smaller than struct agent_settings: rebuild with 'make setup'")
+        s = self.settings
+        # struct agent_settings is the object's only read-only global: offset 0
+        # (tests/unit/test_bpf_abi.py checks this against the BTF).
+        packed = events.SETTINGS.pack(s.capture_tcp, s.capture_udp, s.include_loopback, int(s.udp_refresh_s * 1e9))
+        ctypes.memmove(ptr, packed, len(packed))
+
+    def _attach_all(self, cgroup_root: str) -> None:
+        self._cgroup_fd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        for name, prog in self._programs():
+            if not lib.bpf_program__autoload(prog):
+                continue
+            section = lib.bpf_program__section_name(prog).decode()
+            if section.startswith("cgroup/"):
+                # a link, so several agents (and other tools) coexist on the root
+                link = lib.bpf_program__attach_cgroup(prog, self._cgroup_fd)
+            else:
+                link = lib.bpf_program__attach(prog)
+            if not link:
+                err = ctypes.get_errno()
+                self.close()
+                raise LoadError(f"cannot attach {name} ({section}): {os.strerror(err)}; this kernel lacks a hook netstatd needs")
+            self._links.append(link)
+        log.info("attached %d BPF programs (cgroup hooks at %s)", len(self._links), cgroup_root)
+
+    def _programs(self):
+        prog = None
+        while True:
+            prog = lib.bpf_object__next_program(self._obj, prog)
+            if not prog:
+                return
+            yield lib.bpf_program__name(prog).decode(), prog
+
+    def _autoload(self, name: str) -> bool:
+        prog = lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        return bool(prog and lib.bpf_program__autoload(prog))
+
+    def _load_error(self, e: BpfError) -> LoadError:
+        detail = next((w for w in reversed(recent_warnings) if "failed to load" in w or "prog '" in w), "")
+        self.close()
+        return LoadError(f"loading the BPF programs failed: {e}. {detail}".strip())
+
+    # -- reading ----------------------------------------------------------
+    def counters(self) -> list[int]:
+        """Kernel counters (events.CNT_*), summed over CPUs."""
+        ncpu = lib.libbpf_num_possible_cpus()
+        vals = (ctypes.c_uint64 * ncpu)()
+        out = []
+        for i in range(events.CNT_MAX):
+            key = ctypes.c_uint32(i)
+            if lib.bpf_map_lookup_elem(self._counters_fd, ctypes.byref(key), vals) != 0:
+                out.append(0)
+            else:
+                out.append(sum(vals))
+        return out

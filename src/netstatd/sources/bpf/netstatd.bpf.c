@@ -1,0 +1,593 @@
+// SPDX-License-Identifier: GPL-2.0
+/* netstatd kernel side: TCP state transitions, accept/listen and UDP flows
+ * as struct netstat_event records in one ring buffer.
+ *
+ * Ownership rule: a socket's owner (tgid, comm, cgroup) is recorded only in
+ * process context (connect -> SYN_SENT, listen, accept) into per-socket
+ * storage, and every later event - often running in softirq, where "current"
+ * is whichever task was interrupted - reports that stored owner.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "events.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+
+char LICENSE[] SEC("license") = "GPL";
+
+const volatile struct agent_settings settings = {
+	.capture_tcp = 1,
+	.capture_udp = 1,
+	.include_loopback = 0,
+	.udp_refresh_ns = 5000000000ULL,
+};
+
+struct owner {
+	__u64 cookie;    /* socket the owner was recorded for; differs after a clone */
+	__u64 cgroup_id;
+	__u32 tgid;
+	__u32 udp_flags; /* UDPF_*: what a UDP socket has announced */
+	char comm[NETSTATD_COMM_LEN];
+};
+
+#define UDPF_FLOW 0x1
+#define UDPF_BOUND 0x2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 20); /* the loader may resize */
+} events SEC(".maps");
+
+/* BPF_F_CLONE: an accepted socket starts with its listener's owner. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct owner);
+} owners SEC(".maps");
+
+/* accept() runs in a syscall tracepoint, which cannot reach sk storage: it
+ * leaves the acceptor here by cookie, and the socket's next state event moves
+ * it into the storage. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct owner);
+} accept_owners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64); /* pid_tgid */
+	__type(value, __u32); /* fd passed to listen() */
+} listen_fds SEC(".maps");
+
+/* Peer of an unconnected UDP send/receive, seen by the cgroup sock_addr hook
+ * and consumed by the sock_{send,recv}_length tracepoint of the same call. */
+struct udp_peer {
+	__u64 cookie;
+	__u8 addr[16];
+	__u16 port;
+	__u8 family;
+	__u8 _pad[5];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64); /* pid_tgid */
+	__type(value, struct udp_peer);
+} udp_peers SEC(".maps");
+
+struct udp_flow_key {
+	__u64 cookie;
+	__u8 raddr[16];
+	__u16 rport;
+	__u8 kind;
+	__u8 _pad[5];
+};
+
+/* Last announcement time of each UDP flow: repeated datagrams within
+ * settings.udp_refresh_ns are counted, not sent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_flow_key);
+	__type(value, __u64);
+} udp_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+
+	/* atomic: process-context and softirq programs share a CPU's slot */
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+static __always_inline void emit(struct netstat_event *e)
+{
+	e->ts_ns = bpf_ktime_get_ns();
+	/* No wakeup: user space drains on a short timer, which is far cheaper
+	 * than a wakeup per event at high connection rates. */
+	if (bpf_ringbuf_output(&events, e, sizeof(*e), BPF_RB_NO_WAKEUP))
+		count(CNT_LOST);
+	else
+		count(CNT_EMITTED);
+}
+
+static __always_inline bool is_loopback(const __u8 *a, __u8 family)
+{
+	if (family == 4)
+		return a[0] == 127;
+	/* ::1 or v4-mapped 127.0.0.0/8 */
+	__u64 hi, lo;
+
+	__builtin_memcpy(&hi, a, 8);
+	__builtin_memcpy(&lo, a + 8, 8);
+	if (hi != 0)
+		return false;
+	if (lo == bpf_cpu_to_be64(1))
+		return true;
+	return a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff && a[12] == 127;
+}
+
+static __always_inline bool filtered_loopback(const struct netstat_event *e)
+{
+	if (settings.include_loopback)
+		return false;
+	return is_loopback(e->saddr, e->family) || is_loopback(e->daddr, e->family);
+}
+
+static __always_inline __u32 netns_of_sock(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+static __always_inline __u32 netns_of_current(void)
+{
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+
+	return BPF_CORE_READ(t, nsproxy, net_ns, ns.inum);
+}
+
+/* Addresses, ports and netns of sk. Returns false for non-inet sockets.
+ * Probe reads throughout, so it serves BTF and plain pointers alike. */
+static __always_inline bool fill_sock(struct netstat_event *e, struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	struct inet_sock *inet = (struct inet_sock *)sk;
+
+	if (family == AF_INET) {
+		e->family = 4;
+		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
+	} else if (family == AF_INET6) {
+		e->family = 6;
+		/* into a struct in6_addr: a u8[16] destination copies one byte */
+		BPF_CORE_READ_INTO((struct in6_addr *)e->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)e->daddr, sk, __sk_common.skc_v6_daddr);
+	} else {
+		return false;
+	}
+	/* skc_num is already 0 at CLOSE; inet_sport still holds the port */
+	e->sport = bpf_ntohs(BPF_CORE_READ(inet, inet_sport));
+	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->netns = netns_of_sock(sk);
+	return true;
+}
+
+static __always_inline void owner_from_current(struct owner *o, __u64 cookie)
+{
+	o->cookie = cookie;
+	o->tgid = bpf_get_current_pid_tgid() >> 32;
+	o->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
+static __always_inline void event_owner_current(struct netstat_event *e)
+{
+	e->tgid = bpf_get_current_pid_tgid() >> 32;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->flags |= EVF_OWNER_CURRENT;
+}
+
+static __always_inline void event_owner_stored(struct netstat_event *e, const struct owner *o)
+{
+	e->tgid = o->tgid;
+	e->cgroup_id = o->cgroup_id;
+	__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	e->flags |= EVF_OWNER_STORED;
+}
+
+/* ---- TCP ---------------------------------------------------------------- */
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_inet_sock_set_state, const struct sock *csk, const int oldstate, const int newstate)
+{
+	struct sock *sk = (struct sock *)csk;
+	struct netstat_event e = {};
+	struct owner *o;
+
+	if (!settings.capture_tcp || sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	/* also makes the cookie exist, so accept/listen tracepoints can read it */
+	__u64 cookie = bpf_get_socket_cookie(sk);
+
+	if (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN) {
+		/* process context: connect() or listen() */
+		o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (o)
+			owner_from_current(o, cookie);
+		/* the listen() syscall exit reports listeners with their real port */
+		if (newstate == TCP_LISTEN)
+			return 0;
+	} else {
+		o = bpf_sk_storage_get(&owners, sk, 0, 0);
+		if (o && o->cookie != cookie) {
+			/* cloned from the listener: take the acceptor once known */
+			struct owner *acc = bpf_map_lookup_elem(&accept_owners, &cookie);
+
+			if (acc) {
+				*o = *acc;
+				bpf_map_delete_elem(&accept_owners, &cookie);
+				e.flags |= EVF_OWNER_ACCEPT;
+			}
+		}
+	}
+
+	if (!fill_sock(&e, sk))
+		return 0;
+	if (filtered_loopback(&e))
+		return 0;
+	e.kind = EV_TCP_STATE;
+	e.cookie = cookie;
+	e.oldstate = oldstate;
+	e.newstate = newstate;
+	if (o)
+		event_owner_stored(&e, o);
+	emit(&e);
+	return 0;
+}
+
+static __always_inline struct sock *sock_from_fd(long fd)
+{
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+	struct file **fds = BPF_CORE_READ(t, files, fdt, fd);
+	struct file *f = NULL;
+
+	if (fd < 0 || !fds)
+		return NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return NULL;
+	struct socket *so = BPF_CORE_READ(f, private_data);
+
+	return so ? BPF_CORE_READ(so, sk) : NULL;
+}
+
+static __always_inline bool tcp_sock_event(struct netstat_event *e, struct sock *sk)
+{
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return false;
+	if (!fill_sock(e, sk) || filtered_loopback(e))
+		return false;
+	e->cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	event_owner_current(e);
+	return true;
+}
+
+static __always_inline int handle_accept(long fd)
+{
+	struct netstat_event e = {};
+	struct sock *sk;
+
+	if (!settings.capture_tcp || fd < 0)
+		return 0;
+	sk = sock_from_fd(fd);
+	if (!tcp_sock_event(&e, sk))
+		return 0;
+	if (e.cookie) {
+		struct owner o = {};
+
+		owner_from_current(&o, e.cookie);
+		bpf_map_update_elem(&accept_owners, &e.cookie, &o, BPF_ANY);
+	}
+	e.kind = EV_TCP_ACCEPT;
+	e.newstate = TCP_ESTABLISHED;
+	emit(&e);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int on_accept4_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return handle_accept(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return handle_accept(ctx->ret);
+}
+
+/* Used instead of the two accept tracepoints where fexit loads (it stays
+ * out of the syscall slow path and writes the owner storage directly).
+ * inet_csk_accept(sk, arg) is the >= 6.10 signature; on older kernels the
+ * third argument is not a socket and this program fails verification, so
+ * the loader falls back to the tracepoints. */
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(on_inet_csk_accept_exit, struct sock *sk, struct proto_accept_arg *arg, struct sock *newsk)
+{
+	struct netstat_event e = {};
+	struct owner *o;
+
+	if (!settings.capture_tcp || !newsk || newsk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(newsk);
+
+	o = bpf_sk_storage_get(&owners, newsk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (o)
+		owner_from_current(o, cookie);
+	if (!fill_sock(&e, newsk) || filtered_loopback(&e))
+		return 0;
+	e.cookie = cookie;
+	e.kind = EV_TCP_ACCEPT;
+	e.newstate = TCP_ESTABLISHED;
+	event_owner_current(&e);
+	emit(&e);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_listen")
+int on_listen_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 fd = ctx->args[0];
+
+	if (settings.capture_tcp)
+		bpf_map_update_elem(&listen_fds, &id, &fd, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_listen")
+int on_listen_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct netstat_event e = {};
+	__u32 *fd = bpf_map_lookup_elem(&listen_fds, &id);
+
+	if (!fd)
+		return 0;
+	long sfd = *fd;
+
+	bpf_map_delete_elem(&listen_fds, &id);
+	if (ctx->ret != 0 || !tcp_sock_event(&e, sock_from_fd(sfd)))
+		return 0;
+	e.kind = EV_TCP_LISTEN;
+	e.newstate = TCP_LISTEN;
+	emit(&e);
+	return 0;
+}
+
+/* ---- UDP ---------------------------------------------------------------- */
+
+static __always_inline void stash_peer(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct udp_peer p = {};
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (!settings.capture_udp || ctx->protocol != IPPROTO_UDP)
+		return;
+	p.cookie = bpf_get_socket_cookie(ctx);
+	p.family = family;
+	p.port = bpf_ntohs(ctx->user_port);
+	if (family == 4) {
+		__u32 a = ctx->user_ip4;
+
+		__builtin_memcpy(p.addr, &a, 4);
+	} else {
+		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
+		__u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+
+		__builtin_memcpy(p.addr, &a0, 4);
+		__builtin_memcpy(p.addr + 4, &a1, 4);
+		__builtin_memcpy(p.addr + 8, &a2, 4);
+		__builtin_memcpy(p.addr + 12, &a3, 4);
+	}
+	bpf_map_update_elem(&udp_peers, &id, &p, BPF_ANY);
+}
+
+/* sendmsg4/6 fire only for sends that name a destination (unconnected). */
+SEC("cgroup/sendmsg4")
+int on_udp_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	stash_peer(ctx, 4);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int on_udp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	stash_peer(ctx, 6);
+	return 1;
+}
+
+/* recvmsg4/6 carry the sender's address when the caller asked for it. */
+SEC("cgroup/recvmsg4")
+int on_udp_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	stash_peer(ctx, 4);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int on_udp_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	stash_peer(ctx, 6);
+	return 1;
+}
+
+static __always_inline bool zero_addr(const __u8 *a)
+{
+	__u64 hi, lo;
+
+	__builtin_memcpy(&hi, a, 8);
+	__builtin_memcpy(&lo, a + 8, 8);
+	return hi == 0 && lo == 0;
+}
+
+/* Called after the send/receive returned, in the caller's context. */
+static __always_inline int handle_udp_io(struct sock *sk, int ret, __u8 kind)
+{
+	struct netstat_event e = {};
+	struct udp_flow_key key = {};
+	__u64 id, now, *last;
+	struct udp_peer *p;
+	struct owner *o;
+
+	if (!settings.capture_udp || ret < 0 || sk->sk_protocol != IPPROTO_UDP)
+		return 0;
+	if (!fill_sock(&e, sk))
+		return 0;
+	e.cookie = bpf_get_socket_cookie(sk);
+	id = bpf_get_current_pid_tgid();
+	p = bpf_map_lookup_elem(&udp_peers, &id);
+	if (p) {
+		if (p->cookie == e.cookie) {
+			/* a v4 destination on a v6 socket arrives as v4 from sendmsg4 */
+			if (p->family == 4 && e.family == 6) {
+				__builtin_memset(e.daddr, 0, 16);
+				e.daddr[10] = 0xff;
+				e.daddr[11] = 0xff;
+				__builtin_memcpy(e.daddr + 12, p->addr, 4);
+			} else {
+				__builtin_memcpy(e.daddr, p->addr, 16);
+			}
+			e.dport = p->port;
+		}
+		bpf_map_delete_elem(&udp_peers, &id);
+	}
+	if (zero_addr(e.daddr) || filtered_loopback(&e))
+		return 0; /* unconnected, and the caller did not name the peer */
+
+	key.cookie = e.cookie;
+	__builtin_memcpy(key.raddr, e.daddr, 16);
+	key.rport = e.dport;
+	key.kind = kind;
+	now = bpf_ktime_get_ns();
+	last = bpf_map_lookup_elem(&udp_flows, &key);
+	if (last && now - *last < settings.udp_refresh_ns) {
+		count(CNT_UDP_DEDUPED);
+		return 0;
+	}
+	bpf_map_update_elem(&udp_flows, &key, &now, BPF_ANY);
+
+	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (o)
+		o->udp_flags |= UDPF_FLOW;
+	e.kind = kind;
+	event_owner_current(&e);
+	emit(&e);
+	return 0;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(on_sock_send_length, struct sock *sk, int ret, int flags)
+{
+	return handle_udp_io(sk, ret, EV_UDP_SEND);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(on_sock_recv_length, struct sock *sk, int ret, int flags)
+{
+	return handle_udp_io(sk, ret, EV_UDP_RECV);
+}
+
+/* bpf_sock has no netns; bind() and close() run in the owner's netns. */
+static __always_inline void fill_cgroup_sock_event(struct netstat_event *e, struct bpf_sock *ctx)
+{
+	e->cookie = bpf_get_socket_cookie(ctx);
+	e->netns = netns_of_current();
+	event_owner_current(e);
+}
+
+/* family is a constant per program: post_bind4 may not read src_ip6. */
+static __always_inline int handle_post_bind(struct bpf_sock *ctx, __u8 family)
+{
+	struct netstat_event e = {};
+	struct owner *o;
+
+	if (!settings.capture_udp || ctx->protocol != IPPROTO_UDP || ctx->src_port == 0)
+		return 1;
+	e.family = family;
+	if (family == 4) {
+		__u32 a = ctx->src_ip4;
+
+		__builtin_memcpy(e.saddr, &a, 4);
+	} else {
+		__u32 a0 = ctx->src_ip6[0], a1 = ctx->src_ip6[1];
+		__u32 a2 = ctx->src_ip6[2], a3 = ctx->src_ip6[3];
+
+		__builtin_memcpy(e.saddr, &a0, 4);
+		__builtin_memcpy(e.saddr + 4, &a1, 4);
+		__builtin_memcpy(e.saddr + 8, &a2, 4);
+		__builtin_memcpy(e.saddr + 12, &a3, 4);
+	}
+	e.sport = ctx->src_port;
+	if (filtered_loopback(&e))
+		return 1;
+	fill_cgroup_sock_event(&e, ctx);
+	o = bpf_sk_storage_get(&owners, ctx, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (o)
+		o->udp_flags |= UDPF_BOUND;
+	e.kind = EV_UDP_BIND;
+	emit(&e);
+	return 1;
+}
+
+SEC("cgroup/post_bind4")
+int on_post_bind4(struct bpf_sock *ctx)
+{
+	return handle_post_bind(ctx, 4);
+}
+
+SEC("cgroup/post_bind6")
+int on_post_bind6(struct bpf_sock *ctx)
+{
+	return handle_post_bind(ctx, 6);
+}
+
+SEC("cgroup/sock_release")
+int on_sock_release(struct bpf_sock *ctx)
+{
+	struct netstat_event e = {};
+	struct owner *o;
+
+	if (!settings.capture_udp || ctx->protocol != IPPROTO_UDP)
+		return 1;
+	o = bpf_sk_storage_get(&owners, ctx, 0, 0);
+	if (!o || !o->udp_flags)
+		return 1; /* announced nothing, so nothing to close */
+	/* only the cookie: user space knows the addresses from the flows/bind */
+	e.family = ctx->family == AF_INET6 ? 6 : 4;
+	fill_cgroup_sock_event(&e, ctx);
+	e.kind = EV_UDP_CLOSE;
+	emit(&e);
+	return 1;
+}
