@@ -7,7 +7,7 @@ the compiled object's BTF.
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 EV_TCP_STATE = 1
 EV_TCP_ACCEPT = 2

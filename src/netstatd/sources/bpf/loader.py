@@ -70,7 +70,9 @@ def check_environment() -> None:
     if os.geteuid() != 0:
         raise LoadError("netstatd must run as root (it loads eBPF programs): run it with sudo")
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
-        raise LoadError("kernel BTF is missing (/sys/kernel/btf/vmlinux): a kernel built with CONFIG_DEBUG_INFO_BTF=y is required")
+        raise LoadError(
+            "kernel BTF is missing (/sys/kernel/btf/vmlinux): use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+        )
     if not OBJECT_PATH.exists():
         raise LoadError(f"{OBJECT_PATH} is missing: build it with 'make setup'")
 
@@ -151,7 +153,8 @@ class KernelProbes:
         recent_warnings.clear()
         check_rc(lib.bpf_object__load(obj), "load BPF object")
         self.ring_fd = lib.bpf_map__fd(ring)
-        self._counters_fd = lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters"))
+        counters = check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters")
+        self._counters_fd = lib.bpf_map__fd(counters)
 
     def _write_settings(self) -> None:
         m = None
@@ -185,7 +188,9 @@ class KernelProbes:
             if not link:
                 err = ctypes.get_errno()
                 self.close()
-                raise LoadError(f"cannot attach {name} ({section}): {os.strerror(err)}; this kernel lacks a hook netstatd needs")
+                raise LoadError(
+                    f"cannot attach {name} ({section}): {os.strerror(err)}; this kernel lacks a hook netstatd needs"
+                )
             self._links.append(link)
         log.info("attached %d BPF programs (cgroup hooks at %s)", len(self._links), cgroup_root)
 

@@ -1,0 +1,255 @@
+"""The node agent: wires sources -> node state -> hub -> HTTP/WebSocket, and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .api.app import build_app
+from .hub import Hub
+from .metrics import Metric, record_metrics, single
+from .protocol import HOST_INFO
+from .settings import Settings
+from .sources import addresses, procfs, sockdiag
+from .sources.bpf.drainer import RingDrainer
+from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError
+from .sources.bpf.ringbuf import RingReader
+from .state.tracker import Tracker
+
+log = logging.getLogger("netstatd")
+
+FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
+
+
+class StartupError(RuntimeError):
+    """Start-up cannot continue; the message is the one line to print."""
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.processes = procfs.ProcessCache()
+        self.tracker = Tracker(settings.node_name, self.processes)
+        self.hub = Hub(settings.node_name, self.tracker.snapshot, self.tracker.clock.now)
+        self.kernel = KernelProbes(
+            KernelSettings(
+                capture_tcp=not settings.disable_tcp,
+                capture_udp=not settings.disable_udp,
+                include_loopback=settings.loopback,
+            )
+        )
+        self._reader: RingReader | None = None
+        self._drainer: RingDrainer | None = None
+        self._runner: web.AppRunner | None = None
+        self._flusher: asyncio.Task | None = None
+        self.seeded = asyncio.Event()
+
+    # -- lifecycle: every start has its stop --------------------------------
+    async def start(self) -> None:
+        await self._start_http()
+        try:
+            self.kernel.open()
+        except LoadError as e:
+            raise StartupError(str(e)) from None
+        self._reader = RingReader(self.kernel.ring_fd, self.kernel.ring_size)
+        self._drainer = RingDrainer(self._reader, asyncio.get_running_loop(), self.tracker.ingest)
+        self._drainer.start()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
+        # Probes are live before the scan, so nothing falls between the two.
+        await self._seed()
+        log.info(
+            "netstatd %s serving node %s on http://0.0.0.0:%d (WebSocket /netstat)",
+            __version__,
+            self.settings.node_name,
+            self.settings.http_port,
+        )
+
+    async def stop(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        if self._drainer:
+            self._drainer.stop()
+        if self._reader:
+            self._reader.close()
+        self.kernel.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _start_http(self) -> None:
+        app = build_app(self.hub, self.host_info, self.metrics, pid_exe)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = self.settings.http_port
+        try:
+            await web.TCPSite(self._runner, port=port, reuse_address=True).start()
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            if e.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {port} is already in use (another netstatd?): stop it or pass --http-port"
+                ) from None
+            raise StartupError(f"cannot listen on port {port}: {e.strerror}") from None
+
+    async def _seed(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        self.tracker.begin_seed()
+        netns = await loop.run_in_executor(None, procfs.list_netns)
+        sockets = await loop.run_in_executor(None, sockdiag.dump_all_netns, netns)
+        owners = await loop.run_in_executor(None, procfs.socket_owners)
+        events = self.tracker.seed(sockets, owners, self.settings.loopback)
+        self.hub.publish(events)
+        self.seeded.set()
+        log.info(
+            "seeded %d existing sockets from %d network namespaces in %.2fs",
+            len(events),
+            len(netns),
+            time.monotonic() - t0,
+        )
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                self.hub.publish(self.tracker.flush())
+            except Exception:
+                log.exception("flush failed")
+
+    # -- API callbacks -----------------------------------------------------
+    def host_info(self) -> dict[str, Any]:
+        try:
+            ips = [a.ip for a in addresses.interface_addresses() if a.scope == "global"]
+        except OSError as e:
+            log.warning("cannot list host addresses: %s", e)
+            ips = []
+        return {
+            "type": HOST_INFO,
+            "timestamp": self.tracker.clock.now(),
+            "nodeName": self.settings.node_name,
+            "hostIPs": ips,
+            "version": __version__,
+            "kernelRelease": os.uname().release,
+            "captureTCP": not self.settings.disable_tcp,
+            "captureUDP": not self.settings.disable_udp,
+            "loopback": self.settings.loopback,
+        }
+
+    def metrics(self) -> list[Metric]:
+        t, h = self.tracker, self.hub
+        emitted, lost, deduped = self.kernel.counters() if self.kernel.ring_fd >= 0 else (0, 0, 0)
+        out = record_metrics(t.record_counts)
+        out += [
+            single("netstatd_kernel_events_emitted_total", "counter", "Events the kernel programs wrote.", emitted),
+            single(
+                "netstatd_kernel_events_lost_total",
+                "counter",
+                "Events lost in the kernel: the ring buffer was full.",
+                lost,
+            ),
+            single(
+                "netstatd_kernel_udp_deduplicated_total",
+                "counter",
+                "UDP datagrams folded into an already announced flow.",
+                deduped,
+            ),
+            single(
+                "netstatd_ring_records_malformed_total",
+                "counter",
+                "Ring records of an unexpected size.",
+                self._reader.malformed if self._reader else 0,
+            ),
+            single(
+                "netstatd_ring_drain_stalls_total",
+                "counter",
+                "Drain ticks skipped because the event loop was behind.",
+                self._drainer.stalls if self._drainer else 0,
+            ),
+            single(
+                "netstatd_client_events_dropped_total",
+                "counter",
+                "Events dropped for WebSocket clients too slow to keep up.",
+                h.dropped_events,
+            ),
+            single(
+                "netstatd_client_overflows_total",
+                "counter",
+                "Times a client's queue overflowed (it then got a stream.reset).",
+                h.overflows,
+            ),
+            single("netstatd_clients_connected", "gauge", "WebSocket clients connected now.", len(h.subscribers)),
+            single(
+                "netstatd_client_connections_total", "counter", "WebSocket clients ever connected.", h.clients_total
+            ),
+            Metric(
+                "netstatd_connections",
+                "gauge",
+                "Live connections (TCP) and flows (UDP).",
+                [({"protocol": "TCP"}, len(t.tcp)), ({"protocol": "UDP"}, len(t.udp))],
+            ),
+            Metric(
+                "netstatd_connections_opened_total",
+                "counter",
+                "Connections and flows seen opening.",
+                [({"protocol": p}, n) for p, n in t.opened.items()],
+            ),
+            Metric(
+                "netstatd_connections_closed_total",
+                "counter",
+                "Connections and flows seen closing.",
+                [({"protocol": p}, n) for p, n in t.closed.items()],
+            ),
+            single("netstatd_listening_ports", "gauge", "Listening TCP and bound UDP sockets.", len(t.listeners)),
+            single(
+                "netstatd_unattributed_connections_total",
+                "counter",
+                "Connections whose owning process could not be found.",
+                t.unattributed,
+            ),
+            single(
+                "netstatd_state_evictions_total",
+                "counter",
+                "Entries evicted because a state table reached its cap.",
+                t.evicted,
+            ),
+            single(
+                "netstatd_fentry_available",
+                "gauge",
+                "1 when fexit programs load on this kernel.",
+                int(self.kernel.uses_fexit),
+            ),
+        ]
+        out.append(Metric("netstatd_build_info", "gauge", "Agent version.", [({"version": __version__}, 1)]))
+        return out
+
+
+def pid_exe(pid: int) -> dict[str, Any] | None:
+    if not os.path.isdir(f"/proc/{pid}"):
+        return None
+    info = procfs.ProcessCache(capacity=1).lookup(pid)
+    return {"pid": pid, "exe": info.exe, "comm": info.comm}
+
+
+async def run(settings: Settings) -> None:
+    agent = Agent(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await agent.stop()

@@ -1,0 +1,100 @@
+"""HTTP and WebSocket API of one node: /netstat, /api/*, /metrics, /."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from ..hub import Hub, Subscriber
+from ..metrics import CONTENT_TYPE, Metric, render
+
+log = logging.getLogger("netstatd.api")
+
+HUB = web.AppKey("hub", Hub)
+HOST_INFO = web.AppKey("host_info", Callable[[], dict[str, Any]])
+METRICS = web.AppKey("metrics", Callable[[], list[Metric]])
+PID_EXE = web.AppKey("pid_exe", Callable[[int], "dict[str, Any] | None"])
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def index(request: web.Request) -> web.Response:
+    html = resources.files("netstatd.web").joinpath("index.html").read_bytes()
+    return web.Response(body=html, content_type="text/html")
+
+
+async def pid_exe(request: web.Request) -> web.Response:
+    raw = request.query.get("pid", "")
+    if not raw.isdigit():
+        return json_response({"error": f"pid must be a non-negative integer, got {raw!r}"}, 400)
+    pid = int(raw)
+    found = request.app[PID_EXE](pid)
+    if found is None:
+        return json_response({"error": f"no process with pid {pid}", "pid": pid}, 404)
+    return json_response(found)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = render(request.app[METRICS]())
+    return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def netstat_ws(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB]
+    peer = request.remote or "?"
+    if len(hub.subscribers) >= hub.max_clients:
+        log.warning("refused WebSocket client %s: %d clients already connected", peer, hub.max_clients)
+        return json_response({"error": "too many clients"}, 503)
+    # Outgoing frames are JSON we made; incoming messages are not expected, so keep them tiny.
+    ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=64 << 10)
+    await ws.prepare(request)
+    sub = hub.subscribe(peer, request.app[HOST_INFO]())
+    assert sub is not None
+    sender = asyncio.create_task(_send_loop(ws, sub), name=f"ws-send-{peer}")
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        hub.unsubscribe(sub)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    return ws
+
+
+async def _send_loop(ws: web.WebSocketResponse, sub: Subscriber) -> None:
+    try:
+        while not ws.closed:
+            await sub.wake.wait()
+            for frame in sub.take():
+                await ws.send_frame(frame, WSMsgType.TEXT)
+    except (ConnectionError, RuntimeError) as e:
+        # a dead peer: closing ends the handler's receive loop too
+        log.info("WebSocket client %s: send failed (%s); closing", sub.peer, e)
+        await ws.close()
+
+
+def build_app(
+    hub: Hub,
+    host_info: Callable[[], dict[str, Any]],
+    metrics_fn: Callable[[], list[Metric]],
+    pid_exe_fn: Callable[[int], dict[str, Any] | None],
+) -> web.Application:
+    app = web.Application()
+    app[HUB] = hub
+    app[HOST_INFO] = host_info
+    app[METRICS] = metrics_fn
+    app[PID_EXE] = pid_exe_fn
+    app.router.add_get("/", index)
+    app.router.add_get("/netstat", netstat_ws)
+    app.router.add_get("/api/pid-exe", pid_exe)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,49 @@
+"""`netstatd` console script: flags -> settings -> agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+from . import settings as settings_mod
+from .agent import StartupError, run
+
+TRACE = 5
+_LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure_logging(level: str) -> None:
+    logging.addLevelName(TRACE, "TRACE")
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    fmt.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_mod.parse(argv)
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(run(settings))
+    except StartupError as e:
+        logging.getLogger("netstatd").error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Existing TCP and UDP sockets from the kernel (NETLINK_SOCK_DIAG), per network namespace.
+
+Used at start-up to seed state with sockets that predate the eBPF probes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+
+from .netlink import NETLINK_SOCK_DIAG, dump, netns_inode, open_netlink
+
+log = logging.getLogger("netstatd.sockdiag")
+
+SOCK_DIAG_BY_FAMILY = 20
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+# Kernel state numbers (include/net/tcp_states.h); UDP reuses ESTABLISHED/CLOSE.
+TCP_ESTABLISHED = 1
+TCP_TIME_WAIT = 6
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+TCP_NEW_SYN_RECV = 12
+ALL_STATES = 0xFFFFFFFF
+
+# struct inet_diag_req_v2 without its inet_diag_sockid (48 zero bytes: no filter).
+_REQ = struct.Struct("=BBBxI")
+_REQ_ID = bytes(48)
+# struct inet_diag_msg: family, state, timer, retrans, id.sport, id.dport (big-endian,
+# read separately), id.src, id.dst, id.if, id.cookie[2], expires, rqueue, wqueue, uid, inode.
+_MSG = struct.Struct("=BBxx4x16s16sIIIIIIII")
+_PORTS = struct.Struct(">HH")
+_V4_PAD = bytes(12)
+_FAMILIES = ((socket.AF_INET, 4), (socket.AF_INET6, 6))
+
+
+@dataclass(frozen=True, slots=True)
+class DiagSocket:
+    protocol: int  # 6 (TCP) or 17 (UDP)
+    family: int  # 4 or 6; an IPv4-mapped IPv6 socket stays 6 with its ::ffff:a.b.c.d address
+    state: int  # kernel state number (TCP_ESTABLISHED=1 ... TCP_LISTEN=10; UDP: 1 connected, 7 unconnected)
+    saddr: bytes  # 16 bytes: IPv4 in the first 4 (network order), rest zero; IPv6 raw
+    sport: int
+    daddr: bytes
+    dport: int
+    inode: int  # 0 for TIME_WAIT and request sockets, which have no file
+    cookie: int  # the value bpf_get_socket_cookie returns for this socket
+    uid: int
+    netns: int  # inode of the network namespace the socket was found in
+
+
+def _dump_one(sock: socket.socket, family: int, fam: int, protocol: int, netns: int, out: list[DiagSocket]) -> None:
+    req = _REQ.pack(family, protocol, 0, ALL_STATES) + _REQ_ID
+    unpack, unpack_ports = _MSG.unpack_from, _PORTS.unpack_from
+    append = out.append
+    for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, req):
+        # Trailing INET_DIAG_* attributes (shutdown, cgroup id, ...) are not needed.
+        _, state, src, dst, _if, c0, c1, _exp, _rq, _wq, uid, inode = unpack(body)
+        sport, dport = unpack_ports(body, 4)
+        if fam == 4:
+            # The kernel fills only src[0]/dst[0] for IPv4; normalise the rest to zero.
+            src, dst = src[:4] + _V4_PAD, dst[:4] + _V4_PAD
+        append(DiagSocket(protocol, fam, state, src, sport, dst, dport, inode, c0 | c1 << 32, uid, netns))
+
+
+def dump_sockets(netns_inode: int, netns_path: str | None = None) -> list[DiagSocket]:
+    """All TCP+UDP v4+v6 sockets of one netns, every state. netns_path None = the caller's netns.
+
+    netns_inode labels the results; with a netns_path it is also checked against
+    what the path opens (FileNotFoundError if the netns behind it changed).
+    """
+    out: list[DiagSocket] = []
+    with open_netlink(NETLINK_SOCK_DIAG, netns_path, expect_inode=netns_inode if netns_path else None) as sock:
+        for protocol in (IPPROTO_TCP, IPPROTO_UDP):
+            for family, fam in _FAMILIES:
+                _dump_one(sock, family, fam, protocol, netns_inode, out)
+    return out
+
+
+def dump_all_netns(netns: dict[int, str]) -> list[DiagSocket]:
+    """netns maps inode -> a path that opens it; dumps each one.
+
+    A netns that vanished meanwhile is skipped with a debug log; any other
+    failure for one netns (e.g. EPERM) is logged as a warning and skipped, so one
+    odd namespace cannot stop the start-up snapshot of the rest.
+    """
+    own = netns_inode()
+    out: list[DiagSocket] = []
+    for inode, path in netns.items():
+        try:
+            # The caller's own netns needs no thread and no setns.
+            out.extend(dump_sockets(inode, None if inode == own else path))
+        except (FileNotFoundError, ProcessLookupError) as e:
+            log.debug("netns %d (%s) vanished before its sockets were read: %s", inode, path, e)
+        except OSError as e:
+            log.warning("cannot read sockets of netns %d (%s): %s", inode, path, e)
+    return out

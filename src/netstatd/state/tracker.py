@@ -1,0 +1,485 @@
+"""Node state: live connections and listening ports, built from kernel records.
+
+Records are folded into per-socket pending entries as they arrive (cheap:
+a tuple and a dict lookup each). Every flush period (50 ms) each pending
+socket becomes one `connection.event` carrying its latest state and every
+state it passed through (`states`), so a connection's open and close are
+never skipped, yet a sub-millisecond connection costs one event per side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ..protocol import (
+    CONNECTION_EVENT,
+    FAMILY_NAMES,
+    PORT_CLOSED,
+    PORT_LISTENING,
+    UDP_ACTIVE,
+    UDP_CLOSE,
+    AddressText,
+    WallClock,
+    is_v4_mapped,
+    unmap_v4,
+)
+from ..sources.bpf import events as ev
+from ..sources.procfs import ProcessCache
+
+log = logging.getLogger("netstatd.state")
+
+Event = dict[str, Any]
+PROTO_NAMES = {6: "TCP", 17: "UDP"}
+OUTBOUND, INBOUND = "outbound", "inbound"
+
+
+class Conn:
+    """A live TCP connection (keyed by socket cookie) or UDP flow (cookie, peer)."""
+
+    __slots__ = (
+        "cgroup_id",
+        "comm",
+        "cookie",
+        "direction",
+        "exe",
+        "family",
+        "last_seen",
+        "local_ip",
+        "local_port",
+        "netns",
+        "pid",
+        "protocol",
+        "remote_ip",
+        "remote_port",
+        "state",
+        "ts",
+    )
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.comm = ""
+        self.exe = ""
+        self.cgroup_id = 0
+        self.direction: str | None = None
+        self.state = ""
+        self.last_seen = 0.0
+
+
+class Listener:
+    """A listening TCP socket or a bound UDP socket."""
+
+    __slots__ = ("comm", "cookie", "exe", "family", "ip", "netns", "pid", "port", "protocol", "ts")
+
+
+class Tracker:
+    """Applies kernel records and seeded sockets; emits protocol events."""
+
+    def __init__(
+        self,
+        node_name: str,
+        processes: ProcessCache,
+        *,
+        max_connections: int = 1_000_000,
+        max_udp_flows: int = 200_000,
+        max_listeners: int = 65_536,
+        udp_idle_s: float = 60.0,
+    ) -> None:
+        self.node_name = node_name
+        self.processes = processes
+        self.clock = WallClock()
+        self.ip_text = AddressText()
+        self.tcp: dict[int, Conn] = {}
+        self.udp: dict[tuple[int, bytes, int], Conn] = {}
+        self._udp_by_cookie: dict[int, set[tuple[int, bytes, int]]] = {}
+        self.listeners: dict[int, Listener] = {}
+        self._listener_ports: dict[tuple[int, str, int], Listener] = {}
+        self.max_connections = max_connections
+        self.max_udp_flows = max_udp_flows
+        self.max_listeners = max_listeners
+        self.udp_idle_s = udp_idle_s
+        # cookie (TCP) or (cookie, peer, port) (UDP) -> [first, last, states, accept record]
+        self._pending: dict[Any, list] = {}
+        # listen/bind records apply before the flush's connections, closes after
+        self._opens: list[tuple] = []
+        self._closes: list[tuple] = []
+        self._next_idle_check = 0.0
+        # Sockets closed while a seed scan runs: the scan may still list them.
+        self._closed_while_seeding: set[int] | None = None
+        # metrics, read at scrape time
+        self.record_counts: dict[int, int] = {}  # kind << 16 | family << 8 | newstate -> records
+        self.opened = {"TCP": 0, "UDP": 0}
+        self.closed = {"TCP": 0, "UDP": 0}
+        self.unattributed = 0
+        self.evicted = 0
+
+    # -- ingest (per kernel record: keep it lean) --------------------------
+    def ingest(self, chunk: bytes) -> int:
+        """Fold a chunk of ring records into pending entries. Returns the record count."""
+        pending = self._pending
+        counts = self.record_counts
+        n = 0
+        for rec in ev.RECORD.iter_unpack(chunk):
+            n += 1
+            kind = rec[ev.KIND]
+            ckey = kind << 16 | rec[ev.FAMILY] << 8 | rec[ev.NEWSTATE]
+            counts[ckey] = counts.get(ckey, 0) + 1
+            if kind == ev.EV_TCP_STATE:
+                if rec[ev.OLDSTATE] == ev.TCP_LISTEN and rec[ev.NEWSTATE] == ev.TCP_CLOSE:
+                    self._closes.append(rec)  # a listener closed
+                    continue
+                key: Any = rec[ev.COOKIE]
+            elif kind == ev.EV_UDP_SEND or kind == ev.EV_UDP_RECV:
+                key = (rec[ev.COOKIE], rec[ev.DADDR], rec[ev.DPORT])
+            elif kind == ev.EV_TCP_ACCEPT:
+                key = rec[ev.COOKIE]
+                p = pending.get(key)
+                if p is None:
+                    pending[key] = [rec, rec, [], rec]
+                else:
+                    p[3] = rec
+                continue
+            elif kind == ev.EV_UDP_CLOSE:
+                self._closes.append(rec)
+                continue
+            else:
+                self._opens.append(rec)
+                continue
+            p = pending.get(key)
+            if p is None:
+                pending[key] = [rec, rec, [rec[ev.NEWSTATE]], None]
+            else:
+                p[1] = rec
+                p[2].append(rec[ev.NEWSTATE])
+        return n
+
+    # -- flush --------------------------------------------------------------
+    def flush(self) -> list[Event]:
+        """Turn everything pending into events (called every flush period)."""
+        self.clock.refresh()
+        out: list[Event] = []
+        pending, self._pending = self._pending, {}
+        opens, self._opens = self._opens, []
+        closes, self._closes = self._closes, []
+        for rec in opens:
+            self._apply_control(rec, out)
+        for key, (first, last, states, accept) in pending.items():
+            if type(key) is int:
+                self._apply_tcp(key, first, last, states, accept, out)
+            else:
+                self._apply_udp(key, first, last, out)
+        for rec in closes:
+            self._apply_control(rec, out)
+        now = time.monotonic()
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + 1.0
+            self._expire_idle_udp(now, out)
+        return out
+
+    def _addresses(self, conn: Conn, rec: tuple) -> None:
+        family = rec[ev.FAMILY]
+        saddr, daddr = rec[ev.SADDR], rec[ev.DADDR]
+        if family == 6 and is_v4_mapped(daddr):
+            family, saddr, daddr = 4, unmap_v4(saddr), unmap_v4(daddr)
+        conn.family = family
+        conn.local_ip = self.ip_text(saddr, family)
+        conn.remote_ip = self.ip_text(daddr, family)
+        conn.local_port = rec[ev.SPORT]
+        conn.remote_port = rec[ev.DPORT]
+        conn.netns = rec[ev.NETNS]
+        conn.cookie = rec[ev.COOKIE]
+
+    def _set_owner(self, conn: Conn, rec: tuple) -> None:
+        pid = rec[ev.TGID]
+        comm = ev.comm_str(rec[ev.COMM])
+        info = self.processes.lookup(pid, comm)
+        conn.pid, conn.comm, conn.exe = pid, comm, info.exe
+        conn.cgroup_id = rec[ev.CGROUP]
+
+    def _apply_tcp(self, cookie: int, first: tuple, last: tuple, states: list[int], accept, out: list[Event]) -> None:
+        conn = self.tcp.get(cookie)
+        if conn is None:
+            conn = Conn()
+            conn.protocol = "TCP"
+            if states and states[0] == ev.TCP_SYN_SENT:
+                conn.direction = OUTBOUND
+            elif accept is not None or first[ev.OLDSTATE] == ev.TCP_LISTEN or ev.TCP_SYN_RECV in states:
+                conn.direction = INBOUND
+            self.opened["TCP"] += 1
+        elif accept is not None:
+            conn.direction = INBOUND
+        # At SYN_SENT the local port is still 0: the latest record has it.
+        self._addresses(conn, last)
+        if accept is not None:
+            self._set_owner(conn, accept)
+        elif last[ev.TGID]:
+            self._set_owner(conn, last)
+        elif not conn.pid:
+            self._owner_from_listener(conn)
+        if conn.direction is None:
+            conn.direction = INBOUND if self._listener_for(conn) else OUTBOUND
+        if states:
+            conn.state = ev.TCP_STATES.get(states[-1], str(states[-1]))
+            names = [ev.TCP_STATES.get(s, str(s)) for s in states]
+        else:
+            names = []
+            conn.state = conn.state or "ESTABLISHED"
+        conn.ts = last[ev.TS]
+        if conn.state == "CLOSE":
+            self.tcp.pop(cookie, None)
+            self.closed["TCP"] += 1
+            if self._closed_while_seeding is not None:
+                self._closed_while_seeding.add(cookie)
+        else:
+            self.tcp[cookie] = conn
+            if len(self.tcp) > self.max_connections:
+                self._evict(self.tcp)
+        out.append(self.connection_event(conn, names))
+
+    def _apply_udp(self, key: tuple[int, bytes, int], first: tuple, last: tuple, out: list[Event]) -> None:
+        conn = self.udp.get(key)
+        if conn is None:
+            conn = Conn()
+            conn.protocol = "UDP"
+            conn.direction = OUTBOUND if first[ev.KIND] == ev.EV_UDP_SEND else INBOUND
+            conn.state = UDP_ACTIVE
+            self._addresses(conn, last)
+            self.udp[key] = conn
+            self._udp_by_cookie.setdefault(key[0], set()).add(key)
+            self.opened["UDP"] += 1
+            if len(self.udp) > self.max_udp_flows:
+                self._evict(self.udp)
+        self._set_owner(conn, last)
+        conn.ts = last[ev.TS]
+        conn.last_seen = time.monotonic()
+        out.append(self.connection_event(conn, [UDP_ACTIVE]))
+
+    def _apply_control(self, rec: tuple, out: list[Event]) -> None:
+        kind = rec[ev.KIND]
+        cookie = rec[ev.COOKIE]
+        if kind == ev.EV_TCP_LISTEN or kind == ev.EV_UDP_BIND:
+            lst = Listener()
+            lst.protocol = "TCP" if kind == ev.EV_TCP_LISTEN else "UDP"
+            lst.family = rec[ev.FAMILY]
+            lst.ip = self.ip_text(rec[ev.SADDR], lst.family)
+            lst.port = rec[ev.SPORT]
+            lst.netns = rec[ev.NETNS]
+            lst.cookie = cookie
+            lst.pid = rec[ev.TGID]
+            lst.comm = ev.comm_str(rec[ev.COMM])
+            lst.exe = self.processes.lookup(lst.pid, lst.comm).exe
+            lst.ts = rec[ev.TS]
+            self._add_listener(lst)
+            out.append(self.port_event(lst, PORT_LISTENING))
+        elif kind == ev.EV_TCP_STATE:  # LISTEN -> CLOSE
+            if self._closed_while_seeding is not None:
+                self._closed_while_seeding.add(cookie)
+            lst = self._remove_listener(cookie)
+            if lst is None:  # a listener we never saw open: still announce the close
+                lst = Listener()
+                lst.protocol, lst.family, lst.cookie = "TCP", rec[ev.FAMILY], cookie
+                lst.ip, lst.port, lst.netns = self.ip_text(rec[ev.SADDR], lst.family), rec[ev.SPORT], rec[ev.NETNS]
+                lst.pid, lst.comm = rec[ev.TGID], ev.comm_str(rec[ev.COMM])
+                lst.exe = self.processes.lookup(lst.pid, lst.comm).exe
+            lst.ts = rec[ev.TS]
+            out.append(self.port_event(lst, PORT_CLOSED))
+        elif kind == ev.EV_UDP_CLOSE:
+            if self._closed_while_seeding is not None:
+                self._closed_while_seeding.add(cookie)
+            for key in self._udp_by_cookie.pop(cookie, ()):
+                conn = self.udp.pop(key, None)
+                if conn is not None:
+                    conn.state = UDP_CLOSE
+                    conn.ts = rec[ev.TS]
+                    self.closed["UDP"] += 1
+                    out.append(self.connection_event(conn, [UDP_CLOSE]))
+            lst = self._remove_listener(cookie)
+            if lst is not None:
+                lst.ts = rec[ev.TS]
+                out.append(self.port_event(lst, PORT_CLOSED))
+
+    def _expire_idle_udp(self, now: float, out: list[Event]) -> None:
+        cutoff = now - self.udp_idle_s
+        idle = [k for k, c in self.udp.items() if c.last_seen < cutoff]
+        for key in idle:
+            conn = self.udp.pop(key)
+            keys = self._udp_by_cookie.get(key[0])
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._udp_by_cookie[key[0]]
+            conn.state = UDP_CLOSE
+            self.closed["UDP"] += 1
+            ev_ = self.connection_event(conn, [UDP_CLOSE])
+            ev_["closeReason"] = "idle"
+            out.append(ev_)
+
+    def _evict(self, table: dict) -> None:
+        """Over the cap: drop the oldest entry (dicts keep insertion order)."""
+        key = next(iter(table))
+        del table[key]
+        self.evicted += 1
+        if self.evicted in (1, 1000) or self.evicted % 100_000 == 0:
+            log.warning(
+                "connection table full: evicted %d entries so far (raise the cap if this host is that busy)",
+                self.evicted,
+            )
+
+    # -- listeners ---------------------------------------------------------
+    def _add_listener(self, lst: Listener) -> None:
+        old = self.listeners.pop(lst.cookie, None)
+        if old is not None:
+            self._listener_ports.pop((old.netns, old.protocol, old.port), None)
+        self.listeners[lst.cookie] = lst
+        self._listener_ports[(lst.netns, lst.protocol, lst.port)] = lst
+        if len(self.listeners) > self.max_listeners:
+            oldest = next(iter(self.listeners))
+            self._remove_listener(oldest)
+            self.evicted += 1
+
+    def _remove_listener(self, cookie: int) -> Listener | None:
+        lst = self.listeners.pop(cookie, None)
+        if lst is not None:
+            k = (lst.netns, lst.protocol, lst.port)
+            if self._listener_ports.get(k) is lst:
+                del self._listener_ports[k]
+        return lst
+
+    def _listener_for(self, conn: Conn) -> Listener | None:
+        return self._listener_ports.get((conn.netns, conn.protocol, conn.local_port))
+
+    def _owner_from_listener(self, conn: Conn) -> None:
+        """A passive socket whose owner the kernel did not know (its listener predates us)."""
+        lst = self._listener_for(conn)
+        if lst is not None and lst.pid:
+            conn.pid, conn.comm, conn.exe = lst.pid, lst.comm, lst.exe
+            conn.direction = INBOUND
+        else:
+            self.unattributed += 1
+
+    # -- seeding -------------------------------------------------------------
+    def begin_seed(self) -> None:
+        """Call before scanning existing sockets (and after the probes are live)."""
+        self._closed_while_seeding = set()
+
+    def seed(self, sockets: Iterable, owners: dict[int, int], include_loopback: bool) -> list[Event]:
+        """Sockets that existed before the kernel probes: sources.sockdiag.DiagSocket records.
+
+        owners maps socket inode -> pid. Sockets already known from live
+        records, or closed since begin_seed(), are left alone. Returns the
+        added state as events, so clients that connected meanwhile get it too.
+        """
+        out: list[Event] = []
+        gone = self._closed_while_seeding or set()
+        self._closed_while_seeding = None
+        deferred = []
+        for s in sockets:
+            if s.cookie in gone:
+                continue
+            if not include_loopback and (_loopback(s.saddr, s.family) or _loopback(s.daddr, s.family)):
+                continue
+            pid = owners.get(s.inode, 0)
+            info = self.processes.lookup(pid) if pid else None
+            listening = (s.protocol == 6 and s.state == ev.TCP_LISTEN) or (
+                s.protocol == 17 and s.state == ev.TCP_CLOSE and s.sport != 0
+            )
+            if listening:
+                if s.cookie in self.listeners:
+                    continue
+                lst = Listener()
+                lst.protocol = PROTO_NAMES[s.protocol]
+                lst.family, lst.cookie = s.family, s.cookie
+                lst.ip, lst.port, lst.netns = self.ip_text(s.saddr, s.family), s.sport, s.netns
+                lst.pid = pid
+                lst.comm, lst.exe = (info.comm, info.exe) if info else ("", "")
+                lst.ts = time.monotonic_ns()
+                self._add_listener(lst)
+                out.append(self.port_event(lst, PORT_LISTENING))
+            elif (s.protocol == 6 and s.state not in _TCP_NOT_CONNECTIONS) or (s.protocol == 17 and s.state == 1):
+                deferred.append((s, pid, info))  # a TCP connection, or a connected UDP socket
+        # Connections after listeners, so direction and owner can use them.
+        for s, pid, info in deferred:
+            if s.protocol == 6 and s.cookie in self.tcp:
+                continue
+            conn = Conn()
+            conn.protocol = PROTO_NAMES[s.protocol]
+            family, saddr, daddr = s.family, s.saddr, s.daddr
+            if family == 6 and is_v4_mapped(daddr):
+                family, saddr, daddr = 4, unmap_v4(saddr), unmap_v4(daddr)
+            conn.family = family
+            conn.local_ip, conn.remote_ip = self.ip_text(saddr, family), self.ip_text(daddr, family)
+            conn.local_port, conn.remote_port = s.sport, s.dport
+            conn.netns, conn.cookie = s.netns, s.cookie
+            conn.ts = time.monotonic_ns()
+            if info is not None:
+                conn.pid, conn.comm, conn.exe = pid, info.comm, info.exe
+            conn.direction = INBOUND if self._listener_for(conn) else OUTBOUND
+            if not conn.pid and conn.direction == INBOUND:
+                self._owner_from_listener(conn)
+            if conn.protocol == "TCP":
+                conn.state = ev.TCP_STATES.get(s.state, str(s.state))
+                self.tcp[s.cookie] = conn
+            else:
+                conn.state = UDP_ACTIVE
+                conn.last_seen = time.monotonic()
+                key = (s.cookie, s.daddr, s.dport)  # as live records key it
+                self.udp[key] = conn
+                self._udp_by_cookie.setdefault(s.cookie, set()).add(key)
+            out.append(self.connection_event(conn, [conn.state]))
+        return out
+
+    # -- events ----------------------------------------------------------------
+    def connection_event(self, c: Conn, states: list[str]) -> Event:
+        return {
+            "type": CONNECTION_EVENT,
+            "timestamp": self.clock.from_kernel(c.ts),
+            "nodeName": self.node_name,
+            "protocol": c.protocol,
+            "family": FAMILY_NAMES[c.family],
+            "state": c.state,
+            "states": states,
+            "localIP": c.local_ip,
+            "localPort": c.local_port,
+            "remoteIP": c.remote_ip,
+            "remotePort": c.remote_port,
+            "pid": c.pid,
+            "exe": c.exe,
+            "comm": c.comm,
+            "netns": c.netns,
+            "sockCookie": c.cookie,
+            "direction": c.direction,
+        }
+
+    def port_event(self, lst: Listener, kind: str) -> Event:
+        return {
+            "type": kind,
+            "timestamp": self.clock.from_kernel(lst.ts),
+            "nodeName": self.node_name,
+            "protocol": lst.protocol,
+            "family": FAMILY_NAMES[lst.family],
+            "ip": lst.ip,
+            "port": lst.port,
+            "netns": lst.netns,
+            "pid": lst.pid,
+            "exe": lst.exe,
+            "comm": lst.comm,
+            "sockCookie": lst.cookie,
+        }
+
+    def snapshot(self) -> list[Event]:
+        """Current state as events: every listening port, then every live connection."""
+        out = [self.port_event(lst, PORT_LISTENING) for lst in self.listeners.values()]
+        out.extend(self.connection_event(c, [c.state]) for c in self.tcp.values())
+        out.extend(self.connection_event(c, [c.state]) for c in self.udp.values())
+        return out
+
+
+_TCP_NOT_CONNECTIONS = (ev.TCP_CLOSE, 6, 12)  # CLOSE, TIME_WAIT, NEW_SYN_RECV
+
+
+def _loopback(addr: bytes, family: int) -> bool:
+    if family == 4:
+        return addr[0] == 127
+    return addr == b"\0" * 15 + b"\x01" or (is_v4_mapped(addr) and addr[12] == 127)
