@@ -1,0 +1,107 @@
+"""Runs the real `netstatd` binary as a subprocess for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def netstatd_binary() -> str:
+    beside = Path(sys.executable).with_name("netstatd")
+    return str(beside) if beside.exists() else (shutil.which("netstatd") or "netstatd")
+
+
+class AgentProcess:
+    """`netstatd --http-port PORT ARGS...`; start() waits until it serves /metrics."""
+
+    def __init__(
+        self,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.args = [netstatd_binary(), "--http-port", str(self.port), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path) if log_path else None
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/netstat"
+
+    def start(self, timeout: float = 20) -> AgentProcess:
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"netstatd exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+            try:
+                body = urllib.request.urlopen(self.url + "/metrics", timeout=1).read().decode()
+                if "netstatd_build_info" in body and self.seeded():
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"netstatd did not start within {timeout}s: {self.log_text()[-2000:]}")
+
+    def seeded(self) -> bool:
+        return "seeded" in self.log_text() if self.log_path else True
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample of `name` (any labels)."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+            self._log = None
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,84 @@
+"""A WebSocket client of /netstat that records every event, on its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+Event = dict[str, Any]
+
+
+class StreamClient:
+    """Connects to ws_url and appends every received event to .events (with arrival time in .arrivals)."""
+
+    def __init__(self, ws_url: str) -> None:
+        self.ws_url = ws_url
+        self.events: list[Event] = []
+        self.arrivals: list[float] = []
+        self.frames = 0
+        self.closed = threading.Event()
+        self._connected = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._task: asyncio.Future | None = None
+
+    def start(self, timeout: float = 10) -> StreamClient:
+        self._thread.start()
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+        if not self._connected.wait(timeout):
+            raise TimeoutError(f"could not connect to {self.ws_url}")
+        return self
+
+    async def _run(self) -> None:
+        try:
+            async with aiohttp.ClientSession() as s, s.ws_connect(self.ws_url, max_msg_size=0) as ws:
+                self._connected.set()
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    now = time.time()
+                    data = orjson.loads(msg.data)
+                    batch = data if isinstance(data, list) else [data]
+                    self.frames += 1
+                    self.events.extend(batch)
+                    self.arrivals.extend([now] * len(batch))
+        finally:
+            self.closed.set()
+
+    def wait_for(self, pred: Callable[[Event], bool], timeout: float = 10) -> Event:
+        """The first recorded event matching pred, waiting up to timeout seconds."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            events = self.events
+            for e in events[seen:]:
+                if pred(e):
+                    return e
+            seen = len(events)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching event within {timeout}s ({len(events)} events received)")
+            time.sleep(0.05)
+
+    def matching(self, pred: Callable[[Event], bool]) -> list[Event]:
+        return [e for e in list(self.events) if pred(e)]
+
+    def wait_snapshot(self, timeout: float = 20) -> Event:
+        return self.wait_for(lambda e: e["type"] == "snapshot.complete", timeout)
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> StreamClient:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
