@@ -39,7 +39,12 @@ class Agent:
         self.settings = settings
         self.processes = procfs.ProcessCache()
         self.tracker = Tracker(settings.node_name, self.processes)
-        self.hub = Hub(settings.node_name, self.tracker.snapshot, self.tracker.clock.now)
+        self.hub = Hub(
+            settings.node_name,
+            self.tracker.snapshot,
+            self.tracker.clock.now,
+            client_max_events=settings.client_queue_events,
+        )
         self.kernel = KernelProbes(
             KernelSettings(
                 capture_tcp=not settings.disable_tcp,

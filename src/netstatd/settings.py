@@ -25,6 +25,7 @@ class Settings:
     node_name: str = ""
     containerd_socket: str = "/run/containerd/containerd.sock"
     fanout_service: str = "netstatd-headless"
+    client_queue_events: int = 200_000
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("node_name", "node name on every event (default: hostname)", env="NODE_NAME"),
     Option("containerd_socket", "containerd gRPC socket", env="CONTAINERD_SOCKET"),
     Option("fanout_service", "headless Service whose DNS name lists every agent", env="FANOUT_SERVICE"),
+    Option("client_queue_events", "events queued per WebSocket client before it is reset as too slow"),
 )
 
 

@@ -120,9 +120,18 @@ class Tracker:
         """Fold a chunk of ring records into pending entries. Returns the record count."""
         pending = self._pending
         counts = self.record_counts
+        processes = self.processes
         n = 0
+        last_pid = 0
         for rec in ev.RECORD.iter_unpack(chunk):
             n += 1
+            pid = rec[ev.TGID]
+            if pid != last_pid:
+                # Read /proc/PID/exe now, milliseconds after the event, not at
+                # the flush: short-lived processes may be gone by then.
+                last_pid = pid
+                if pid and pid not in processes:
+                    processes.lookup(pid, ev.comm_str(rec[ev.COMM]))
             kind = rec[ev.KIND]
             ckey = kind << 16 | rec[ev.FAMILY] << 8 | rec[ev.NEWSTATE]
             counts[ckey] = counts.get(ckey, 0) + 1

@@ -73,7 +73,8 @@ class StreamClient:
 
     def stop(self) -> None:
         if self._task:
-            self._task.cancel()
+            self._loop.call_soon_threadsafe(self._task.cancel)
+            self.closed.wait(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 

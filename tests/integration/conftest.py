@@ -1,0 +1,30 @@
+import pytest
+
+from netstatd.testing.agent import AgentProcess
+from netstatd.testing.hosts import HostPair
+from netstatd.testing.stream import StreamClient
+from tests.conftest import require_root
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    require_root()
+    with HostPair() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    require_root()
+    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
+    proc = AgentProcess("--log-level", "debug", "--client-queue-events", "2000", log_path=log)
+    with proc:
+        yield proc
+    print(proc.log_text()[-3000:])
+
+
+@pytest.fixture
+def stream(agent):
+    with StreamClient(agent.ws_url) as client:
+        client.wait_snapshot()
+        yield client

@@ -1,0 +1,90 @@
+"""Peer programs run inside test namespaces (python3 -c). Each prints 'ready ...' when set up."""
+
+TCP_SERVER = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 0))
+s.listen()
+print('ready', s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.recv(100)
+c.sendall(b'pong')
+c.recv(100)  # the client closes first
+c.close()
+s.close()
+"""
+
+TCP_CLIENT = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print('ready', c.getsockname()[1], flush=True)
+c.sendall(b'ping')
+c.recv(100)
+time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)
+c.close()
+time.sleep(0.3)
+"""
+
+# Holds a connection open until stdin closes.
+TCP_HOLD_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print('ready', c.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+TCP_HOLD_SERVER = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.bind((sys.argv[1], 0))
+s.listen()
+print('ready', s.getsockname()[1], flush=True)
+c, _ = s.accept()
+sys.stdin.read()
+"""
+
+# listen() without bind(): the kernel picks the port.
+TCP_LISTEN_EPHEMERAL = """
+import socket, sys
+s = socket.socket()
+s.listen()
+print('ready', s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+UDP_SERVER = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+print('ready', s.getsockname()[1], flush=True)
+for _ in range(int(sys.argv[2])):
+    data, peer = s.recvfrom(100)
+    s.sendto(b'pong', peer)
+sys.stdin.read()
+"""
+
+UDP_CONNECTED_CLIENT = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+c = socket.socket(fam, socket.SOCK_DGRAM)
+c.connect((sys.argv[1], int(sys.argv[2])))
+print('ready', c.getsockname()[1], flush=True)
+for _ in range(3):
+    c.send(b'ping')
+    c.recv(100)
+sys.stdin.read()
+"""
+
+UDP_SENDTO_CLIENT = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+c = socket.socket(fam, socket.SOCK_DGRAM)
+c.sendto(b'ping', (sys.argv[1], int(sys.argv[2])))
+print('ready', c.getsockname()[1], flush=True)
+c.recvfrom(100)
+sys.stdin.read()
+"""
