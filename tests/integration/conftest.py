@@ -17,7 +17,7 @@ def hosts():
 def agent(tmp_path_factory):
     require_root()
     log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    proc = AgentProcess("--log-level", "debug", "--client-queue-events", "2000", log_path=log)
+    proc = AgentProcess("--log-level", "debug", log_path=log)
     with proc:
         yield proc
     print(proc.log_text()[-3000:])

@@ -28,6 +28,10 @@ const volatile struct agent_settings settings = {
 	.udp_refresh_ns = 5000000000ULL,
 };
 
+/* Puts struct netstat_event into the object's BTF (locals are not recorded),
+ * where tests/unit/test_bpf_abi.py checks it against events.py. */
+struct netstat_event *netstat_event_btf_anchor __attribute__((unused));
+
 struct owner {
 	__u64 cookie;    /* socket the owner was recorded for; differs after a clone */
 	__u64 cgroup_id;

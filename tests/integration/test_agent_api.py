@@ -1,0 +1,223 @@
+"""The agent as a user meets it: initial state, slow clients, /metrics, /api/pid-exe, start-up errors."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from netstatd.testing.agent import AgentProcess, free_port, netstatd_binary
+from netstatd.testing.stream import StreamClient
+from tests.conftest import require_root
+from tests.integration import peers
+from tests.integration.test_kernel_events import PYTHON_EXE, finish, start_peer
+
+
+def test_connection_opened_before_the_agent_is_in_the_initial_state(hosts, tmp_path):
+    a, b = hosts.a, hosts.b
+    server, port = start_peer(b, peers.TCP_HOLD_SERVER, b.ipv4)
+    client, client_port = start_peer(a, peers.TCP_HOLD_CLIENT, b.ipv4, str(port))
+    try:
+        with AgentProcess(log_path=tmp_path / "agent.log") as agent, StreamClient(agent.ws_url) as stream:
+            done = stream.wait_snapshot()
+            first = stream.events[0]
+            assert first["type"] == "host.info"
+            assert {"nodeName", "hostIPs", "version", "kernelRelease", "timestamp"} <= first.keys()
+            initial = stream.events[: stream.events.index(done)]
+            out = [
+                e
+                for e in initial
+                if e["type"] == "connection.event" and e["netns"] == a.netns_inode and e["localPort"] == client_port
+            ]
+            inb = [
+                e
+                for e in initial
+                if e["type"] == "connection.event" and e["netns"] == b.netns_inode and e["remotePort"] == client_port
+            ]
+            lst = [e for e in initial if e["type"] == "port.listening" and e["port"] == port]
+            assert len(out) == 1 and len(inb) == 1 and len(lst) == 1
+            assert (out[0]["pid"], out[0]["exe"], out[0]["state"]) == (client.pid, PYTHON_EXE, "ESTABLISHED")
+            assert (out[0]["direction"], out[0]["remoteIP"], out[0]["remotePort"]) == ("outbound", b.ipv4, port)
+            assert (inb[0]["pid"], inb[0]["exe"], inb[0]["direction"]) == (server.pid, PYTHON_EXE, "inbound")
+            assert lst[0]["pid"] == server.pid
+            # ...and its close is delivered like any other
+            finish(client)
+            closed = stream.wait_for(
+                lambda e: (
+                    e["type"] == "connection.event"
+                    and e["state"] == "CLOSE"
+                    and e["sockCookie"] == out[0]["sockCookie"]
+                )
+            )
+            assert closed["pid"] == client.pid
+    finally:
+        finish(client, server)
+
+
+def test_slow_client_does_not_stall_a_fast_one_and_is_told_it_missed_events(hosts, tmp_path):
+    with AgentProcess("--client-queue-events", "5000", log_path=tmp_path / "agent.log") as agent:
+        _slow_and_fast_clients(hosts, agent)
+
+
+def _slow_and_fast_clients(hosts, agent):
+    a, b = hosts.a, hosts.b
+    # A client that never reads: its socket buffers fill, then its queue of 5000 events.
+    slow = socket.create_connection(("127.0.0.1", agent.port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(
+        b"GET /netstat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    dropped_before = agent.metric("netstatd_client_events_dropped_total")
+    n = 10000
+    with StreamClient(agent.ws_url) as fast:
+        fast.wait_snapshot()
+        server = b.popen(sys.executable, "-c", CHURN_SERVER, b.ipv4, stdout=subprocess.PIPE, text=True)
+        port = int(server.stdout.readline().split()[1])
+        a.run(sys.executable, "-c", CHURN_CLIENT, b.ipv4, str(port), str(n))
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            closed = {
+                e["sockCookie"]
+                for e in fast.matching(
+                    lambda e: (
+                        e["type"] == "connection.event"
+                        and e["netns"] == a.netns_inode
+                        and e["remotePort"] == port
+                        and e["state"] == "CLOSE"
+                    )
+                )
+            }
+            if len(closed) >= n:
+                break
+            time.sleep(0.2)
+        assert len(closed) == n, "the fast client missed connections"
+    assert agent.metric("netstatd_client_events_dropped_total") > dropped_before
+    # When the slow client finally reads, it is told what it missed, then gets a fresh snapshot.
+    slow.settimeout(10)
+    buf = b""
+    while b'"snapshot.complete"' not in buf.split(b'"stream.reset"', 1)[-1] or b'"stream.reset"' not in buf:
+        chunk = slow.recv(1 << 20)
+        assert chunk, "agent closed the slow client instead of resetting it"
+        buf += chunk
+    assert b'"missedEvents"' in buf
+    slow.close()
+
+
+CHURN_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen(1024)
+print('ready', s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    c.close()
+"""
+
+CHURN_CLIENT = """
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    c.close()
+"""
+
+
+def test_metrics_pass_promtool_and_count_events(agent, hosts):
+    body = agent.metrics()
+    check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in (
+        "netstatd_events_total{",
+        "netstatd_events_by_state{",
+        "netstatd_kernel_events_lost_total ",
+        "netstatd_client_events_dropped_total ",
+        "netstatd_clients_connected ",
+    ):
+        assert name in body, name
+    assert agent.metric("netstatd_kernel_events_lost_total") == 0
+
+
+def _get(url: str) -> tuple[int, dict]:
+    import json
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_pid_exe_api(agent):
+    status, body = _get(f"{agent.url}/api/pid-exe?pid={os.getpid()}")
+    assert (status, body["pid"], body["exe"]) == (200, os.getpid(), PYTHON_EXE)
+    status, body = _get(f"{agent.url}/api/pid-exe?pid=999999999")
+    assert status == 404 and "error" in body
+    for bad in ("abc", "-1", "", "1.5"):
+        status, body = _get(f"{agent.url}/api/pid-exe?pid={bad}")
+        assert status == 400 and "error" in body, bad
+
+
+def test_root_page_is_served(agent):
+    with urllib.request.urlopen(agent.url + "/", timeout=5) as r:
+        assert r.status == 200 and b"netstatd" in r.read()
+
+
+def test_port_in_use_is_one_clear_error():
+    require_root()
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([netstatd_binary(), "--http-port", str(port)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"port {port} is already in use" in errors[0], r.stderr
+
+
+def test_not_root_is_one_clear_error():
+    require_root()
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            netstatd_binary(),
+            "--http-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "must run as root" in errors[0], r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--disable-udp", "--disable-tcp"])
+def test_disable_flags(hosts, tmp_path, flag):
+    a, b = hosts.a, hosts.b
+    with AgentProcess(flag, log_path=tmp_path / "agent.log") as agent, StreamClient(agent.ws_url) as stream:
+        stream.wait_snapshot()
+        tcp_server, tport = start_peer(b, peers.TCP_SERVER, b.ipv4)
+        tcp_client, _ = start_peer(a, peers.TCP_CLIENT, b.ipv4, str(tport))
+        udp_server, uport = start_peer(b, peers.UDP_SERVER, b.ipv4, "1")
+        udp_client, _ = start_peer(a, peers.UDP_SENDTO_CLIENT, b.ipv4, str(uport))
+        finish(tcp_client, tcp_server, udp_client, udp_server)
+        kept = "TCP" if flag == "--disable-udp" else "UDP"
+        stream.wait_for(
+            lambda e: e["type"] == "connection.event" and e["protocol"] == kept and e["netns"] == a.netns_inode
+        )
+        time.sleep(0.3)
+        gone = "UDP" if kept == "TCP" else "TCP"
+        assert not stream.matching(
+            lambda e: e.get("protocol") == gone and e.get("netns") in (a.netns_inode, b.netns_inode)
+        )

@@ -1,0 +1,91 @@
+"""The C structs in events.h and their Python decoders, checked against the compiled object's BTF."""
+
+import json
+import struct
+import subprocess
+
+import pytest
+
+from netstatd.sources.bpf import events
+from netstatd.sources.bpf.loader import OBJECT_PATH
+
+SIZES = {"Q": 8, "I": 4, "H": 2, "B": 1}
+
+
+@pytest.fixture(scope="module")
+def btf() -> dict[str, dict]:
+    if not OBJECT_PATH.exists():
+        pytest.fail(f"{OBJECT_PATH} is not built: run 'make setup'")
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(OBJECT_PATH)], check=True, capture_output=True, text=True
+    ).stdout
+    return {t["name"]: t for t in json.loads(out)["types"] if t.get("name")}
+
+
+def python_layout(fields: tuple[tuple[str, str], ...]) -> list[tuple[str, int, int]]:
+    """(name, offset, size) per field of a little-endian struct format."""
+    out, off = [], 0
+    for name, code in fields:
+        size = struct.calcsize("<" + code)
+        out.append((name, off, size))
+        off += size
+    return out
+
+
+def test_netstat_event_matches_btf(btf):
+    s = btf["netstat_event"]
+    assert s["size"] == events.EVENT_SIZE == 96
+    c_offsets = {m["name"]: m["bits_offset"] // 8 for m in s["members"]}
+    py = python_layout(events.EVENT_FIELDS)
+    assert [n for n, _, _ in py] == [m["name"] for m in s["members"]]
+    for name, off, _ in py:
+        assert c_offsets[name] == off, name
+    assert events.RECORD_SIZE == events.EVENT_SIZE + events.RING_HEADER
+    assert events.RECORD_SIZE % 8 == 0  # ring records are 8-byte aligned
+
+
+def test_agent_settings_matches_btf_and_sits_at_rodata_offset_zero(btf):
+    s = btf["agent_settings"]
+    assert s["size"] == events.SETTINGS.size
+    assert [(m["name"], m["bits_offset"] // 8) for m in s["members"]] == [
+        ("capture_tcp", 0),
+        ("capture_udp", 1),
+        ("include_loopback", 2),
+        ("_pad", 3),
+        ("udp_refresh_ns", 8),
+    ]
+    syms = subprocess.run(["llvm-nm", str(OBJECT_PATH)], check=True, capture_output=True, text=True).stdout
+    rodata = [line.split() for line in syms.splitlines() if line.split()[1:2] == ["R"]]
+    assert rodata == [["0000000000000000", "R", "settings"]], "the loader writes settings at .rodata offset 0"
+
+
+def test_decoder_reads_a_record_the_kernel_way():
+    body = struct.pack(
+        events.EVENT_FORMAT,
+        123,
+        77,
+        5,
+        4242,
+        4026531840,
+        bytes([10, 0, 0, 1]) + bytes(12),
+        bytes([10, 0, 0, 2]) + bytes(12),
+        40000,
+        80,
+        events.EV_TCP_STATE,
+        4,
+        2,
+        1,
+        2,
+        b"curl\0" + bytes(11),
+    )
+    rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
+    (r,) = list(events.iter_records(rec))
+    assert (r[events.TS], r[events.COOKIE], r[events.TGID], r[events.SPORT], r[events.DPORT]) == (
+        123,
+        77,
+        4242,
+        40000,
+        80,
+    )
+    assert events.comm_str(r[events.COMM]) == "curl"
+    assert events.TCP_STATES[r[events.NEWSTATE]] == "ESTABLISHED"

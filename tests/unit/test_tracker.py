@@ -1,0 +1,202 @@
+"""Node state from kernel records: coalescing, ownership, listeners, UDP flows, seeding."""
+
+import socket
+import struct
+
+from netstatd.sources.bpf import events as ev
+from netstatd.sources.procfs import ProcessCache
+from netstatd.sources.sockdiag import DiagSocket
+from netstatd.state.tracker import Tracker
+
+NETNS = 4026532000
+
+
+def v4(ip: str) -> bytes:
+    return socket.inet_aton(ip) + bytes(12)
+
+
+def rec(
+    kind=ev.EV_TCP_STATE,
+    *,
+    cookie=1,
+    tgid=100,
+    comm=b"srv",
+    old=0,
+    new=0,
+    saddr="10.0.0.1",
+    sport=80,
+    daddr="10.0.0.2",
+    dport=5000,
+    family=4,
+    ts=1,
+    netns=NETNS,
+    flags=ev.EVF_OWNER_STORED,
+) -> bytes:
+    body = struct.pack(
+        ev.EVENT_FORMAT,
+        ts,
+        cookie,
+        0,
+        tgid,
+        netns,
+        v4(saddr),
+        v4(daddr),
+        sport,
+        dport,
+        kind,
+        family,
+        old,
+        new,
+        flags,
+        comm.ljust(16, b"\0"),
+    )
+    return struct.pack("<II", ev.EVENT_SIZE, 0) + body
+
+
+def tracker(tmp_path) -> Tracker:
+    return Tracker("node-1", ProcessCache(proc_root=str(tmp_path)))
+
+
+def conn_events(out):
+    return [e for e in out if e["type"] == "connection.event"]
+
+
+def test_transitions_within_one_flush_become_one_event_with_every_state(tmp_path):
+    t = tracker(tmp_path)
+    t.ingest(rec(old=7, new=2, sport=0, tgid=7, comm=b"curl") + rec(old=2, new=1, sport=40000, tgid=7, comm=b"curl"))
+    t.ingest(
+        rec(old=1, new=4, sport=40000, tgid=7)
+        + rec(old=4, new=5, sport=40000, tgid=7)
+        + rec(old=5, new=7, sport=40000, tgid=7, comm=b"curl")
+    )
+    (e,) = conn_events(t.flush())
+    assert e["states"] == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    assert (e["state"], e["localPort"], e["pid"], e["comm"], e["direction"]) == ("CLOSE", 40000, 7, "curl", "outbound")
+    assert (e["nodeName"], e["netns"], e["sockCookie"], e["family"]) == ("node-1", NETNS, 1, "IPv4")
+    assert t.tcp == {}  # closed connections leave the state
+
+
+def test_open_and_close_in_separate_flushes_are_both_delivered(tmp_path):
+    t = tracker(tmp_path)
+    t.ingest(rec(old=10, new=3) + rec(old=3, new=1))
+    (opened,) = conn_events(t.flush())
+    assert (opened["states"], opened["direction"]) == (["SYN_RECV", "ESTABLISHED"], "inbound")
+    assert [e["state"] for e in conn_events(t.snapshot())] == ["ESTABLISHED"]
+    t.ingest(rec(old=1, new=8) + rec(old=8, new=9) + rec(old=9, new=7))
+    (closed,) = conn_events(t.flush())
+    assert closed["states"] == ["CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    assert t.snapshot() == []
+
+
+def test_accept_gives_the_accepting_process(tmp_path):
+    t = tracker(tmp_path)
+    # inherited from the listener (pid 100), then accept() in a worker (pid 200)
+    t.ingest(
+        rec(old=10, new=3, tgid=100)
+        + rec(old=3, new=1, tgid=100)
+        + rec(ev.EV_TCP_ACCEPT, new=1, tgid=200, comm=b"worker", flags=ev.EVF_OWNER_CURRENT)
+    )
+    (e,) = conn_events(t.flush())
+    assert (e["pid"], e["comm"], e["direction"]) == (200, "worker", "inbound")
+
+
+def test_unknown_owner_of_a_passive_socket_comes_from_its_listener(tmp_path):
+    t = tracker(tmp_path)
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=9, new=10, tgid=55, comm=b"nginx", daddr="0.0.0.0", dport=0))
+    t.ingest(rec(cookie=10, old=10, new=3, tgid=0, comm=b"") + rec(cookie=10, old=3, new=1, tgid=0, comm=b""))
+    out = t.flush()
+    assert [e["type"] for e in out] == ["port.listening", "connection.event"]
+    assert (out[1]["pid"], out[1]["comm"]) == (55, "nginx")
+
+
+def test_listener_close_is_announced(tmp_path):
+    t = tracker(tmp_path)
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=9, new=10, tgid=55, comm=b"nginx", dport=0))
+    (opened,) = t.flush()
+    assert (opened["type"], opened["port"], opened["pid"], opened["protocol"]) == ("port.listening", 80, 55, "TCP")
+    t.ingest(rec(cookie=9, old=10, new=7, tgid=55, dport=0))
+    (closed,) = t.flush()
+    assert (closed["type"], closed["port"], closed["sockCookie"]) == ("port.closed", 80, 9)
+    assert t.listeners == {}
+
+
+def test_udp_flows_are_keyed_by_peer_and_closed_with_their_socket(tmp_path):
+    t = tracker(tmp_path)
+    send = rec(ev.EV_UDP_SEND, cookie=3, tgid=7, sport=5353, daddr="10.0.0.53", dport=53)
+    t.ingest(send + send + rec(ev.EV_UDP_RECV, cookie=3, tgid=7, sport=5353, daddr="10.0.0.54", dport=53))
+    flows = conn_events(t.flush())
+    assert sorted((e["remoteIP"], e["direction"], e["state"]) for e in flows) == [
+        ("10.0.0.53", "outbound", "ACTIVE"),
+        ("10.0.0.54", "inbound", "ACTIVE"),
+    ]
+    t.ingest(rec(ev.EV_UDP_CLOSE, cookie=3, tgid=7, sport=0, daddr="0.0.0.0", dport=0))
+    closed = conn_events(t.flush())
+    assert sorted((e["remoteIP"], e["state"]) for e in closed) == [("10.0.0.53", "CLOSE"), ("10.0.0.54", "CLOSE")]
+    assert t.udp == {}
+
+
+def test_v4_mapped_ipv6_socket_is_reported_as_ipv4(tmp_path):
+    t = tracker(tmp_path)
+    mapped = struct.pack(
+        ev.EVENT_FORMAT,
+        1,
+        4,
+        0,
+        7,
+        NETNS,
+        bytes(10) + b"\xff\xff" + socket.inet_aton("10.0.0.1"),
+        bytes(10) + b"\xff\xff" + socket.inet_aton("10.0.0.2"),
+        80,
+        5000,
+        ev.EV_TCP_STATE,
+        6,
+        3,
+        1,
+        ev.EVF_OWNER_STORED,
+        b"srv".ljust(16, b"\0"),
+    )
+    t.ingest(struct.pack("<II", ev.EVENT_SIZE, 0) + mapped)
+    (e,) = conn_events(t.flush())
+    assert (e["family"], e["localIP"], e["remoteIP"]) == ("IPv4", "10.0.0.1", "10.0.0.2")
+
+
+def diag(cookie, state, sport, dport, inode, proto=6, saddr="10.0.0.1", daddr="10.0.0.2"):
+    return DiagSocket(proto, 4, state, v4(saddr), sport, v4(daddr), dport, inode, cookie, 0, NETNS)
+
+
+def test_seed_adds_existing_sockets_with_owner_and_direction(tmp_path):
+    t = tracker(tmp_path)
+    t.begin_seed()
+    out = t.seed(
+        [diag(1, 10, 80, 0, 11, daddr="0.0.0.0"), diag(2, 1, 80, 5000, 12), diag(3, 1, 41000, 443, 13)],
+        {11: 50, 12: 50, 13: 60},
+        include_loopback=False,
+    )
+    by_cookie = {e["sockCookie"]: e for e in out}
+    assert by_cookie[1]["type"] == "port.listening"
+    assert (by_cookie[2]["pid"], by_cookie[2]["direction"], by_cookie[2]["state"]) == (50, "inbound", "ESTABLISHED")
+    assert (by_cookie[3]["pid"], by_cookie[3]["direction"]) == (60, "outbound")
+
+
+def test_seed_skips_sockets_closed_while_scanning_and_loopback(tmp_path):
+    t = tracker(tmp_path)
+    t.begin_seed()
+    t.ingest(rec(cookie=2, old=1, new=7))
+    t.flush()
+    out = t.seed(
+        [diag(2, 1, 80, 5000, 12), diag(4, 1, 80, 5000, 14, saddr="127.0.0.1", daddr="127.0.0.1")],
+        {},
+        include_loopback=False,
+    )
+    assert out == [] and t.tcp == {}
+
+
+def test_record_counts_feed_the_metrics(tmp_path):
+    from netstatd.metrics import record_metrics, render
+
+    t = tracker(tmp_path)
+    t.ingest(rec(old=7, new=2) + rec(old=2, new=1) + rec(ev.EV_UDP_SEND, cookie=5))
+    text = render(record_metrics(t.record_counts))
+    assert 'netstatd_events_total{protocol="TCP",family="IPv4"} 2' in text
+    assert 'netstatd_events_by_state{protocol="TCP",family="IPv4",state="SYN_SENT"} 1' in text
+    assert 'netstatd_events_by_state{protocol="UDP",family="IPv4",state="SEND"} 1' in text
