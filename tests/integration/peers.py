@@ -88,3 +88,22 @@ print('ready', c.getsockname()[1], flush=True)
 c.recvfrom(100)
 sys.stdin.read()
 """
+
+# Listens in the parent; a forked worker accepts and serves (a pre-fork server).
+TCP_PREFORK_SERVER = """
+import os, socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    c, _ = s.accept()
+    c.recv(100)
+    c.sendall(b'pong')
+    c.recv(100)
+    c.close()
+    os._exit(0)
+print('ready', s.getsockname()[1], pid, flush=True)
+os.waitpid(pid, 0)
+"""

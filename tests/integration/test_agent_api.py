@@ -10,9 +10,8 @@ import urllib.request
 
 import pytest
 
-from netstatd.testing.agent import AgentProcess, free_port, netstatd_binary
+from netstatd.testing.agent import AgentProcess
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
 from tests.integration import peers
 from tests.integration.test_kernel_events import PYTHON_EXE, finish, start_peer
 
@@ -97,7 +96,11 @@ def _slow_and_fast_clients(hosts, agent):
             if len(closed) >= n:
                 break
             time.sleep(0.2)
-        assert len(closed) == n, "the fast client missed connections"
+        resets = fast.matching(lambda e: e["type"] == "stream.reset")
+        assert not resets, f"the fast client was reset: {resets}"
+        assert len(closed) == n, (
+            f"the fast client missed connections; lost in kernel: {agent.metric('netstatd_kernel_events_lost_total')}"
+        )
     assert agent.metric("netstatd_client_events_dropped_total") > dropped_before
     # When the slow client finally reads, it is told what it missed, then gets a fresh snapshot.
     slow.settimeout(10)
@@ -167,39 +170,6 @@ def test_pid_exe_api(agent):
 def test_root_page_is_served(agent):
     with urllib.request.urlopen(agent.url + "/", timeout=5) as r:
         assert r.status == 200 and b"netstatd" in r.read()
-
-
-def test_port_in_use_is_one_clear_error():
-    require_root()
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        r = subprocess.run([netstatd_binary(), "--http-port", str(port)], capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and f"port {port} is already in use" in errors[0], r.stderr
-
-
-def test_not_root_is_one_clear_error():
-    require_root()
-    r = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            netstatd_binary(),
-            "--http-port",
-            str(free_port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "must run as root" in errors[0], r.stderr
 
 
 @pytest.mark.parametrize("flag", ["--disable-udp", "--disable-tcp"])

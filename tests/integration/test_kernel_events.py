@@ -186,3 +186,25 @@ def test_loopback_is_excluded_by_default(hosts, stream):
     assert not stream.matching(
         lambda e: e.get("netns") == b.netns_inode and (e.get("localIP") == "127.0.0.1" or e.get("ip") == "127.0.0.1")
     )
+
+
+def test_accepted_connection_belongs_to_the_accepting_process(hosts, stream):
+    a, b = hosts.a, hosts.b
+    server = b.popen(sys.executable, "-c", peers.TCP_PREFORK_SERVER, b.ipv4, stdout=subprocess.PIPE, text=True)
+    _, port, worker = server.stdout.readline().split()
+    port, worker = int(port), int(worker)
+    client, client_port = start_peer(a, peers.TCP_CLIENT, b.ipv4, str(port))
+    finish(client, server)
+    close = stream.wait_for(
+        lambda e: (
+            e["type"] == "connection.event"
+            and e["netns"] == b.netns_inode
+            and e["remotePort"] == client_port
+            and e["state"] == "CLOSE"
+        )
+    )
+    assert worker != server.pid
+    assert close["pid"] == worker  # not the listener's pid
+    assert close["direction"] == "inbound"
+    listening = stream.wait_for(lambda e: e["type"] == "port.listening" and e["port"] == port)
+    assert listening["pid"] == server.pid

@@ -15,7 +15,15 @@ class BpfError(RuntimeError):
 
     def __init__(self, what: str, err: int) -> None:
         self.errno = abs(err)
-        super().__init__(f"{what}: {os.strerror(self.errno)} (errno {self.errno})")
+        super().__init__(f"{what}: {strerror(self.errno)} (errno {self.errno})")
+
+
+def strerror(err: int) -> str:
+    """libbpf's own codes (4000+, e.g. invalid ELF) included."""
+    buf = ctypes.create_string_buffer(256)
+    if lib.libbpf_strerror(err, buf, len(buf)) == 0:
+        return buf.value.decode(errors="replace")
+    return os.strerror(err)
 
 
 def _load() -> ctypes.CDLL:
@@ -44,6 +52,7 @@ def _load() -> ctypes.CDLL:
         "bpf_map_lookup_elem": (i, [i, p, p]),
         "libbpf_num_possible_cpus": (i, []),
         "libbpf_set_print": (p, [p]),
+        "libbpf_strerror": (i, [i, ctypes.c_char_p, sz]),
     }
     for fn, (res, args) in sigs.items():
         f = getattr(lib, fn)

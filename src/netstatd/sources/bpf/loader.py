@@ -14,7 +14,8 @@ from .libbpf import BpfError, check_ptr, check_rc, lib, recent_warnings
 log = logging.getLogger("netstatd.bpf")
 
 HERE = Path(__file__).resolve().parent
-OBJECT_PATH = HERE / "netstatd.bpf.o"
+# NETSTATD_BPF_OBJECT: load another build of the object (development and tests).
+OBJECT_PATH = Path(os.environ.get("NETSTATD_BPF_OBJECT", HERE / "netstatd.bpf.o"))
 PROBE_PATH = HERE / "probe_fentry.bpf.o"
 
 ACCEPT_TRACEPOINTS = ("on_accept4_exit", "on_accept_exit")
@@ -66,15 +67,27 @@ def ensure_tracefs() -> None:
     log.info("mounted tracefs at /sys/kernel/tracing")
 
 
-def check_environment() -> None:
+def check_environment(object_path: Path) -> None:
     if os.geteuid() != 0:
         raise LoadError("netstatd must run as root (it loads eBPF programs): run it with sudo")
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         raise LoadError(
             "kernel BTF is missing (/sys/kernel/btf/vmlinux): use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
         )
-    if not OBJECT_PATH.exists():
-        raise LoadError(f"{OBJECT_PATH} is missing: build it with 'make setup'")
+    if not object_path.exists():
+        raise LoadError(f"{object_path} is missing: build it with 'make setup'")
+
+
+def verifier_reason(warnings: list[str]) -> str:
+    """'; prog NAME: <the verifier's last words>' from libbpf's warnings, or ''."""
+    for text in reversed(warnings):
+        if "BEGIN PROG LOAD LOG" not in text:
+            continue
+        prog = text.split("prog '", 1)[1].split("'", 1)[0] if "prog '" in text else "?"
+        lines = [ln for ln in text.split("-- BEGIN PROG LOAD LOG --", 1)[1].splitlines() if ln.strip()]
+        reasons = [ln for ln in lines if not ln.startswith(("processed ", "-- END")) and not ln[:1].isdigit()]
+        return f"; prog {prog}: {reasons[-1].strip()}" if reasons else f"; prog {prog} was rejected"
+    return ""
 
 
 def probe_fentry() -> bool:
@@ -105,7 +118,7 @@ class KernelProbes:
 
     # -- lifecycle --------------------------------------------------------
     def open(self) -> None:
-        check_environment()
+        check_environment(self.object_path)
         ensure_tracefs()
         cgroup_root = find_cgroup2_root()
         fexit = probe_fentry()
@@ -207,9 +220,8 @@ class KernelProbes:
         return bool(prog and lib.bpf_program__autoload(prog))
 
     def _load_error(self, e: BpfError) -> LoadError:
-        detail = next((w for w in reversed(recent_warnings) if "failed to load" in w or "prog '" in w), "")
         self.close()
-        return LoadError(f"loading the BPF programs failed: {e}. {detail}".strip())
+        return LoadError(f"loading the BPF programs failed: {e}{verifier_reason(recent_warnings)}")
 
     # -- reading ----------------------------------------------------------
     def counters(self) -> list[int]:

@@ -1,0 +1,609 @@
+#!/usr/bin/env python3
+"""Node agent under TCP connection churn (issue "node agent core").
+
+Clients in one test namespace connect to servers in another, over veth, as
+fast as they can (or at --rate), first without the agent, then with it and
+one WebSocket client. Reports kernel events emitted/received/lost, how many
+of the generator's connections reached the WebSocket client with owner and
+close, the agent's CPU, the generator's rate with and without the agent, and
+kernel-to-client latency.
+
+    sudo .venv/bin/python bench/churn.py [--seconds 30] [--rate max|N] [--ipv6] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import contextlib
+import datetime
+import gc
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from netstatd.testing.agent import AgentProcess
+from netstatd.testing.hosts import Host, HostPair
+from netstatd.testing.stream import Event, StreamClient
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+PORT = 7100
+FLUSH_WAIT_S = 1.0  # after the generator stops: the agent's 50 ms coalescing plus slack
+MAX_BATCH = 64  # connections between clock reads at max rate
+WS_MODE = "separate process (multiprocessing spawn, GC off); received events analysed after the run"
+
+# Targets of the issue (docs/benchmarks.md)
+TARGET_CORES_AT_10K = 0.25
+TARGET_RATE_RATIO = 0.90
+
+
+# -- generator workers: run inside the test namespaces as `churn.py _worker ...` --
+
+
+def _say(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def run_server(addr: str, port: int) -> dict[str, Any]:
+    lsock = socket.socket(_family(addr), socket.SOCK_STREAM)
+    # Every server process has its own accept queue on the same port.
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    lsock.bind((addr, port))
+    lsock.listen(4096)
+    # The stop request is only acted on once the queue has been empty this
+    # long, so every connection the clients completed is accepted first.
+    lsock.settimeout(0.2)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    _say({"pid": os.getpid()})
+    accepted = 0
+    while True:
+        try:
+            conn, _ = lsock.accept()
+        except TimeoutError:
+            if stop.is_set():
+                break
+            continue
+        conn.close()
+        accepted += 1
+    lsock.close()
+    return {"accepted": accepted}
+
+
+def run_client(addr: str, port: int, rate: float, offset: float, seconds: float) -> dict[str, Any]:
+    """Connect and close until `seconds` pass: as fast as possible (rate 0) or evenly spaced at `rate`/s."""
+    family, target = _family(addr), (addr, port)
+    errors: Counter[str] = Counter()
+    new_socket, monotonic = socket.socket, time.monotonic
+
+    def once() -> int:
+        s = new_socket(family, socket.SOCK_STREAM)
+        try:
+            s.connect(target)
+        except OSError as e:
+            errors[os.strerror(e.errno) if e.errno else type(e).__name__] += 1
+            return 0
+        finally:
+            s.close()
+        return 1
+
+    _say({"pid": os.getpid()})
+    if sys.stdin.readline().strip() != "go":
+        return {"connections": 0, "failed": 0, "errors": {}, "elapsed": 0.0}
+    done = 0
+    start = monotonic()
+    end = start + seconds
+    if rate > 0:
+        # By schedule, not by sleeping a fixed gap: the average rate stays exact
+        # however long each sleep overshoots.
+        interval, due = 1.0 / rate, start + offset
+        while due < end:
+            delay = due - monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            done += once()
+            due += interval
+    else:
+        while monotonic() < end:
+            for _ in range(MAX_BATCH):
+                done += once()
+    return {"connections": done, "failed": sum(errors.values()), "errors": dict(errors), "elapsed": monotonic() - start}
+
+
+def worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="churn.py _worker")
+    p.add_argument("role", choices=("client", "server"))
+    p.add_argument("--addr", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--rate", type=float, default=0.0, help="connections/s of this client, 0 = max")
+    p.add_argument("--offset", type=float, default=0.0)
+    p.add_argument("--seconds", type=float, default=30.0)
+    a = p.parse_args(argv)
+    # Ctrl-C reaches the whole process group: the bench itself ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if a.role == "server":
+        _say(run_server(a.addr, a.port))
+    else:
+        _say(run_client(a.addr, a.port, a.rate, a.offset, a.seconds))
+    return 0
+
+
+# -- generator orchestration ---------------------------------------------------
+
+
+class Generator:
+    """`clients` client and `servers` server processes; client i runs in pair.a, servers in pair.b."""
+
+    def __init__(self, pair: HostPair, ipv6: bool, rate: float, seconds: float, clients: int, servers: int) -> None:
+        self.client_host, self.server_host = pair.a, pair.b
+        self.addr = pair.b.ipv6 if ipv6 else pair.b.ipv4
+        self.rate, self.seconds = rate, seconds
+        self.n_clients, self.n_servers = clients, servers
+        self.clients: list[subprocess.Popen] = []
+        self.servers: list[subprocess.Popen] = []
+        self.client_pids: list[int] = []
+        self.server_pids: list[int] = []
+
+    def _spawn(self, host: Host, *args: str) -> tuple[subprocess.Popen, int]:
+        proc = host.popen(
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "_worker",
+            *args,
+            "--addr",
+            self.addr,
+            "--port",
+            str(PORT),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return proc, self._read(proc)["pid"]
+
+    @staticmethod
+    def _read(proc: subprocess.Popen) -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"generator worker {proc.pid} exited with {proc.wait()}")
+        return json.loads(line)
+
+    def start(self) -> None:
+        """Servers listening, clients ready and waiting for go."""
+        for _ in range(self.n_servers):
+            proc, pid = self._spawn(self.server_host, "server")
+            self.servers.append(proc)
+            self.server_pids.append(pid)
+        per_client = self.rate / self.n_clients
+        for i in range(self.n_clients):
+            # Clients staggered by a fraction of their interval: together, evenly spaced.
+            offset = i / self.rate if self.rate else 0.0
+            proc, pid = self._spawn(
+                self.client_host,
+                "client",
+                f"--rate={per_client}",
+                f"--offset={offset}",
+                f"--seconds={self.seconds}",
+            )
+            self.clients.append(proc)
+            self.client_pids.append(pid)
+
+    def go(self) -> float:
+        for proc in self.clients:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return time.monotonic()
+
+    def wait_clients(self) -> dict[str, Any]:
+        results = [self._read(p) for p in self.clients]
+        for p in self.clients:
+            p.wait(10)
+        errors: Counter[str] = Counter()
+        for r in results:
+            errors.update(r["errors"])
+        connections = sum(r["connections"] for r in results)
+        elapsed = max(r["elapsed"] for r in results)
+        return {
+            "connections": connections,
+            "failed": sum(r["failed"] for r in results),
+            "errors": dict(errors),
+            "elapsed": elapsed,
+            "conn_per_s": connections / elapsed if elapsed else 0.0,
+        }
+
+    def stop_servers(self) -> int:
+        """Total connections the servers accepted (after draining their queues)."""
+        for p in self.servers:
+            assert p.stdin is not None
+            p.stdin.write("stop\n")
+            p.stdin.flush()
+        accepted = sum(self._read(p)["accepted"] for p in self.servers)
+        for p in self.servers:
+            p.wait(10)
+        return accepted
+
+    def close(self) -> None:
+        for p in self.clients + self.servers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for f in (p.stdin, p.stdout):
+                if f:
+                    with contextlib.suppress(OSError):
+                        f.close()
+
+
+# -- the WebSocket client, in its own process ------------------------------------
+
+OPEN, CLOSE, WRONG_PID = 1, 2, 4
+OPENING_STATES = ("SYN_SENT", "ESTABLISHED")
+
+
+def analyse(
+    events: list[Event],
+    arrivals: list[float],
+    client_ns: int,
+    server_ns: int,
+    client_pids: list[int],
+    server_pids: list[int],
+    examples: int = 5,
+) -> dict[str, Any]:
+    """Delivered connections per side, and kernel-to-arrival latency of live connection events."""
+    sides: dict[int, tuple[str, str, set[int], dict[int, int]]] = {
+        client_ns: ("client", "outbound", set(client_pids), {}),
+        server_ns: ("server", "inbound", set(server_pids), {}),
+    }
+    misdirected: Counter[str] = Counter()
+    latencies: list[float] = []
+    epoch_of: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:SS" -> Unix seconds
+    live = False  # snapshot events (at connect, after a reset) carry old timestamps
+    resets = missed = 0
+    for e, arrived in zip(events, arrivals, strict=True):
+        kind = e["type"]
+        if kind != "connection.event":
+            if kind == "snapshot.complete":
+                live = True
+            elif kind == "stream.reset":
+                live = False
+                resets += 1
+                missed += e.get("missedEvents", 0)
+            continue
+        if live:
+            ts = e["timestamp"]
+            sec = epoch_of.get(ts[:19])
+            if sec is None:
+                sec = epoch_of[ts[:19]] = calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S"))
+            latencies.append(arrived - sec - float(ts[19:-1] or 0))
+        side = sides.get(e["netns"])
+        if side is None or e["protocol"] != "TCP":
+            continue
+        name, direction, pids, seen = side
+        if e["direction"] != direction:
+            misdirected[name] += 1
+            continue
+        flags = seen.get(e["sockCookie"], 0)
+        states = e["states"]
+        if e["state"] == "CLOSE" or "CLOSE" in states:
+            flags |= CLOSE
+        if e["state"] in OPENING_STATES or any(s in OPENING_STATES for s in states):
+            flags |= OPEN
+        if e["pid"] not in pids:
+            flags |= WRONG_PID
+        seen[e["sockCookie"]] = flags
+
+    out: dict[str, Any] = {
+        "ws_events": len(events),
+        "ws_stream_resets": resets,
+        "ws_missed_events": missed,
+    }
+    wanted: dict[int, str] = {}  # cookie -> side, for examples of undelivered connections
+    for name, _, _, seen in sides.values():
+        no_open = [c for c, f in seen.items() if not f & OPEN]
+        no_close = [c for c, f in seen.items() if not f & CLOSE]
+        wrong_pid = [c for c, f in seen.items() if f & WRONG_PID]
+        out[name] = {
+            "cookies_seen": len(seen),
+            "delivered": sum(1 for f in seen.values() if f == OPEN | CLOSE),
+            "without_open": len(no_open),
+            "without_close": len(no_close),
+            "wrong_pid": len(wrong_pid),
+            "misdirected_events": misdirected[name],
+        }
+        for c in no_open[:examples] + no_close[:examples] + wrong_pid[:examples]:
+            wanted[c] = name
+    found: dict[int, list[dict[str, Any]]] = {}
+    if wanted:
+        keep = ("timestamp", "state", "states", "pid", "comm", "localPort", "remotePort", "direction")
+        for e in events:
+            c = e.get("sockCookie")
+            if c in wanted and e["type"] == "connection.event":
+                found.setdefault(c, []).append({k: e[k] for k in keep})
+    for c, name in wanted.items():
+        out[name].setdefault("examples", []).append({"sockCookie": c, "events": found.get(c, [])})
+
+    latencies.sort()
+    out["latency_events"] = len(latencies)
+    if latencies:
+        out["latency_ms_p50"] = round(1000 * latencies[len(latencies) // 2], 2)
+        out["latency_ms_p99"] = round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)
+        out["latency_ms_max"] = round(1000 * latencies[-1], 2)
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stream_main(ws_url: str, conn: Connection) -> None:
+    """Child process: records the stream; on request waits until it goes quiet, then analyses it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench ends this process
+    # Millions of acyclic event dicts: collections would only cost CPU during the run.
+    gc.disable()
+    client = StreamClient(ws_url).start()
+    client.wait_snapshot()
+    conn.send({"pid": os.getpid()})
+    params = conn.recv()
+    asked = time.time()
+    cpu_run = _cpu_seconds(os.getpid())
+    # Whatever the agent has queued for us still arrives: wait for 1 s of silence.
+    last, quiet_since, give_up = -1, time.monotonic(), time.monotonic() + 120
+    while time.monotonic() - quiet_since < 1.0 and time.monotonic() < give_up:
+        if len(client.events) != last:
+            last, quiet_since = len(client.events), time.monotonic()
+        time.sleep(0.1)
+    client.stop()
+    result = analyse(client.events, client.arrivals, **params)
+    result["ws_frames"] = client.frames
+    result["ws_tail_s"] = round(max(0.0, (client.arrivals[-1] if client.arrivals else asked) - asked), 3)
+    result["ws_client_cpu_s"] = round(cpu_run, 2)
+    conn.send(result)
+    conn.close()
+    # Skip tearing down millions of objects (seconds of CPU for nothing).
+    os._exit(0)
+
+
+class StreamProcess:
+    def __init__(self, ws_url: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=stream_main, args=(ws_url, child), daemon=True, name="churn-ws")
+
+    def start(self, timeout: float = 30) -> None:
+        self.proc.start()
+        if not self._conn.poll(timeout):
+            raise RuntimeError("the WebSocket client did not get its snapshot")
+        self._conn.recv()
+
+    def finish(self, timeout: float = 300, **params: Any) -> dict[str, Any]:
+        self._conn.send(params)
+        if not self._conn.poll(timeout):
+            raise RuntimeError("the WebSocket client did not report")
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self._conn.close()
+
+
+# -- phases ----------------------------------------------------------------------
+
+AGENT_COUNTERS = {
+    "emitted": "netstatd_kernel_events_emitted_total",
+    "received": "netstatd_events_total",
+    "lost": "netstatd_kernel_events_lost_total",
+    "client_dropped": "netstatd_client_events_dropped_total",
+    "drain_stalls": "netstatd_ring_drain_stalls_total",
+}
+
+
+def counters(agent: AgentProcess) -> dict[str, float]:
+    out = {k: agent.metric(name) for k, name in AGENT_COUNTERS.items()}
+    out["cpu"] = agent.cpu_seconds()
+    return out
+
+
+def tune(pair: HostPair) -> None:
+    # No TIME_WAIT in the test namespaces: at ~30k conn/s it exhausts the
+    # ephemeral ports and connect() slows down searching them. TIME_WAIT
+    # sockets are not full sockets, so the agent sees the same state events.
+    for h in (pair.a, pair.b):
+        h.run("sysctl", "-q", "-w", "net.ipv4.tcp_max_tw_buckets=0")
+
+
+def run_phase(args: argparse.Namespace, with_agent: bool) -> dict[str, Any]:
+    label = "with agent" if with_agent else "without agent"
+    with contextlib.ExitStack() as stack:
+        pair = HostPair()
+        stack.callback(pair.close)
+        pair.open()
+        tune(pair)
+        agent = stream = None
+        if with_agent:
+            agent = AgentProcess(log_path=OUT / "agent.log")
+            stack.callback(agent.stop)
+            agent.start()
+            stream = StreamProcess(agent.ws_url)
+            stack.callback(stream.close)
+            stream.start()
+        gen = Generator(pair, args.ipv6, args.rate, args.seconds, args.clients, args.servers)
+        stack.callback(gen.close)
+        gen.start()
+        print(f"  {label}: {args.seconds:g} s of churn...", flush=True)
+        before = counters(agent) if agent else {}
+        gen.go()
+        clients = gen.wait_clients()
+        cpu_at_stop = agent.cpu_seconds() if agent else 0.0
+        accepted = gen.stop_servers()
+        out: dict[str, Any] = {"generator": clients, "accepted": accepted}
+        if agent and stream:
+            time.sleep(FLUSH_WAIT_S)
+            after = counters(agent)
+            out["agent"] = {k: after[k] - before[k] for k in after}
+            out["agent"]["cpu_during_churn"] = cpu_at_stop - before["cpu"]
+            out["ws"] = stream.finish(
+                client_ns=pair.a.netns_inode,
+                server_ns=pair.b.netns_inode,
+                client_pids=gen.client_pids,
+                server_pids=gen.server_pids,
+            )
+            out["agent_log_warnings"] = [ln for ln in agent.log_text().splitlines() if " WARNING " in ln][:10]
+        return out
+
+
+# -- report ------------------------------------------------------------------------
+
+
+def git(*argv: str) -> str:
+    r = subprocess.run(["git", "-C", str(HERE.parent), *argv], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def build_report(args: argparse.Namespace, without: dict[str, Any], with_: dict[str, Any]) -> dict[str, Any]:
+    gen, agent, ws = with_["generator"], with_["agent"], with_["ws"]
+    rate_without, rate_with = without["generator"]["conn_per_s"], gen["conn_per_s"]
+    emitted = agent["emitted"]
+    cores = agent["cpu_during_churn"] / gen["elapsed"]
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git("rev-parse", "HEAD"),
+        "worktree_changes": git("status", "--porcelain", "--untracked-files=no").splitlines(),
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "seconds": args.seconds,
+        "rate": args.rate or "max",
+        "ipv6": args.ipv6,
+        "clients": args.clients,
+        "servers": args.servers,
+        "ws_client": WS_MODE,
+        "conn_per_s_without": round(rate_without, 1),
+        "conn_per_s_with": round(rate_with, 1),
+        "rate_ratio": round(rate_with / rate_without, 3) if rate_without else None,
+        "kernel_events_expected": int(emitted),
+        "kernel_events_received": int(agent["received"]),
+        "kernel_events_lost": int(agent["lost"]),
+        "connections_opened": gen["connections"],
+        "connections_delivered": ws["client"]["delivered"],
+        "server_connections_accepted": with_["accepted"],
+        "server_connections_delivered": ws["server"]["delivered"],
+        "connections_failed": gen["failed"] + without["generator"]["failed"],
+        "connect_errors": gen["errors"] | without["generator"]["errors"],
+        "connections_opened_without_agent": without["generator"]["connections"],
+        "agent_cpu_s": round(agent["cpu"], 2),
+        "agent_cpu_cores": round(cores, 3),
+        "agent_cpu_s_per_100k_events": round(agent["cpu"] / emitted * 1e5, 3) if emitted else None,
+        "kernel_events_per_connection": round(emitted / gen["connections"], 2) if gen["connections"] else None,
+        "client_events_dropped": int(agent["client_dropped"]),
+        "ring_drain_stalls": int(agent["drain_stalls"]),
+        "latency_ms_p50": ws.get("latency_ms_p50"),
+        "latency_ms_p99": ws.get("latency_ms_p99"),
+        "latency_ms_max": ws.get("latency_ms_max"),
+        "ws": ws,
+        "agent_log_warnings": with_["agent_log_warnings"],
+    }
+    report["targets"] = {
+        "no_kernel_events_lost": report["kernel_events_lost"] == 0,
+        "every_connection_delivered": report["connections_delivered"] == report["connections_opened"]
+        and report["server_connections_delivered"] == report["server_connections_accepted"],
+        f"cpu_cores_le_{TARGET_CORES_AT_10K}": cores <= TARGET_CORES_AT_10K,
+        f"rate_ratio_ge_{TARGET_RATE_RATIO}": bool(report["rate_ratio"] and report["rate_ratio"] >= TARGET_RATE_RATIO),
+    }
+    return report
+
+
+def summary(r: dict[str, Any]) -> str:
+    ws = r["ws"]
+
+    def side(name: str, opened: int) -> str:
+        s = ws[name]
+        return (
+            f"{s['delivered']:,} of {opened:,} delivered ({s['cookies_seen']:,} sockets seen: "
+            f"{s['without_open']:,} without open, {s['without_close']:,} without close, {s['wrong_pid']:,} wrong pid)"
+        )
+
+    met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items())
+    return "\n".join(
+        [
+            f"netstatd churn: {r['seconds']:g} s, rate {r['rate']}, {'IPv6' if r['ipv6'] else 'IPv4'}, "
+            f"{r['clients']} clients + {r['servers']} servers, commit {r['commit'][:12]}, kernel {r['kernel']}",
+            f"  generator             {r['conn_per_s_without']:,.0f} conn/s without agent, "
+            f"{r['conn_per_s_with']:,.0f} with (ratio {r['rate_ratio']}), failed connects {r['connections_failed']}",
+            f"  kernel events         {r['kernel_events_expected']:,} emitted, {r['kernel_events_received']:,} received, "
+            f"{r['kernel_events_lost']:,} lost ({r['kernel_events_per_connection']} per connection)",
+            f"  client side           {side('client', r['connections_opened'])}",
+            f"  server side           {side('server', r['server_connections_accepted'])}",
+            f"  WebSocket client      {ws['ws_events']:,} events in {ws['ws_frames']:,} frames, "
+            f"{ws['ws_stream_resets']} resets ({ws['ws_missed_events']:,} missed), "
+            f"agent dropped {r['client_events_dropped']:,}; tail {ws['ws_tail_s']} s; {r['ws_client']}",
+            f"  agent CPU             {r['agent_cpu_cores']} cores during churn, "
+            f"{r['agent_cpu_s_per_100k_events']} s per 100k kernel events ({r['agent_cpu_s']} s in all)",
+            f"  latency kernel->ws    p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, "
+            f"max {r['latency_ms_max']} ms",
+            f"  targets               {met}",
+        ]
+    )
+
+
+def parse_rate(text: str) -> float:
+    if text == "max":
+        return 0.0
+    rate = float(text)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("rate must be 'max' or a positive number of connections/s")
+    return rate
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["_worker"]:
+        return worker_main(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=30.0, help="churn duration of each phase (default 30)")
+    p.add_argument("--rate", type=parse_rate, default=0.0, help="'max' (default) or total connections/s")
+    p.add_argument("--json", type=Path, default=OUT / "churn.json", help="report path (default bench/out/churn.json)")
+    p.add_argument("--ipv6", action="store_true", help="use the namespaces' IPv6 addresses")
+    p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    p.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        p.error("run as root (network namespaces, eBPF)")
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so every cleanup below runs
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        print(f"WebSocket client: {WS_MODE}", flush=True)
+        without = run_phase(args, with_agent=False)
+        with_ = run_phase(args, with_agent=True)
+    except KeyboardInterrupt:
+        print("interrupted; namespaces and processes removed", file=sys.stderr)
+        return 130
+    report = build_report(args, without, with_)
+    print(summary(report))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"  report                {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
