@@ -106,6 +106,7 @@ class Tracker:
         self._opens: list[tuple] = []
         self._closes: list[tuple] = []
         self._next_idle_check = 0.0
+        self._owner_memo: dict[tuple[int, bytes], tuple[str, str]] = {}  # (pid, raw comm) -> (comm, exe), per flush
         # Sockets closed while a seed scan runs: the scan may still list them.
         self._closed_while_seeding: set[int] | None = None
         # metrics, read at scrape time
@@ -121,6 +122,7 @@ class Tracker:
         pending = self._pending
         counts = self.record_counts
         processes = self.processes
+        names = ev.TCP_STATE_NAMES
         n = 0
         last_pid = 0
         for rec in ev.RECORD.iter_unpack(chunk):
@@ -158,16 +160,17 @@ class Tracker:
                 continue
             p = pending.get(key)
             if p is None:
-                pending[key] = [rec, rec, [rec[ev.NEWSTATE]], None]
+                pending[key] = [rec, rec, [names[rec[ev.NEWSTATE]]], None]
             else:
                 p[1] = rec
-                p[2].append(rec[ev.NEWSTATE])
+                p[2].append(names[rec[ev.NEWSTATE]])
         return n
 
     # -- flush --------------------------------------------------------------
     def flush(self) -> list[Event]:
         """Turn everything pending into events (called every flush period)."""
         self.clock.refresh()
+        self._owner_memo.clear()
         out: list[Event] = []
         pending, self._pending = self._pending, {}
         opens, self._opens = self._opens, []
@@ -202,19 +205,23 @@ class Tracker:
 
     def _set_owner(self, conn: Conn, rec: tuple) -> None:
         pid = rec[ev.TGID]
-        comm = ev.comm_str(rec[ev.COMM])
-        info = self.processes.lookup(pid, comm)
-        conn.pid, conn.comm, conn.exe = pid, comm, info.exe
+        key = (pid, rec[ev.COMM])
+        owner = self._owner_memo.get(key)
+        if owner is None:
+            comm = ev.comm_str(rec[ev.COMM])
+            owner = self._owner_memo[key] = (comm, self.processes.lookup(pid, comm).exe)
+        conn.pid = pid
+        conn.comm, conn.exe = owner
         conn.cgroup_id = rec[ev.CGROUP]
 
-    def _apply_tcp(self, cookie: int, first: tuple, last: tuple, states: list[int], accept, out: list[Event]) -> None:
+    def _apply_tcp(self, cookie: int, first: tuple, last: tuple, states: list[str], accept, out: list[Event]) -> None:
         conn = self.tcp.get(cookie)
         if conn is None:
             conn = Conn()
             conn.protocol = "TCP"
-            if states and states[0] == ev.TCP_SYN_SENT:
+            if states and states[0] == "SYN_SENT":
                 conn.direction = OUTBOUND
-            elif accept is not None or first[ev.OLDSTATE] == ev.TCP_LISTEN or ev.TCP_SYN_RECV in states:
+            elif accept is not None or first[ev.OLDSTATE] == ev.TCP_LISTEN or "SYN_RECV" in states:
                 conn.direction = INBOUND
             self.opened["TCP"] += 1
         elif accept is not None:
@@ -230,10 +237,8 @@ class Tracker:
         if conn.direction is None:
             conn.direction = INBOUND if self._listener_for(conn) else OUTBOUND
         if states:
-            conn.state = ev.TCP_STATES.get(states[-1], str(states[-1]))
-            names = [ev.TCP_STATES.get(s, str(s)) for s in states]
-        else:
-            names = []
+            conn.state = states[-1]
+        else:  # only accept() was seen
             conn.state = conn.state or "ESTABLISHED"
         conn.ts = last[ev.TS]
         if conn.state == "CLOSE":
@@ -245,7 +250,7 @@ class Tracker:
             self.tcp[cookie] = conn
             if len(self.tcp) > self.max_connections:
                 self._evict(self.tcp)
-        out.append(self.connection_event(conn, names))
+        out.append(self.connection_event(conn, states))
 
     def _apply_udp(self, key: tuple[int, bytes, int], first: tuple, last: tuple, out: list[Event]) -> None:
         conn = self.udp.get(key)

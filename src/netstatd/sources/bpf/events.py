@@ -76,6 +76,8 @@ TCP_STATES = {
     11: "CLOSING",
     12: "NEW_SYN_RECV",
 }
+# state number -> name, as a list: indexing it is the cheapest lookup per record
+TCP_STATE_NAMES = [TCP_STATES.get(i, str(i)) for i in range(256)]
 TCP_CLOSE = 7
 TCP_LISTEN = 10
 TCP_SYN_SENT = 2
