@@ -58,13 +58,13 @@ def test_connection_opened_before_the_agent_is_in_the_initial_state(hosts, tmp_p
 
 
 def test_slow_client_does_not_stall_a_fast_one_and_is_told_it_missed_events(hosts, tmp_path):
-    with AgentProcess("--client-queue-events", "5000", log_path=tmp_path / "agent.log") as agent:
+    with AgentProcess("--client-queue-events", "20000", log_path=tmp_path / "agent.log") as agent:
         _slow_and_fast_clients(hosts, agent)
 
 
 def _slow_and_fast_clients(hosts, agent):
     a, b = hosts.a, hosts.b
-    # A client that never reads: its socket buffers fill, then its queue of 5000 events.
+    # A client that never reads: its socket buffers fill, then its queue of 20000 events.
     slow = socket.create_connection(("127.0.0.1", agent.port))
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.sendall(
@@ -72,7 +72,7 @@ def _slow_and_fast_clients(hosts, agent):
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     dropped_before = agent.metric("netstatd_client_events_dropped_total")
-    n = 10000
+    n = 15000
     with StreamClient(agent.ws_url) as fast:
         fast.wait_snapshot()
         server = b.popen(sys.executable, "-c", CHURN_SERVER, b.ipv4, stdout=subprocess.PIPE, text=True)
@@ -133,6 +133,14 @@ for _ in range(int(sys.argv[3])):
 
 
 def test_metrics_pass_promtool_and_count_events(agent, hosts):
+    a, b = hosts.a, hosts.b
+    before = agent.metric("netstatd_events_total")
+    server, port = start_peer(b, peers.TCP_SERVER, b.ipv4)
+    client, _ = start_peer(a, peers.TCP_CLIENT, b.ipv4, str(port))
+    finish(client, server)
+    deadline = time.monotonic() + 5
+    while agent.metric("netstatd_events_total") < before + 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
     body = agent.metrics()
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -144,6 +152,8 @@ def test_metrics_pass_promtool_and_count_events(agent, hosts):
         "netstatd_clients_connected ",
     ):
         assert name in body, name
+    assert 'netstatd_events_by_state{protocol="TCP",family="IPv4",state="SYN_SENT"}' in body
+    assert agent.metric("netstatd_events_total") >= before + 10  # 5 transitions a side, plus listen and accept
     assert agent.metric("netstatd_kernel_events_lost_total") == 0
 
 
