@@ -489,6 +489,7 @@ AGENT_COUNTERS = {
     "lost": "netstatd_kernel_events_lost_total",
     "client_dropped": "netstatd_client_events_dropped_total",
     "drain_stalls": "netstatd_ring_drain_stalls_total",
+    "ring_high_water": "netstatd_ring_buffer_high_water_bytes",
 }
 
 
@@ -674,6 +675,7 @@ def build_report(args: argparse.Namespace, without: dict[str, Any], with_: dict[
         "kernel_events_per_connection": round(emitted / gen["connections"], 2) if gen["connections"] else None,
         "client_events_dropped": int(agent["client_dropped"]),
         "ring_drain_stalls": int(agent["drain_stalls"]),
+        "ring_high_water_bytes": int(agent["ring_high_water"]),
         "latency_ms_p50": ws.get("latency_ms_p50"),
         "latency_ms_p99": ws.get("latency_ms_p99"),
         "latency_ms_max": ws.get("latency_ms_max"),

@@ -177,6 +177,13 @@ class Agent:
                 "Ring records of an unexpected size.",
                 self._reader.malformed if self._reader else 0,
             ),
+            single("netstatd_ring_buffer_bytes", "gauge", "Size of the kernel ring buffer.", self.kernel.ring_size),
+            single(
+                "netstatd_ring_buffer_high_water_bytes",
+                "gauge",
+                "Most bytes ever waiting in the ring buffer when it was drained.",
+                self._reader.high_water if self._reader else 0,
+            ),
             single(
                 "netstatd_ring_drain_stalls_total",
                 "counter",

@@ -18,7 +18,6 @@ from .events import EVENT_SIZE, RECORD_SIZE
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
@@ -32,17 +31,27 @@ class RingReader:
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod_map = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._prod_map)[page:]
+        # Positions are read and written through native u64 views: one aligned
+        # 8-byte load/store each. struct's '<Q' goes byte by byte, and the
+        # kernel reading a half-written consumer position sees a full ring.
+        self._cons_pos = memoryview(self._cons_map).cast("Q")
+        self._prod_pos = memoryview(self._prod_map)[:8].cast("Q")
         self._mask = size - 1
-        self._cons = _U64.unpack_from(self._cons_map, 0)[0]
+        self._cons = self._cons_pos[0]
+        self.size = size
         self.malformed = 0  # records skipped: wrong size or discarded
+        self.high_water = 0  # most bytes ever found waiting: how close the ring came to full
 
     def pending_bytes(self) -> int:
-        return _U64.unpack_from(self._prod_map, 0)[0] - self._cons
+        return self._prod_pos[0] - self._cons
 
     def read(self, max_bytes: int = 8 << 20) -> bytes:
         """Return every committed record (header included) and release them."""
-        prod = _U64.unpack_from(self._prod_map, 0)[0]
-        avail = min(prod - self._cons, max_bytes - max_bytes % RECORD_SIZE)
+        prod = self._prod_pos[0]
+        waiting = prod - self._cons
+        if waiting > self.high_water:
+            self.high_water = waiting
+        avail = min(waiting, max_bytes - max_bytes % RECORD_SIZE)
         if avail <= 0:
             return b""
         start = self._cons & self._mask
@@ -79,9 +88,11 @@ class RingReader:
 
     def _release(self, nbytes: int) -> None:
         self._cons += nbytes
-        _U64.pack_into(self._cons_map, 0, self._cons)
+        self._cons_pos[0] = self._cons
 
     def close(self) -> None:
+        self._cons_pos.release()
+        self._prod_pos.release()
         self._data.release()
         self._prod_map.close()
         self._cons_map.close()
