@@ -29,6 +29,7 @@ from .state.tracker import Tracker
 log = logging.getLogger("netstatd")
 
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
+RECONCILE_EVERY_S = 300.0  # a sock_diag check of the state even when the kernel reports no gap
 
 
 class StartupError(RuntimeError):
@@ -57,6 +58,7 @@ class Agent:
         self._drainer: RingDrainer | None = None
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task | None = None
+        self._reconciler: asyncio.Task | None = None
         self.seeded = asyncio.Event()
 
     # -- lifecycle: every start has its stop --------------------------------
@@ -73,6 +75,7 @@ class Agent:
         self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
         # Probes are live before the scan, so nothing falls between the two.
         await self._seed()
+        self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         log.info(
             "netstatd %s serving node %s on http://0.0.0.0:%d (WebSocket /netstat)",
             __version__,
@@ -81,10 +84,11 @@ class Agent:
         )
 
     async def stop(self) -> None:
-        if self._flusher:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._reconciler, self._flusher):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._drainer:
             self._drainer.stop()
         if self._reader:
@@ -126,6 +130,40 @@ class Agent:
             time.monotonic() - t0,
         )
 
+    def _kernel_gaps(self) -> int:
+        """Events the kernel could not deliver: ring full, or skipped on re-entry."""
+        _, lost, _, nested = self.kernel.counters()
+        return lost + self.kernel.skipped_state_events(nested)
+
+    async def _reconcile_loop(self) -> None:
+        """After a kernel gap (and every RECONCILE_EVERY_S), compare the state with sock_diag.
+
+        A gap can hide a close; without this the connection would stay
+        "open" forever. Counted in netstatd_state_reconciled_total.
+        """
+        loop = asyncio.get_running_loop()
+        seen_gaps, last = self._kernel_gaps(), time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            gaps = self._kernel_gaps()
+            if gaps == seen_gaps and time.monotonic() - last < RECONCILE_EVERY_S:
+                continue
+            if gaps != seen_gaps:
+                log.warning(
+                    "the kernel skipped or lost %d events; checking the state against sock_diag", gaps - seen_gaps
+                )
+            seen_gaps, last = gaps, time.monotonic()
+            await asyncio.sleep(0.5)  # let records already in the ring arrive first
+            before = time.monotonic_ns()
+            try:
+                netns = await loop.run_in_executor(None, procfs.list_netns)
+                sockets = await loop.run_in_executor(None, sockdiag.dump_all_netns, netns)
+            except OSError as e:
+                log.warning("reconcile: cannot dump sockets: %s", e)
+                continue
+            self.hub.publish(self.tracker.flush())
+            self.hub.publish(self.tracker.reconcile(sockets, before))
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
@@ -155,7 +193,8 @@ class Agent:
 
     def metrics(self) -> list[Metric]:
         t, h = self.tracker, self.hub
-        emitted, lost, deduped = self.kernel.counters() if self.kernel.ring_fd >= 0 else (0, 0, 0)
+        emitted, lost, deduped, nested = self.kernel.counters() if self.kernel.ring_fd >= 0 else (0, 0, 0, 0)
+        misses = self.kernel.program_misses()
         out = record_metrics(t.record_counts)
         out += [
             single("netstatd_kernel_events_emitted_total", "counter", "Events the kernel programs wrote.", emitted),
@@ -164,6 +203,25 @@ class Agent:
                 "counter",
                 "Events lost in the kernel: the ring buffer was full.",
                 lost,
+            ),
+            single(
+                "netstatd_kernel_events_skipped_total",
+                "counter",
+                "TCP transitions the kernel did not run our program for (re-entry on one CPU) and that no "
+                "second program picked up.",
+                self.kernel.skipped_state_events(nested),
+            ),
+            single(
+                "netstatd_kernel_nested_events_total",
+                "counter",
+                "TCP transitions that interrupted our own program and were taken by the nested program.",
+                nested,
+            ),
+            Metric(
+                "netstatd_kernel_program_misses_total",
+                "counter",
+                "Runs the kernel skipped per BPF program because it was already running on that CPU.",
+                [({"program": name}, n) for name, n in sorted(misses.items())],
             ),
             single(
                 "netstatd_kernel_udp_deduplicated_total",
@@ -230,6 +288,12 @@ class Agent:
                 "counter",
                 "Connections whose owning process could not be found.",
                 t.unattributed,
+            ),
+            single(
+                "netstatd_state_reconciled_total",
+                "counter",
+                "Connections, flows and ports closed by a sock_diag check after a kernel gap (closeReason gone).",
+                t.reconciled,
             ),
             single(
                 "netstatd_state_evictions_total",

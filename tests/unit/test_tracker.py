@@ -200,3 +200,27 @@ def test_record_counts_feed_the_metrics(tmp_path):
     assert 'netstatd_events_total{protocol="TCP",family="IPv4"} 2' in text
     assert 'netstatd_events_by_state{protocol="TCP",family="IPv4",state="SYN_SENT"} 1' in text
     assert 'netstatd_events_by_state{protocol="UDP",family="IPv4",state="SEND"} 1' in text
+
+
+def test_reconcile_closes_what_the_kernel_no_longer_has(tmp_path):
+    import time
+
+    t = tracker(tmp_path)
+    t.ingest(
+        rec(cookie=1, old=7, new=2)
+        + rec(cookie=1, old=2, new=1)
+        + rec(cookie=2, old=7, new=2)
+        + rec(cookie=2, old=2, new=1)
+        + rec(cookie=3, old=1, new=4)
+    )  # 3: its later states were skipped
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=9, new=10, dport=0))
+    t.flush()
+    before = time.monotonic_ns()
+    # cookie 2 is still established, cookie 3 lingers in TIME_WAIT (not a connection), 1 and 9 are gone
+    out = t.reconcile([diag(2, 1, 40000, 80, 0), diag(3, 6, 40001, 80, 0)], before)
+    gone = sorted((e["type"], e["sockCookie"], e["closeReason"]) for e in out)
+    assert gone == [("connection.event", 1, "gone"), ("connection.event", 3, "gone"), ("port.closed", 9, "gone")]
+    assert list(t.tcp) == [2] and t.reconciled == 3
+    # a late kernel CLOSE for a reconciled socket is not a new connection
+    t.ingest(rec(cookie=1, old=1, new=7))
+    assert conn_events(t.flush()) == []

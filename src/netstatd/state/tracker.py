@@ -115,6 +115,9 @@ class Tracker:
         self.closed = {"TCP": 0, "UDP": 0}
         self.unattributed = 0
         self.evicted = 0
+        self.reconciled = 0
+        # cookies closed by reconcile(): a late kernel CLOSE for them is not a new connection
+        self._reconciled_cookies: dict[int, None] = {}
 
     # -- ingest (per kernel record: keep it lean) --------------------------
     def ingest(self, chunk: bytes) -> int:
@@ -217,6 +220,8 @@ class Tracker:
     def _apply_tcp(self, cookie: int, first: tuple, last: tuple, states: list[str], accept, out: list[Event]) -> None:
         conn = self.tcp.get(cookie)
         if conn is None:
+            if cookie in self._reconciled_cookies:
+                return  # its close was already delivered by reconcile()
             conn = Conn()
             conn.protocol = "TCP"
             if states and states[0] == "SYN_SENT":
@@ -314,16 +319,59 @@ class Tracker:
                 lst.ts = rec[ev.TS]
                 out.append(self.port_event(lst, PORT_CLOSED))
 
+    def reconcile(self, sockets: Iterable, before_ns: int) -> list[Event]:
+        """Close what the kernel no longer has: state left behind by a kernel gap.
+
+        sockets: a sock_diag dump of every netns that started after before_ns
+        (CLOCK_MONOTONIC). An entry whose last record is older than that and
+        whose socket is not in the dump closed without us seeing it; its
+        close is delivered now with closeReason "gone".
+        """
+        tcp = {s.cookie for s in sockets if s.protocol == 6 and s.state not in _TCP_NOT_CONNECTIONS}
+        udp = {s.cookie for s in sockets if s.protocol == 17}
+        now = time.monotonic_ns()
+        out: list[Event] = []
+        for cookie, conn in list(self.tcp.items()):
+            if cookie not in tcp and conn.ts < before_ns:
+                del self.tcp[cookie]
+                self._reconciled_cookies[cookie] = None
+                if len(self._reconciled_cookies) > 65536:
+                    del self._reconciled_cookies[next(iter(self._reconciled_cookies))]
+                conn.state, conn.ts = "CLOSE", now
+                out.append(self._gone(self.connection_event(conn, ["CLOSE"])))
+                self.closed["TCP"] += 1
+        for key, conn in list(self.udp.items()):
+            if key[0] not in udp and conn.ts < before_ns:
+                self._drop_udp_flow(key)
+                conn.state, conn.ts = UDP_CLOSE, now
+                out.append(self._gone(self.connection_event(conn, [UDP_CLOSE])))
+                self.closed["UDP"] += 1
+        for cookie, lst in list(self.listeners.items()):
+            if cookie not in (tcp if lst.protocol == "TCP" else udp) and lst.ts < before_ns:
+                self._remove_listener(cookie)
+                lst.ts = now
+                out.append(self._gone(self.port_event(lst, PORT_CLOSED)))
+        return out
+
+    def _gone(self, event: Event) -> Event:
+        self.reconciled += 1
+        event["closeReason"] = "gone"
+        return event
+
+    def _drop_udp_flow(self, key: tuple[int, bytes, int]) -> Conn:
+        conn = self.udp.pop(key)
+        keys = self._udp_by_cookie.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._udp_by_cookie[key[0]]
+        return conn
+
     def _expire_idle_udp(self, now: float, out: list[Event]) -> None:
         cutoff = now - self.udp_idle_s
         idle = [k for k, c in self.udp.items() if c.last_seen < cutoff]
         for key in idle:
-            conn = self.udp.pop(key)
-            keys = self._udp_by_cookie.get(key[0])
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._udp_by_cookie[key[0]]
+            conn = self._drop_udp_flow(key)
             conn.state = UDP_CLOSE
             self.closed["UDP"] += 1
             ev_ = self.connection_event(conn, [UDP_CLOSE])

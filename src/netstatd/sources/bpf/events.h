@@ -55,6 +55,7 @@ struct agent_settings {
 #define CNT_EMITTED 0
 #define CNT_LOST 1 /* ring buffer reserve failed */
 #define CNT_UDP_DEDUPED 2
-#define CNT_MAX 3
+#define CNT_NESTED 3 /* state transitions the nested program took over */
+#define CNT_MAX 4
 
 #endif

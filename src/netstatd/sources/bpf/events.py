@@ -24,7 +24,8 @@ EVF_OWNER_ACCEPT = 0x4
 CNT_EMITTED = 0
 CNT_LOST = 1
 CNT_UDP_DEDUPED = 2
-CNT_MAX = 3
+CNT_NESTED = 3
+CNT_MAX = 4
 
 # struct netstat_event, field by field (name, struct code).
 EVENT_FIELDS: tuple[tuple[str, str], ...] = (

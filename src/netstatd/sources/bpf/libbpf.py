@@ -43,6 +43,7 @@ def _load() -> ctypes.CDLL:
         "bpf_program__section_name": (ctypes.c_char_p, [p]),
         "bpf_program__set_autoload": (i, [p, ctypes.c_bool]),
         "bpf_program__autoload": (ctypes.c_bool, [p]),
+        "bpf_program__fd": (i, [p]),
         "bpf_program__attach": (p, [p]),
         "bpf_program__attach_cgroup": (p, [p, i]),
         "bpf_link__destroy": (i, [p]),

@@ -20,7 +20,14 @@ PROBE_PATH = HERE / "probe_fentry.bpf.o"
 
 ACCEPT_TRACEPOINTS = ("on_accept4_exit", "on_accept_exit")
 ACCEPT_FEXIT = "on_inet_csk_accept_exit"
-TCP_PROGRAMS = ("on_inet_sock_set_state", "on_listen_enter", "on_listen_exit", *ACCEPT_TRACEPOINTS, ACCEPT_FEXIT)
+TCP_PROGRAMS = (
+    "on_inet_sock_set_state",
+    "on_inet_sock_set_state_nested",
+    "on_listen_enter",
+    "on_listen_exit",
+    *ACCEPT_TRACEPOINTS,
+    ACCEPT_FEXIT,
+)
 UDP_PROGRAMS = (
     "on_udp_sendmsg4",
     "on_udp_sendmsg6",
@@ -224,6 +231,28 @@ class KernelProbes:
         return LoadError(f"loading the BPF programs failed: {e}{verifier_reason(recent_warnings)}")
 
     # -- reading ----------------------------------------------------------
+    def program_misses(self) -> dict[str, int]:
+        """Runs the kernel skipped per loaded program (re-entry on one CPU), from fdinfo."""
+        out = {}
+        if not self._obj:
+            return out
+        for name, prog in self._programs():
+            fd = lib.bpf_program__fd(prog)
+            if fd < 0:
+                continue
+            try:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            out[name] = int(line.split()[1])
+            except OSError:
+                continue
+        return out
+
+    def skipped_state_events(self, nested_handled: int) -> int:
+        """TCP transitions lost to re-entry: skips of the main program that the nested one did not take."""
+        return max(0, self.program_misses().get("on_inet_sock_set_state", 0) - nested_handled)
+
     def counters(self) -> list[int]:
         """Kernel counters (events.CNT_*), summed over CPUs."""
         ncpu = lib.libbpf_num_possible_cpus()

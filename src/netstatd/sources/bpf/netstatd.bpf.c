@@ -221,10 +221,8 @@ static __always_inline void event_owner_stored(struct netstat_event *e, const st
 
 /* ---- TCP ---------------------------------------------------------------- */
 
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(on_inet_sock_set_state, const struct sock *csk, const int oldstate, const int newstate)
+static __always_inline int handle_state(struct sock *sk, const int oldstate, const int newstate)
 {
-	struct sock *sk = (struct sock *)csk;
 	struct netstat_event e = {};
 	struct owner *o;
 
@@ -266,6 +264,47 @@ int BPF_PROG(on_inet_sock_set_state, const struct sock *csk, const int oldstate,
 	if (o)
 		event_owner_stored(&e, o);
 	emit(&e);
+	return 0;
+}
+
+/* Per-CPU "on_inet_sock_set_state is running" flag.
+ *
+ * The kernel runs a tp_btf program at most once per CPU at a time: a softirq
+ * transition that interrupts the program's own run (a process closing a
+ * socket while an ACK arrives) is skipped and only counted in
+ * recursion_misses. A second program on the same tracepoint picks up exactly
+ * those: it runs only while the first one is busy on this CPU, which is when
+ * the kernel skips the first. Either order of the two works.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} state_busy SEC(".maps");
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_inet_sock_set_state, const struct sock *csk, const int oldstate, const int newstate)
+{
+	__u32 zero = 0, *busy = bpf_map_lookup_elem(&state_busy, &zero);
+
+	if (!busy)
+		return 0;
+	*busy = 1;
+	handle_state((struct sock *)csk, oldstate, newstate);
+	*busy = 0;
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_inet_sock_set_state_nested, const struct sock *csk, const int oldstate, const int newstate)
+{
+	__u32 zero = 0, *busy = bpf_map_lookup_elem(&state_busy, &zero);
+
+	if (busy && *busy) {
+		count(CNT_NESTED);
+		handle_state((struct sock *)csk, oldstate, newstate);
+	}
 	return 0;
 }
 
