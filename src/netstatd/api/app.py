@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..hub import Hub, Subscriber
 from ..metrics import CONTENT_TYPE, Metric, render
@@ -20,6 +21,7 @@ HUB = web.AppKey("hub", Hub)
 HOST_INFO = web.AppKey("host_info", Callable[[], dict[str, Any]])
 METRICS = web.AppKey("metrics", Callable[[], list[Metric]])
 PID_EXE = web.AppKey("pid_exe", Callable[[int], "dict[str, Any] | None"])
+SOCKETS = web.AppKey("sockets", weakref.WeakSet)
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -56,6 +58,7 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
     # Outgoing frames are JSON we made; incoming messages are not expected, so keep them tiny.
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=64 << 10)
     await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
     sub = hub.subscribe(peer, request.app[HOST_INFO]())
     assert sub is not None
     sender = asyncio.create_task(_send_loop(ws, sub), name=f"ws-send-{peer}")
@@ -82,6 +85,12 @@ async def _send_loop(ws: web.WebSocketResponse, sub: Subscriber) -> None:
         await ws.close()
 
 
+async def close_sockets(app: web.Application) -> None:
+    """On shutdown: tell clients we are going away instead of waiting for them to leave."""
+    for ws in list(app[SOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"netstatd is stopping")
+
+
 def build_app(
     hub: Hub,
     host_info: Callable[[], dict[str, Any]],
@@ -93,6 +102,8 @@ def build_app(
     app[HOST_INFO] = host_info
     app[METRICS] = metrics_fn
     app[PID_EXE] = pid_exe_fn
+    app[SOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
     app.router.add_get("/netstat", netstat_ws)
     app.router.add_get("/api/pid-exe", pid_exe)

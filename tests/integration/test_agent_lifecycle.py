@@ -1,4 +1,4 @@
-"""Start-up failures: one actionable error line and a non-zero exit each. Optional hooks do not fail."""
+"""Start-up failures (one actionable error line and a non-zero exit each), optional hooks, and shutdown."""
 
 import os
 import socket
@@ -88,3 +88,18 @@ def test_refused_fentry_is_logged_and_the_agent_carries_on(tmp_path):
         if agent.metric("netstatd_fentry_available") == 0:
             assert "fentry/fexit programs are refused by this kernel" in log
         assert agent.metric("netstatd_build_info") == 1
+
+
+def test_stops_promptly_with_a_client_connected(tmp_path):
+    import time
+
+    from netstatd.testing.stream import StreamClient
+
+    require_root()
+    agent = AgentProcess(log_path=tmp_path / "agent.log").start()
+    with StreamClient(agent.ws_url) as stream:
+        stream.wait_snapshot()
+        t0 = time.monotonic()
+        assert agent.stop() == 0
+        assert time.monotonic() - t0 < 5
+        assert stream.closed.wait(5)  # the client was told, not left hanging
