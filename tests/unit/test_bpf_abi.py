@@ -89,3 +89,14 @@ def test_decoder_reads_a_record_the_kernel_way():
     )
     assert events.comm_str(r[events.COMM]) == "curl"
     assert events.TCP_STATES[r[events.NEWSTATE]] == "ESTABLISHED"
+
+
+def test_brief_decoder_reads_the_same_fields():
+    body = struct.pack(
+        events.EVENT_FORMAT, 123, 77, 5, 4242, 9, bytes(16), bytes(16), 1, 2, events.EV_UDP_SEND, 6, 3, 4, 1, b"x" * 16
+    )
+    rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
+    full = events.RECORD.unpack(rec)
+    assert events.RECORD_BRIEF.unpack(rec) == tuple(
+        full[i] for i in (events.COOKIE, events.TGID, events.KIND, events.FAMILY, events.OLDSTATE, events.NEWSTATE)
+    )

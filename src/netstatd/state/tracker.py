@@ -121,53 +121,61 @@ class Tracker:
 
     # -- ingest (per kernel record: keep it lean) --------------------------
     def ingest(self, chunk: bytes) -> int:
-        """Fold a chunk of ring records into pending entries. Returns the record count."""
+        """Fold a chunk of ring records into pending entries. Returns the record count.
+
+        Pending entry: [first (TCP: old state, UDP: kind), chunk, offset of the
+        latest record, state names, accept record]. Only the latest record of
+        each connection is decoded in full, at the flush.
+        """
         pending = self._pending
         counts = self.record_counts
         processes = self.processes
         names = ev.TCP_STATE_NAMES
-        n = 0
+        full = ev.RECORD.unpack_from
+        size = ev.RECORD_SIZE
         last_pid = 0
-        for rec in ev.RECORD.iter_unpack(chunk):
-            n += 1
-            pid = rec[ev.TGID]
+        off = -size
+        for cookie, pid, kind, family, old, new in ev.RECORD_BRIEF.iter_unpack(chunk):
+            off += size
             if pid != last_pid:
                 # Read /proc/PID/exe now, milliseconds after the event, not at
                 # the flush: short-lived processes may be gone by then.
                 last_pid = pid
                 if pid and pid not in processes:
-                    processes.lookup(pid, ev.comm_str(rec[ev.COMM]))
-            kind = rec[ev.KIND]
-            ckey = kind << 16 | rec[ev.FAMILY] << 8 | rec[ev.NEWSTATE]
+                    processes.lookup(pid, ev.comm_str(full(chunk, off)[ev.COMM]))
+            ckey = kind << 16 | family << 8 | new
             counts[ckey] = counts.get(ckey, 0) + 1
             if kind == ev.EV_TCP_STATE:
-                if rec[ev.OLDSTATE] == ev.TCP_LISTEN and rec[ev.NEWSTATE] == ev.TCP_CLOSE:
-                    self._closes.append(rec)  # a listener closed
+                if old == ev.TCP_LISTEN and new == ev.TCP_CLOSE:
+                    self._closes.append(full(chunk, off))  # a listener closed
                     continue
-                key: Any = rec[ev.COOKIE]
+                key: Any = cookie
+                first = old
             elif kind == ev.EV_UDP_SEND or kind == ev.EV_UDP_RECV:
-                key = (rec[ev.COOKIE], rec[ev.DADDR], rec[ev.DPORT])
+                rec = full(chunk, off)
+                key = (cookie, rec[ev.DADDR], rec[ev.DPORT])
+                first = kind
             elif kind == ev.EV_TCP_ACCEPT:
-                key = rec[ev.COOKIE]
-                p = pending.get(key)
+                p = pending.get(cookie)
                 if p is None:
-                    pending[key] = [rec, rec, [], rec]
+                    pending[cookie] = [0, chunk, off, [], full(chunk, off)]
                 else:
-                    p[3] = rec
+                    p[4] = full(chunk, off)
                 continue
             elif kind == ev.EV_UDP_CLOSE:
-                self._closes.append(rec)
+                self._closes.append(full(chunk, off))
                 continue
             else:
-                self._opens.append(rec)
+                self._opens.append(full(chunk, off))
                 continue
             p = pending.get(key)
             if p is None:
-                pending[key] = [rec, rec, [names[rec[ev.NEWSTATE]]], None]
+                pending[key] = [first, chunk, off, [names[new]], None]
             else:
-                p[1] = rec
-                p[2].append(names[rec[ev.NEWSTATE]])
-        return n
+                p[1] = chunk
+                p[2] = off
+                p[3].append(names[new])
+        return off // size + 1
 
     # -- flush --------------------------------------------------------------
     def flush(self) -> list[Event]:
@@ -180,11 +188,12 @@ class Tracker:
         closes, self._closes = self._closes, []
         for rec in opens:
             self._apply_control(rec, out)
-        for key, (first, last, states, accept) in pending.items():
+        full = ev.RECORD.unpack_from
+        for key, (first, chunk, off, states, accept) in pending.items():
             if type(key) is int:
-                self._apply_tcp(key, first, last, states, accept, out)
+                self._apply_tcp(key, first, full(chunk, off), states, accept, out)
             else:
-                self._apply_udp(key, first, last, out)
+                self._apply_udp(key, first, full(chunk, off), out)
         for rec in closes:
             self._apply_control(rec, out)
         now = time.monotonic()
@@ -217,7 +226,7 @@ class Tracker:
         conn.comm, conn.exe = owner
         conn.cgroup_id = rec[ev.CGROUP]
 
-    def _apply_tcp(self, cookie: int, first: tuple, last: tuple, states: list[str], accept, out: list[Event]) -> None:
+    def _apply_tcp(self, cookie: int, first_old: int, last: tuple, states: list[str], accept, out: list[Event]) -> None:
         conn = self.tcp.get(cookie)
         if conn is None:
             if cookie in self._reconciled_cookies:
@@ -226,7 +235,7 @@ class Tracker:
             conn.protocol = "TCP"
             if states and states[0] == "SYN_SENT":
                 conn.direction = OUTBOUND
-            elif accept is not None or first[ev.OLDSTATE] == ev.TCP_LISTEN or "SYN_RECV" in states:
+            elif accept is not None or first_old == ev.TCP_LISTEN or "SYN_RECV" in states:
                 conn.direction = INBOUND
             self.opened["TCP"] += 1
         elif accept is not None:
@@ -257,12 +266,12 @@ class Tracker:
                 self._evict(self.tcp)
         out.append(self.connection_event(conn, states))
 
-    def _apply_udp(self, key: tuple[int, bytes, int], first: tuple, last: tuple, out: list[Event]) -> None:
+    def _apply_udp(self, key: tuple[int, bytes, int], first_kind: int, last: tuple, out: list[Event]) -> None:
         conn = self.udp.get(key)
         if conn is None:
             conn = Conn()
             conn.protocol = "UDP"
-            conn.direction = OUTBOUND if first[ev.KIND] == ev.EV_UDP_SEND else INBOUND
+            conn.direction = OUTBOUND if first_kind == ev.EV_UDP_SEND else INBOUND
             conn.state = UDP_ACTIVE
             self._addresses(conn, last)
             self.udp[key] = conn

@@ -60,6 +60,12 @@ RING_HEADER = 8
 RECORD = struct.Struct("<II" + EVENT_FORMAT[1:])
 RECORD_SIZE = RECORD.size  # 104, already 8-byte aligned as the ring requires
 
+# The same record, decoding only what every record needs (no bytes objects):
+# cookie, tgid, kind, family, oldstate, newstate. The tracker decodes the full
+# record only for the ones it keeps (the latest per connection).
+RECORD_BRIEF = struct.Struct("<16xQ8xI4x32x4xBBBB24x")
+assert RECORD_BRIEF.size == RECORD_SIZE
+
 # struct agent_settings
 SETTINGS = struct.Struct("<BBB5xQ")
 
