@@ -39,7 +39,7 @@ from netstatd.testing.stream import Event, StreamClient
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 PORT = 7100
-FLUSH_WAIT_S = 1.0  # after the generator stops: the agent's 50 ms coalescing plus slack
+FLUSH_WAIT_S = 3.0  # after the generator stops: 50 ms coalescing, and a sock_diag repair (~1.5 s) after a kernel gap
 MAX_BATCH = 64  # connections between clock reads at max rate
 # A full accept queue drops handshake ACKs: connections then take seconds to
 # complete or close (retransmissions), which would blur what the agent shows.
@@ -494,6 +494,8 @@ AGENT_COUNTERS = {
     # they never reach the ring, so they are lost events too.
     "skipped": "netstatd_kernel_events_skipped_total",
     "nested": "netstatd_kernel_nested_events_total",
+    "reconciled": "netstatd_state_reconciled_total",
+    "connections_left": "netstatd_connections",
 }
 
 
@@ -651,6 +653,8 @@ def build_report(args: argparse.Namespace, without: dict[str, Any], with_: dict[
         "kernel_events_lost": int(agent["lost"]),
         "kernel_events_skipped": int(agent["skipped"]),
         "kernel_events_nested": int(agent["nested"]),
+        "state_reconciled": int(agent["reconciled"]),
+        "connections_left_in_agent_state": int(agent["connections_left"]),
         "connections_opened": gen["connections"],
         "connections_delivered": ws["client"]["delivered"],
         "server_connections_accepted": with_["accepted"],

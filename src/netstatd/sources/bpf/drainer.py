@@ -27,7 +27,7 @@ class RingDrainer:
         loop: asyncio.AbstractEventLoop,
         deliver: Callable[[bytes], None],
         *,
-        interval_s: float = 0.005,
+        interval_s: float = 0.010,
         max_backlog: int = 64 << 20,
     ) -> None:
         self._reader = reader
