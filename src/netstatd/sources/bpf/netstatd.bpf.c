@@ -430,24 +430,6 @@ int on_listen_exit(struct trace_event_raw_sys_exit *ctx)
 
 /* ---- UDP ---------------------------------------------------------------- */
 
-/* An address from a cgroup hook's context into the 16-byte form. Context
- * fields are read one u32 at a time, each a load the verifier rewrites; only
- * the family's own fields may be read (post_bind4 may not touch src_ip6). */
-#define COPY_CTX_ADDR(dst, family, ip4, ip6)                                 \
-	do {                                                                 \
-		if ((family) == 4) {                                         \
-			__u32 a_ = (ip4);                                    \
-			__builtin_memcpy((dst), &a_, 4);                     \
-		} else {                                                     \
-			__u32 a0_ = (ip6)[0], a1_ = (ip6)[1];                \
-			__u32 a2_ = (ip6)[2], a3_ = (ip6)[3];                \
-			__builtin_memcpy((dst), &a0_, 4);                    \
-			__builtin_memcpy((dst) + 4, &a1_, 4);                \
-			__builtin_memcpy((dst) + 8, &a2_, 4);                \
-			__builtin_memcpy((dst) + 12, &a3_, 4);               \
-		}                                                            \
-	} while (0)
-
 static __always_inline void stash_peer(struct bpf_sock_addr *ctx, __u8 family)
 {
 	struct udp_peer p = {};
@@ -458,7 +440,19 @@ static __always_inline void stash_peer(struct bpf_sock_addr *ctx, __u8 family)
 	p.cookie = bpf_get_socket_cookie(ctx);
 	p.family = family;
 	p.port = bpf_ntohs(ctx->user_port);
-	COPY_CTX_ADDR(p.addr, family, ctx->user_ip4, ctx->user_ip6);
+	if (family == 4) {
+		__u32 a = ctx->user_ip4;
+
+		__builtin_memcpy(p.addr, &a, 4);
+	} else {
+		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
+		__u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+
+		__builtin_memcpy(p.addr, &a0, 4);
+		__builtin_memcpy(p.addr + 4, &a1, 4);
+		__builtin_memcpy(p.addr + 8, &a2, 4);
+		__builtin_memcpy(p.addr + 12, &a3, 4);
+	}
 	bpf_map_update_elem(&udp_peers, &id, &p, BPF_ANY);
 }
 
@@ -585,7 +579,19 @@ static __always_inline int handle_post_bind(struct bpf_sock *ctx, __u8 family)
 	if (!settings.capture_udp || ctx->protocol != IPPROTO_UDP || ctx->src_port == 0)
 		return 1;
 	e.family = family;
-	COPY_CTX_ADDR(e.saddr, family, ctx->src_ip4, ctx->src_ip6);
+	if (family == 4) {
+		__u32 a = ctx->src_ip4;
+
+		__builtin_memcpy(e.saddr, &a, 4);
+	} else {
+		__u32 a0 = ctx->src_ip6[0], a1 = ctx->src_ip6[1];
+		__u32 a2 = ctx->src_ip6[2], a3 = ctx->src_ip6[3];
+
+		__builtin_memcpy(e.saddr, &a0, 4);
+		__builtin_memcpy(e.saddr + 4, &a1, 4);
+		__builtin_memcpy(e.saddr + 8, &a2, 4);
+		__builtin_memcpy(e.saddr + 12, &a3, 4);
+	}
 	e.sport = ctx->src_port;
 	if (filtered_loopback(&e))
 		return 1;
