@@ -440,6 +440,9 @@ static __always_inline void stash_peer(struct bpf_sock_addr *ctx, __u8 family)
 	p.cookie = bpf_get_socket_cookie(ctx);
 	p.family = family;
 	p.port = bpf_ntohs(ctx->user_port);
+	/* Each context field is read by name, here and in handle_post_bind: a
+	 * shared macro let clang fold the field address, which the verifier
+	 * rejects ("dereference of modified ctx ptr"). */
 	if (family == 4) {
 		__u32 a = ctx->user_ip4;
 
