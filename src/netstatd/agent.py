@@ -59,7 +59,6 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
-        self.seeded = asyncio.Event()
 
     # -- lifecycle: every start has its stop --------------------------------
     async def start(self) -> None:
@@ -122,7 +121,6 @@ class Agent:
         owners = await loop.run_in_executor(None, procfs.socket_owners)
         events = self.tracker.seed(sockets, owners, self.settings.loopback)
         self.hub.publish(events)
-        self.seeded.set()
         log.info(
             "seeded %d existing sockets from %d network namespaces in %.2fs",
             len(events),

@@ -79,7 +79,7 @@ def test_decoder_reads_a_record_the_kernel_way():
         b"curl\0" + bytes(11),
     )
     rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
-    (r,) = list(events.iter_records(rec))
+    (r,) = list(events.RECORD.iter_unpack(rec))
     assert (r[events.TS], r[events.COOKIE], r[events.TGID], r[events.SPORT], r[events.DPORT]) == (
         123,
         77,

@@ -7,7 +7,6 @@ the compiled object's BTF.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 EV_TCP_STATE = 1
 EV_TCP_ACCEPT = 2
@@ -87,13 +86,6 @@ TCP_STATES = {
 TCP_STATE_NAMES = [TCP_STATES.get(i, str(i)) for i in range(256)]
 TCP_CLOSE = 7
 TCP_LISTEN = 10
-TCP_SYN_SENT = 2
-TCP_SYN_RECV = 3
-
-
-def iter_records(chunk: bytes) -> Iterator[tuple]:
-    """Decode a run of committed fixed-size records (header included)."""
-    return RECORD.iter_unpack(chunk)
 
 
 def comm_str(raw: bytes) -> str:

@@ -42,9 +42,6 @@ class RingReader:
         self.malformed = 0  # records skipped: wrong size or discarded
         self.high_water = 0  # most bytes ever found waiting: how close the ring came to full
 
-    def pending_bytes(self) -> int:
-        return self._prod_pos[0] - self._cons
-
     def read(self, max_bytes: int = 8 << 20) -> bytes:
         """Return every committed record (header included) and release them."""
         prod = self._prod_pos[0]
