@@ -1,0 +1,616 @@
+"""A private containerd with the CRI plugin, a CNI bridge and local images: real pods for tests/benches.
+
+Everything lives under a temp dir (root, state, sockets, runc root, CNI config, host-local IPAM data)
+except what containerd 1.6 always puts elsewhere: shim sockets in /run/containerd/s, CNI results in
+/var/lib/cni/results, the bridge and veths in the host netns, and pod cgroups. close() removes all of it
+(also after a failure): pods and tasks, mounts (netns, rootfs), veths and the bridge, cgroups deepest
+first, the daemon and any shim left, then the temp dir. No registry: the busybox image (also the pause
+image) is assembled here as an OCI archive from busybox-static and imported with ctr.
+
+Pods: run_pod() goes through CRI (RunPodSandbox, CreateContainer, StartContainer) with kubelet's
+cgroupfs layout /kubepods/<qos>/pod<uid>/<id>. Other cgroup shapes (kubelet's systemd-driver scope,
+containerd's default /<namespace>/<id>) need a literal cgroups path, which CRI cannot take:
+run_plain_container() makes those with `ctr run` in the netstatd-test namespace, optionally joined to
+a pod's netns.
+
+Pod addresses come from a private 10.232.N.0/24 that exists only inside the pods (isGateway false:
+the bridge gets no address and ip_forward is not touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from netstatd.sources.containerd.protos import cri_pb2, cri_pb2_grpc
+
+BUSYBOX = "/bin/busybox"
+CNI_BIN_DIR = "/usr/lib/cni"
+IMAGE = "netstatd.test/busybox:1"
+PAUSE_IMAGE = "netstatd.test/pause:1"
+CRI_NS = "k8s.io"
+CNI_RESULTS = "/var/lib/cni/results"
+PLAIN_NS = "netstatd-test"  # containerd namespace for containers made with ctr (not CRI)
+# Created by containerd 1.6 outside its configured dirs; removed at close() when empty and new.
+SHARED_DIRS = (
+    "/run/containerd/s",  # shim sockets
+    "/run/containerd/fifo",
+    f"/run/containerd/runc/{PLAIN_NS}",  # runc root of ctr-made tasks (CRI tasks use our runc root)
+    "/run/containerd/runc",
+    "/run/containerd",
+    CNI_RESULTS,
+    "/var/lib/cni",
+)
+
+
+def _sh(*cmd: str, check: bool = True) -> str:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
+
+
+# ---- images
+
+
+def _layer_tar() -> bytes:
+    """A rootfs with /bin/busybox and a symlink per applet, plus the dirs runc expects."""
+    applets = _sh(BUSYBOX, "--list").split()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("bin", "sbin", "etc", "tmp", "proc", "sys", "dev", "root"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(BUSYBOX, "bin/busybox")
+        for a in applets:
+            if a == "busybox":
+                continue
+            info = tarfile.TarInfo(f"bin/{a}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+        for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"), ("etc/group", "root:x:0:\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def build_oci_archive(path: str, images: dict[str, list[str]]) -> None:
+    """Write an OCI image-layout tar holding one image per name (same layer, own Cmd)."""
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> tuple[str, int]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return digest, len(data)
+
+    layer = _layer_tar()
+    layer_digest, layer_size = blob(layer)
+    manifests = []
+    for name, cmd in images.items():
+        config = {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin:/sbin"], "Cmd": cmd, "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        }
+        cfg_digest, cfg_size = blob(json.dumps(config).encode())
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": cfg_size},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}
+            ],
+        }
+        m_digest, m_size = blob(json.dumps(manifest).encode())
+        manifests.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": m_digest,
+                "size": m_size,
+                "platform": {"architecture": "amd64", "os": "linux"},
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+            }
+        )
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": json.dumps(index).encode()}
+    files.update({f"blobs/sha256/{d.split(':', 1)[1]}": data for d, data in blobs.items()})
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# ---- cgroups and mounts
+
+
+def _mountinfo() -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            out.append((left.split()[4].replace("\\040", " "), right.split()[0]))
+    return out
+
+
+def cgroup_mounts() -> list[str]:
+    """Every cgroup v1 hierarchy and the v2 mount (hybrid hosts have both)."""
+    return [mp for mp, fstype in _mountinfo() if fstype in ("cgroup", "cgroup2")]
+
+
+def remove_cgroup_tree(rel: str) -> None:
+    """Kill what is left in the cgroup `rel` (e.g. /kubepods/besteffort/pod<uid>) and rmdir it deepest first."""
+    for mount in cgroup_mounts():
+        top = os.path.join(mount, rel.lstrip("/"))
+        if not os.path.isdir(top):
+            continue
+        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+            for _ in range(50):  # killed processes leave the cgroup asynchronously
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+                    break
+                with contextlib.suppress(OSError), open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                time.sleep(0.02)
+
+
+# ---- pods
+
+
+def kubelet_cgroupfs_parent(uid: str, qos: str = "besteffort") -> str:
+    return f"/kubepods/{qos}/pod{uid}"
+
+
+def kubelet_systemd_parent(uid: str, qos: str = "besteffort") -> str:
+    """The systemd driver's pod slice. containerd turns a *.slice parent into runc's "slice:prefix:id"
+    form, which only the systemd driver understands, so this is for paths built by hand (ctr --cgroup)."""
+    u = uid.replace("-", "_")
+    return f"/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u}.slice"
+
+
+def systemd_scope_path(uid: str, container_id: str, qos: str = "besteffort") -> str:
+    """The cgroup kubelet's systemd driver gives a CRI container (a literal path for the cgroupfs driver)."""
+    return f"{kubelet_systemd_parent(uid, qos)}/cri-containerd-{container_id}.scope"
+
+
+@dataclass
+class Pod:
+    name: str
+    namespace: str
+    uid: str
+    sandbox_id: str
+    host_network: bool
+    cgroup_parent: str
+    sandbox_config: cri_pb2.PodSandboxConfig
+    containers: dict[str, str] = field(default_factory=dict)  # container name -> container id
+
+
+class PrivateContainerd:
+    """containerd + CRI + CNI bridge under a temp dir. Use as a context manager; close() always cleans up."""
+
+    def __init__(self, tag: str | None = None, subnet: int = 0) -> None:
+        self.tag = tag or secrets.token_hex(3)
+        n = subnet or (int(self.tag, 16) % 200 + 20)
+        self.subnet = f"10.232.{n}.0/24"
+        self.bridge = f"nsdbr{self.tag}"[:15]
+        self.network = f"netstatd-test-{self.tag}"
+        self.dir = ""
+        self.proc: subprocess.Popen | None = None
+        self.pods: list[Pod] = []
+        self._cgroups: list[str] = []  # pod-level cgroups to remove
+        self._new_shared_dirs = [d for d in SHARED_DIRS if not os.path.exists(d)]
+        self._channel: grpc.Channel | None = None
+        self.cri: cri_pb2_grpc.RuntimeServiceStub | None = None
+
+    # paths
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.dir, "containerd.sock")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.dir, "containerd.log")
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
+            return f.read()
+        return ""
+
+    def ctr(self, *argv: str, namespace: str = CRI_NS, check: bool = True) -> str:
+        cmd = ["ctr", "--address", self.socket, "--namespace", namespace, *argv]
+        return _sh(*cmd, check=check)
+
+    # ---- lifecycle
+
+    def open(self) -> PrivateContainerd:
+        try:
+            self._start()
+        except Exception:
+            log = self.log_text()[-3000:]
+            self.close()
+            if log:
+                print(f"containerd log (tail):\n{log}")
+            raise
+        return self
+
+    def _write_config(self) -> None:
+        d = self.dir
+        for sub in ("root", "state", "opt", "runc", "cni/net.d", "cni/ipam", "logs"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        config = f"""version = 2
+root = "{d}/root"
+state = "{d}/state"
+
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[{cri}]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # CAP_SYS_RESOURCE is missing here: without this RunPodSandbox fails ("can't get final child's PID")
+  restrict_oom_score_adj = true
+  # netns bind mounts under our state dir instead of /var/run/netns
+  netns_mounts_under_state_dir = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+[{cri}.containerd]
+  default_runtime_name = "runc"
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[{cri}.containerd.runtimes.runc.options]
+  SystemdCgroup = false
+  Root = "{d}/runc"
+[{cri}.cni]
+  bin_dir = "{CNI_BIN_DIR}"
+  conf_dir = "{d}/cni/net.d"
+  max_conf_num = 1
+"""
+        with open(os.path.join(d, "config.toml"), "w") as f:
+            f.write(config)
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": self.network,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": False,
+                    "ipMasq": False,
+                    "hairpinMode": False,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": f"{d}/cni/ipam",
+                        "ranges": [[{"subnet": self.subnet, "rangeStart": self.subnet.replace(".0/24", ".10")}]],
+                    },
+                },
+                {"type": "loopback"},
+            ],
+        }
+        with open(os.path.join(d, "cni/net.d/10-netstatd.conflist"), "w") as f:
+            json.dump(conflist, f)
+
+    def _start(self) -> None:
+        # short: unix socket paths are limited to 108 bytes
+        self.dir = tempfile.mkdtemp(prefix=f"nsd-ctd-{self.tag}-", dir="/tmp")
+        self._write_config()
+        self.start_daemon()
+        archive = os.path.join(self.dir, "images.tar")
+        build_oci_archive(archive, {IMAGE: ["/bin/sh"], PAUSE_IMAGE: ["/bin/sleep", "2147483647"]})
+        self.ctr("images", "import", archive)
+        self.ctr("images", "import", archive, namespace=PLAIN_NS)
+
+    def start_daemon(self, timeout: float = 10) -> None:
+        """Start containerd on the existing dirs (also after stop_daemon) and wait until CRI is ready."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the daemon, closed with it
+        try:
+            self.proc = subprocess.Popen(
+                ["containerd", "--config", os.path.join(self.dir, "config.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):  # a stale socket passes here; _wait_ready catches that
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start (exit {self.proc.poll()})")
+            time.sleep(0.02)
+        self._channel = grpc.insecure_channel(f"unix://{self.socket}")
+        self.cri = cri_pb2_grpc.RuntimeServiceStub(self._channel)
+        self._wait_ready(deadline)
+
+    def stop_daemon(self, kill: bool = False) -> None:
+        """Stop only the daemon (SIGTERM, or SIGKILL to simulate a crash): tasks and shims keep running."""
+        if kill and self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._stop_daemon()
+
+    def restart_daemon(self, kill: bool = False) -> None:
+        self.stop_daemon(kill=kill)
+        self.start_daemon()
+
+    def _wait_ready(self, deadline: float) -> None:
+        """RuntimeReady and NetworkReady (the CNI conflist is picked up shortly after start)."""
+        assert self.cri is not None
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                conds = self.cri.Status(cri_pb2.StatusRequest(), timeout=2).status.conditions
+                if conds and all(c.status for c in conds):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("CRI runtime/network not ready")
+            time.sleep(0.05)
+
+    # ---- pods through CRI, as kubelet does
+
+    def run_pod(
+        self,
+        name: str,
+        containers: dict[str, list[str]],
+        namespace: str = "default",
+        host_network: bool = False,
+        labels: dict[str, str] | None = None,
+        uid: str | None = None,
+        qos: str = "besteffort",
+    ) -> Pod:
+        """RunPodSandbox, then CreateContainer + StartContainer per entry (container name -> command)."""
+        assert self.cri is not None
+        uid = uid or str(uuid.uuid4())
+        parent = kubelet_cgroupfs_parent(uid, qos)
+        mode = cri_pb2.NODE if host_network else cri_pb2.POD
+        ns_opts = cri_pb2.NamespaceOption(network=mode, pid=cri_pb2.CONTAINER, ipc=cri_pb2.POD)
+        pod_labels = {
+            "io.kubernetes.pod.name": name,
+            "io.kubernetes.pod.namespace": namespace,
+            "io.kubernetes.pod.uid": uid,
+            **(labels or {}),
+        }
+        config = cri_pb2.PodSandboxConfig(
+            metadata=cri_pb2.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
+            hostname="" if host_network else name,  # kubelet leaves it empty: hostNetwork shares the UTS ns
+            labels=pod_labels,
+            linux=cri_pb2.LinuxPodSandboxConfig(
+                cgroup_parent=parent,
+                security_context=cri_pb2.LinuxSandboxSecurityContext(namespace_options=ns_opts),
+            ),
+        )
+        self._cgroups.append(parent)
+        sandbox_id = self.cri.RunPodSandbox(cri_pb2.RunPodSandboxRequest(config=config), timeout=30).pod_sandbox_id
+        pod = Pod(name, namespace, uid, sandbox_id, host_network, parent, config)
+        self.pods.append(pod)
+        for cname, command in containers.items():
+            self.start_container(pod, cname, command)
+        return pod
+
+    def start_container(self, pod: Pod, name: str, command: list[str]) -> str:
+        assert self.cri is not None
+        mode = cri_pb2.NODE if pod.host_network else cri_pb2.POD
+        cconfig = cri_pb2.ContainerConfig(
+            metadata=cri_pb2.ContainerMetadata(name=name, attempt=0),
+            image=cri_pb2.ImageSpec(image=IMAGE),
+            command=command,
+            labels={
+                "io.kubernetes.pod.name": pod.name,
+                "io.kubernetes.pod.namespace": pod.namespace,
+                "io.kubernetes.pod.uid": pod.uid,
+                "io.kubernetes.container.name": name,
+            },
+            linux=cri_pb2.LinuxContainerConfig(
+                security_context=cri_pb2.LinuxContainerSecurityContext(
+                    namespace_options=cri_pb2.NamespaceOption(network=mode, pid=cri_pb2.CONTAINER, ipc=cri_pb2.POD)
+                )
+            ),
+        )
+        req = cri_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod.sandbox_id, config=cconfig, sandbox_config=pod.sandbox_config
+        )
+        cid = self.cri.CreateContainer(req, timeout=30).container_id
+        pod.containers[name] = cid
+        self.cri.StartContainer(cri_pb2.StartContainerRequest(container_id=cid), timeout=30)
+        return cid
+
+    def remove_container(self, container_id: str) -> None:
+        assert self.cri is not None
+        # Right after its task exits, the CRI plugin still handles the exit asynchronously: Stop can fail
+        # ("ttrpc: closed") and Remove can say "still running". kubelet retries too.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.cri.StopContainer(cri_pb2.StopContainerRequest(container_id=container_id, timeout=0), timeout=30)
+                self.cri.RemoveContainer(cri_pb2.RemoveContainerRequest(container_id=container_id), timeout=30)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        for pod in self.pods:
+            pod.containers = {n: c for n, c in pod.containers.items() if c != container_id}
+
+    def remove_pod(self, pod: Pod) -> None:
+        """StopPodSandbox (kills its containers, CNI DEL) and RemovePodSandbox, then the pod cgroup."""
+        assert self.cri is not None
+        self.cri.StopPodSandbox(cri_pb2.StopPodSandboxRequest(pod_sandbox_id=pod.sandbox_id), timeout=30)
+        self.cri.RemovePodSandbox(cri_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.sandbox_id), timeout=30)
+        if pod in self.pods:
+            self.pods.remove(pod)
+        remove_cgroup_tree(pod.cgroup_parent)
+
+    # ---- containers with ctr: any literal cgroups path (runc's cgroupfs driver takes it verbatim)
+
+    def run_plain_container(
+        self,
+        container_id: str,
+        command: list[str],
+        cgroups_path: str = "",
+        labels: dict[str, str] | None = None,
+        netns_path: str = "",
+        namespace: str = PLAIN_NS,
+    ) -> int:
+        """`ctr run -d`: returns the task pid. cgroups_path "" gives containerd's default /<namespace>/<id>.
+
+        For kubelet's systemd-driver shape pass systemd_scope_path(uid, id) (the systemd driver itself
+        fails here: PID 1 is not systemd). netns_path joins that netns (e.g. a CRI pod's), else a new one.
+        """
+        argv = ["run", "-d", "--null-io"]
+        if cgroups_path:
+            argv += ["--cgroup", cgroups_path]
+        for k, v in (labels or {}).items():
+            argv += ["--label", f"{k}={v}"]
+        if netns_path:
+            argv += ["--with-ns", f"network:{netns_path}"]
+        self._cgroups.append(os.path.dirname(cgroups_path) if cgroups_path else f"/{namespace}")
+        self.ctr(*argv, IMAGE, container_id, *command, namespace=namespace)
+        return self.container_pid(container_id, namespace)
+
+    def container_pid(self, container_id: str, namespace: str = CRI_NS) -> int:
+        """The init pid of a container's task (from ctr, independent of the client under test)."""
+        for line in self.ctr("tasks", "list", namespace=namespace).splitlines()[1:]:
+            parts = line.split()
+            if parts and parts[0] == container_id:
+                return int(parts[1])
+        raise LookupError(container_id)
+
+    # ---- teardown
+
+    def close(self) -> None:
+        """Remove everything this instance made; every step runs even when an earlier one fails."""
+        steps = [
+            self._remove_cri_pods,
+            self._remove_tasks,
+            self._stop_daemon,
+            self._kill_shims,
+            self._unmount,
+            self._remove_network,
+            self._remove_cgroups,
+            self._remove_dir,
+        ]
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # keep tearing down; report at the end
+                errors.append(f"{step.__name__}: {e!r}")
+        if errors:
+            print("containerd teardown problems:\n  " + "\n  ".join(errors))
+
+    def __enter__(self) -> PrivateContainerd:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and os.path.exists(self.socket)
+
+    def _remove_cri_pods(self) -> None:
+        if not self._alive() or self.cri is None:
+            return
+        for item in self.cri.ListPodSandbox(cri_pb2.ListPodSandboxRequest(), timeout=10).items:
+            with contextlib.suppress(grpc.RpcError):
+                self.cri.StopPodSandbox(cri_pb2.StopPodSandboxRequest(pod_sandbox_id=item.id), timeout=30)
+            with contextlib.suppress(grpc.RpcError):
+                self.cri.RemovePodSandbox(cri_pb2.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=30)
+        self.pods.clear()
+
+    def _remove_tasks(self) -> None:
+        """Containers made outside CRI (ctr), in any namespace."""
+        if not self._alive():
+            return
+        for ns in self.ctr("namespaces", "list", "-q").split():
+            for cid in self.ctr("tasks", "list", "-q", namespace=ns, check=False).split():
+                self.ctr("tasks", "kill", "-s", "KILL", cid, namespace=ns, check=False)
+                self.ctr("tasks", "delete", "-f", cid, namespace=ns, check=False)
+            for cid in self.ctr("containers", "list", "-q", namespace=ns, check=False).split():
+                self.ctr("containers", "delete", cid, namespace=ns, check=False)
+
+    def _stop_daemon(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def _kill_shims(self) -> None:
+        """Shims outlive the daemon when their task was not deleted; theirs carry our socket path."""
+        if not self.dir:
+            return
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if len(argv) > 1 and b"containerd-shim" in argv[0] and self.socket.encode() in argv:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+    def _unmount(self) -> None:
+        """netns bind mounts and rootfs overlays left under our dir, deepest first."""
+        if not self.dir:
+            return
+        mounts = [mp for mp, _ in _mountinfo() if mp.startswith(self.dir + "/")]
+        for mp in sorted(set(mounts), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+
+    def _remove_network(self) -> None:
+        out = subprocess.run(["ip", "-o", "link", "show", "master", self.bridge], capture_output=True, text=True)
+        for line in out.stdout.splitlines():
+            dev = line.split(":")[1].strip().split("@")[0]
+            subprocess.run(["ip", "link", "del", dev], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        if os.path.isdir(CNI_RESULTS):
+            for f in os.listdir(CNI_RESULTS):
+                if f.startswith(self.network + "-"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(CNI_RESULTS, f))
+
+    def _remove_cgroups(self) -> None:
+        for parent in reversed(self._cgroups):
+            remove_cgroup_tree(parent)
+        # the qos/kubepods levels too, but only when empty (rmdir fails otherwise): another user may own them
+        for parent in self._cgroups:
+            parts = parent.strip("/").split("/")
+            for depth in range(len(parts) - 1, 0, -1):
+                for mount in cgroup_mounts():
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(mount, *parts[:depth]))
+        self._cgroups.clear()
+
+    def _remove_dir(self) -> None:
+        if self.dir and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        for d in self._new_shared_dirs:  # deepest first by construction of SHARED_DIRS
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
