@@ -224,3 +224,13 @@ def test_reconcile_closes_what_the_kernel_no_longer_has(tmp_path):
     # a late kernel CLOSE for a reconciled socket is not a new connection
     t.ingest(rec(cookie=1, old=1, new=7))
     assert conn_events(t.flush()) == []
+
+
+def test_tables_are_capped_oldest_first(tmp_path):
+    t = Tracker("n", ProcessCache(proc_root=str(tmp_path)), max_connections=2, max_udp_flows=2)
+    for cookie in (1, 2, 3):
+        t.ingest(rec(cookie=cookie, old=10, new=3) + rec(ev.EV_UDP_SEND, cookie=100 + cookie, dport=cookie))
+    t.flush()
+    assert list(t.tcp) == [2, 3] and sorted(k[0] for k in t.udp) == [102, 103]
+    assert set(t._udp_by_cookie) == {102, 103}  # the index follows the table
+    assert t.evicted == 2

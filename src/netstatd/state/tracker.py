@@ -278,7 +278,8 @@ class Tracker:
             self._udp_by_cookie.setdefault(key[0], set()).add(key)
             self.opened["UDP"] += 1
             if len(self.udp) > self.max_udp_flows:
-                self._evict(self.udp)
+                self._drop_udp_flow(next(iter(self.udp)))  # oldest first, with its cookie index
+                self._count_eviction()
         self._set_owner(conn, last)
         conn.ts = last[ev.TS]
         conn.last_seen = time.monotonic()
@@ -389,8 +390,10 @@ class Tracker:
 
     def _evict(self, table: dict) -> None:
         """Over the cap: drop the oldest entry (dicts keep insertion order)."""
-        key = next(iter(table))
-        del table[key]
+        del table[next(iter(table))]
+        self._count_eviction()
+
+    def _count_eviction(self) -> None:
         self.evicted += 1
         if self.evicted in (1, 1000) or self.evicted % 100_000 == 0:
             log.warning(
@@ -408,7 +411,7 @@ class Tracker:
         if len(self.listeners) > self.max_listeners:
             oldest = next(iter(self.listeners))
             self._remove_listener(oldest)
-            self.evicted += 1
+            self._count_eviction()
 
     def _remove_listener(self, cookie: int) -> Listener | None:
         lst = self.listeners.pop(cookie, None)
