@@ -16,20 +16,25 @@ from aiohttp import web
 
 from . import __version__
 from .api.app import build_app
+from .enrich.attribution import Attribution
+from .enrich.cgroups import PidContainers
 from .hub import Hub
 from .metrics import Metric, record_metrics, single
 from .protocol import HOST_INFO
 from .settings import Settings
 from .sources import addresses, procfs, sockdiag
 from .sources.bpf.drainer import RingDrainer
-from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError
+from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError, find_cgroup2_root
 from .sources.bpf.ringbuf import RingReader
+from .sources.containerd.follower import ContainerdFollower
+from .state.containers import ContainerIndex
 from .state.tracker import Tracker
 
 log = logging.getLogger("netstatd")
 
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
 RECONCILE_EVERY_S = 300.0  # a sock_diag check of the state even when the kernel reports no gap
+FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
 
 
 class StartupError(RuntimeError):
@@ -41,9 +46,12 @@ class Agent:
         self.settings = settings
         self.processes = procfs.ProcessCache()
         self.tracker = Tracker(settings.node_name, self.processes)
+        self.containers = ContainerIndex(settings.node_name, self.tracker.clock.now)
+        self.cgroup_pids = PidContainers()
+        self.tracker.attribution = Attribution(self.containers, self.processes, self.cgroup_pids)
         self.hub = Hub(
             settings.node_name,
-            self.tracker.snapshot,
+            self.snapshot,
             self.tracker.clock.now,
             client_max_events=settings.client_queue_events,
         )
@@ -59,6 +67,10 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
+        self.follower = ContainerdFollower(
+            settings.containerd_socket, self.containers, self.hub.publish, cgroup_root=cgroup2_root()
+        )
+        self._following: asyncio.Task | None = None
 
     # -- lifecycle: every start has its stop --------------------------------
     async def start(self) -> None:
@@ -72,6 +84,9 @@ class Agent:
         self._drainer = RingDrainer(self._reader, asyncio.get_running_loop(), self.tracker.ingest)
         self._drainer.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
+        self._following = asyncio.create_task(self.follower.run(), name="containerd")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.follower.first_attempt.wait(), FIRST_SYNC_WAIT_S)
         # Probes are live before the scan, so nothing falls between the two.
         await self._seed()
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
@@ -83,7 +98,7 @@ class Agent:
         )
 
     async def stop(self) -> None:
-        for task in (self._reconciler, self._flusher):
+        for task in (self._reconciler, self._flusher, self._following):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -97,7 +112,7 @@ class Agent:
             await self._runner.cleanup()
 
     async def _start_http(self) -> None:
-        app = build_app(self.hub, self.host_info, self.metrics, pid_exe)
+        app = build_app(self.hub, self.host_info, self.metrics, pid_exe, self.containers.query)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         port = self.settings.http_port
@@ -171,6 +186,10 @@ class Agent:
                 log.exception("flush failed")
 
     # -- API callbacks -----------------------------------------------------
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The initial state of a client: containers first, so connections can refer to them."""
+        return self.containers.snapshot() + self.tracker.snapshot()
+
     def host_info(self) -> dict[str, Any]:
         try:
             ips = [a.ip for a in addresses.interface_addresses() if a.scope == "global"]
@@ -306,8 +325,46 @@ class Agent:
                 int(self.kernel.uses_fexit),
             ),
         ]
+        a, f = self.tracker.attribution, self.follower
+        out += [
+            single(
+                "netstatd_containers", "gauge", "Containers known from containerd.", len(self.containers.containers)
+            ),
+            single("netstatd_pods", "gauge", "CRI pod sandboxes known from containerd.", len(self.containers.pods)),
+            single(
+                "netstatd_containerd_connected",
+                "gauge",
+                "1 while the containerd event stream is open.",
+                int(f.connected),
+            ),
+            single(
+                "netstatd_containerd_syncs_total",
+                "counter",
+                "Full listings of containerd (the first connect and every reconnect).",
+                f.connects,
+            ),
+            Metric(
+                "netstatd_events_attributed_total",
+                "counter",
+                "Connection and port events built (live and in snapshots) by owner: a container or pod, or the host.",
+                [({"owner": "container"}, a.resolved if a else 0), ({"owner": "host"}, a.host if a else 0)],
+            ),
+            single(
+                "netstatd_cgroup_lookups_total",
+                "counter",
+                "/proc/PID/cgroup reads (pid -> container cache misses).",
+                self.cgroup_pids.misses,
+            ),
+        ]
         out.append(Metric("netstatd_build_info", "gauge", "Agent version.", [({"version": __version__}, 1)]))
         return out
+
+
+def cgroup2_root() -> str:
+    try:
+        return find_cgroup2_root()
+    except LoadError:
+        return ""  # the probes will refuse to load and say so
 
 
 def tune_gc() -> None:

@@ -30,6 +30,8 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # grpc.aio logs a line per call at DEBUG ("Loaded running loop"); only trace keeps that
+    logging.getLogger("grpc").setLevel(max(_LEVELS[level], logging.INFO) if level != "trace" else TRACE)
 
 
 def main(argv: list[str] | None = None) -> int:

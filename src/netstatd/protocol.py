@@ -14,6 +14,8 @@ PORT_LISTENING = "port.listening"
 PORT_CLOSED = "port.closed"
 SNAPSHOT_COMPLETE = "snapshot.complete"
 STREAM_RESET = "stream.reset"
+CONTAINER_ADDED = "container.added"
+CONTAINER_DELETED = "container.deleted"
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 UDP_ACTIVE = "ACTIVE"

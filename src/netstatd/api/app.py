@@ -22,6 +22,7 @@ HOST_INFO = web.AppKey("host_info", Callable[[], dict[str, Any]])
 METRICS = web.AppKey("metrics", Callable[[], list[Metric]])
 PID_EXE = web.AppKey("pid_exe", Callable[[int], "dict[str, Any] | None"])
 SOCKETS = web.AppKey("sockets", weakref.WeakSet)
+CONTAINERS = web.AppKey("containers", Callable[["str | None", "str | None"], "list[dict[str, Any]]"])
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -42,6 +43,12 @@ async def pid_exe(request: web.Request) -> web.Response:
     if found is None:
         return json_response({"error": f"no process with pid {pid}", "pid": pid}, 404)
     return json_response(found)
+
+
+async def containers(request: web.Request) -> web.Response:
+    """The node's containers; ?namespace= and ?podName= are exact matches (no match: an empty list)."""
+    q = request.query
+    return json_response(request.app[CONTAINERS](q.get("namespace"), q.get("podName")))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -96,16 +103,19 @@ def build_app(
     host_info: Callable[[], dict[str, Any]],
     metrics_fn: Callable[[], list[Metric]],
     pid_exe_fn: Callable[[int], dict[str, Any] | None],
+    containers_fn: Callable[[str | None, str | None], list[dict[str, Any]]] = lambda namespace, pod_name: [],
 ) -> web.Application:
     app = web.Application()
     app[HUB] = hub
     app[HOST_INFO] = host_info
     app[METRICS] = metrics_fn
     app[PID_EXE] = pid_exe_fn
+    app[CONTAINERS] = containers_fn
     app[SOCKETS] = weakref.WeakSet()
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
     app.router.add_get("/netstat", netstat_ws)
     app.router.add_get("/api/pid-exe", pid_exe)
+    app.router.add_get("/api/containers", containers)
     app.router.add_get("/metrics", metrics)
     return app

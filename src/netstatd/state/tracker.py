@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import (
     CONNECTION_EVENT,
@@ -29,6 +29,10 @@ from ..protocol import (
 from ..sources.bpf import events as ev
 from ..sources.procfs import ProcessCache
 
+if TYPE_CHECKING:
+    from ..enrich.attribution import Attribution
+    from ..enrich.cgroups import CgroupOwner
+
 log = logging.getLogger("netstatd.state")
 
 Event = dict[str, Any]
@@ -42,6 +46,7 @@ class Conn:
     __slots__ = (
         "cgroup_id",
         "comm",
+        "container",
         "cookie",
         "direction",
         "exe",
@@ -50,6 +55,7 @@ class Conn:
         "local_ip",
         "local_port",
         "netns",
+        "owner_pid",
         "pid",
         "protocol",
         "remote_ip",
@@ -66,12 +72,18 @@ class Conn:
         self.direction: str | None = None
         self.state = ""
         self.last_seen = 0.0
+        # the container of `owner_pid`, resolved once: the process may be gone by the close
+        self.owner_pid = -1
+        self.container: CgroupOwner | None = None
 
 
 class Listener:
     """A listening TCP socket or a bound UDP socket."""
 
-    __slots__ = ("comm", "cookie", "exe", "family", "ip", "netns", "pid", "port", "protocol", "ts")
+    __slots__ = ("cgroup_id", "comm", "cookie", "exe", "family", "ip", "netns", "pid", "port", "protocol", "ts")
+
+    def __init__(self) -> None:
+        self.cgroup_id = 0  # from the listen()/bind() record: names the container after its process exits
 
 
 class Tracker:
@@ -89,6 +101,8 @@ class Tracker:
     ) -> None:
         self.node_name = node_name
         self.processes = processes
+        # container/pod fields for events; None leaves events without them
+        self.attribution: Attribution | None = None
         self.clock = WallClock()
         self.ip_text = AddressText()
         self.tcp: dict[int, Conn] = {}
@@ -129,6 +143,7 @@ class Tracker:
         """
         pending = self._pending
         counts = self.record_counts
+        attribution = self.attribution
         processes = self.processes
         names = ev.TCP_STATE_NAMES
         full = ev.RECORD.unpack_from
@@ -143,6 +158,8 @@ class Tracker:
                 last_pid = pid
                 if pid and pid not in processes:
                     processes.lookup(pid, ev.comm_str(full(chunk, off)[ev.COMM]))
+                    if attribution is not None:
+                        attribution.container_of(pid)  # its cgroup too, while it is alive
             ckey = kind << 16 | family << 8 | new
             counts[ckey] = counts.get(ckey, 0) + 1
             if kind == ev.EV_TCP_STATE:
@@ -292,6 +309,7 @@ class Tracker:
             lst = Listener()
             lst.protocol = "TCP" if kind == ev.EV_TCP_LISTEN else "UDP"
             lst.family = rec[ev.FAMILY]
+            lst.cgroup_id = rec[ev.CGROUP]
             lst.ip = self.ip_text(rec[ev.SADDR], lst.family)
             lst.port = rec[ev.SPORT]
             lst.netns = rec[ev.NETNS]
@@ -506,7 +524,7 @@ class Tracker:
 
     # -- events ----------------------------------------------------------------
     def connection_event(self, c: Conn, states: list[str]) -> Event:
-        return {
+        event = {
             "type": CONNECTION_EVENT,
             "timestamp": self.clock.from_kernel(c.ts),
             "nodeName": self.node_name,
@@ -525,9 +543,18 @@ class Tracker:
             "sockCookie": c.cookie,
             "direction": c.direction,
         }
+        a = self.attribution
+        if a is not None:
+            if c.owner_pid != c.pid:
+                c.owner_pid, c.container = c.pid, a.container_of(c.pid)
+            event.update(a.fields(c.container, c.netns, c.cgroup_id))
+            remote = a.remote(c.remote_ip)
+            if remote is not None:
+                event.update(remote)
+        return event
 
     def port_event(self, lst: Listener, kind: str) -> Event:
-        return {
+        event = {
             "type": kind,
             "timestamp": self.clock.from_kernel(lst.ts),
             "nodeName": self.node_name,
@@ -541,6 +568,10 @@ class Tracker:
             "comm": lst.comm,
             "sockCookie": lst.cookie,
         }
+        a = self.attribution
+        if a is not None:
+            event.update(a.fields(a.container_of(lst.pid), lst.netns, lst.cgroup_id))
+        return event
 
     def snapshot(self) -> list[Event]:
         """Current state as events: every listening port, then every live connection."""

@@ -253,12 +253,18 @@ class ContainerdClient:
         resp = await self._call(stub.List, namespaces_pb2.ListNamespacesRequest())
         return sorted(ns.name for ns in resp.namespaces)
 
-    async def list_containers(self, namespaces: Sequence[str] | None = None) -> list[ContainerInfo]:
-        """Containers of the given containerd namespaces (default: all of them)."""
+    async def list_containers(
+        self, namespaces: Sequence[str] | None = None, filters: Sequence[str] = ()
+    ) -> list[ContainerInfo]:
+        """Containers of the given containerd namespaces (default: all of them).
+
+        filters: containerd filter expressions, e.g. `id==<id>` for one container.
+        """
         stub = containers_pb2_grpc.ContainersStub(self.channel)
         out: list[ContainerInfo] = []
+        request = containers_pb2.ListContainersRequest(filters=list(filters))
         for ns in namespaces if namespaces is not None else await self.namespaces():
-            resp = await self._call(stub.List, containers_pb2.ListContainersRequest(), ns)
+            resp = await self._call(stub.List, request, ns)
             out.extend(container_from_proto(ns, c) for c in resp.containers)
         return out
 
