@@ -22,12 +22,13 @@ from .hub import Hub
 from .metrics import Metric, record_metrics, single
 from .protocol import HOST_INFO
 from .settings import Settings
-from .sources import addresses, procfs, sockdiag
+from .sources import addresses, netlink, procfs, sockdiag
 from .sources.bpf.drainer import RingDrainer
 from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError, find_cgroup2_root
 from .sources.bpf.ringbuf import RingReader
 from .sources.containerd.follower import ContainerdFollower
-from .state.containers import ContainerIndex
+from .state.containers import ContainerIndex, Pod
+from .state.ips import IpInventory, build_inventory
 from .state.tracker import Tracker
 
 log = logging.getLogger("netstatd")
@@ -35,6 +36,9 @@ log = logging.getLogger("netstatd")
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
 RECONCILE_EVERY_S = 300.0  # a sock_diag check of the state even when the kernel reports no gap
 FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
+MAX_NETNS_SCANS = 64  # netns scans queued at once (container starts); more are dropped and counted
+IP_REFRESH_S = 30.0  # host addresses change without a container event (DHCP, an admin): re-read this often
+SCAN_SETTLE_S = 0.06  # after a netns dump: ring records of listens before it are drained and flushed first
 
 
 class StartupError(RuntimeError):
@@ -48,6 +52,9 @@ class Agent:
         self.tracker = Tracker(settings.node_name, self.processes)
         self.containers = ContainerIndex(settings.node_name, self.tracker.clock.now)
         self.cgroup_pids = PidContainers()
+        self.ips = IpInventory(settings.node_name, self.tracker.clock.now)
+        self._ips_changed = asyncio.Event()  # containers changed: refresh the inventory soon
+        self._ips_failing = False
         self.tracker.attribution = Attribution(self.containers, self.processes, self.cgroup_pids)
         self.hub = Hub(
             settings.node_name,
@@ -68,9 +75,16 @@ class Agent:
         self._flusher: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
         self.follower = ContainerdFollower(
-            settings.containerd_socket, self.containers, self.hub.publish, cgroup_root=cgroup2_root()
+            settings.containerd_socket,
+            self.containers,
+            self._publish_containers,
+            cgroup_root=cgroup2_root(),
+            on_task_start=self.scan_netns_soon,
         )
         self._following: asyncio.Task | None = None
+        self._ip_refresher: asyncio.Task | None = None
+        self._scans: dict[int, asyncio.Task] = {}  # netns inode -> its scan in progress (one per netns)
+        self.netns_scans = {"done": 0, "failed": 0, "dropped": 0}
 
     # -- lifecycle: every start has its stop --------------------------------
     async def start(self) -> None:
@@ -87,6 +101,8 @@ class Agent:
         self._following = asyncio.create_task(self.follower.run(), name="containerd")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.follower.first_attempt.wait(), FIRST_SYNC_WAIT_S)
+        await self.refresh_ips()
+        self._ip_refresher = asyncio.create_task(self._ip_loop(), name="ips")
         # Probes are live before the scan, so nothing falls between the two.
         await self._seed()
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
@@ -98,7 +114,7 @@ class Agent:
         )
 
     async def stop(self) -> None:
-        for task in (self._reconciler, self._flusher, self._following):
+        for task in (self._reconciler, self._flusher, self._following, self._ip_refresher, *self._scans.values()):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -142,6 +158,68 @@ class Agent:
             len(netns),
             time.monotonic() - t0,
         )
+
+    def _publish_containers(self, events: list[dict[str, Any]]) -> None:
+        self.hub.publish(events)
+        self._ips_changed.set()  # called for every change the follower applies, pods included
+
+    async def _ip_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ips_changed.wait(), IP_REFRESH_S)
+            await asyncio.sleep(FLUSH_INTERVAL_S)  # one refresh for a burst of container events
+            self._ips_changed.clear()
+            await self.refresh_ips()
+
+    async def refresh_ips(self) -> None:
+        """Re-read the host's addresses (and pods' without CRI IPs) in a thread; publish the changes."""
+        pods = list(self.containers.pods.values())
+        try:
+            fresh = await asyncio.get_running_loop().run_in_executor(None, read_inventory, pods)
+        except OSError as e:
+            if not self._ips_failing:  # once per failure streak, not every 30 s
+                log.warning("cannot list host addresses for the IP inventory: %s", e)
+            self._ips_failing = True
+            return
+        self._ips_failing = False
+        self.hub.publish(self.ips.update(fresh))
+
+    def scan_netns_soon(self, netns: int, path: str) -> None:
+        """A container's task started: add the listeners of its netns the kernel has not reported.
+
+        One scan per netns at a time (sidecars start together), bounded; sock_diag of that netns only,
+        in an executor thread, never per client.
+        """
+        self._ips_changed.set()  # a sandbox start publishes nothing itself
+        if netns in self._scans:
+            return
+        if len(self._scans) >= MAX_NETNS_SCANS:
+            self.netns_scans["dropped"] += 1
+            return
+        self._scans[netns] = asyncio.create_task(self._scan_netns(netns, path), name=f"scan-{netns}")
+
+    async def _scan_netns(self, netns: int, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.tracker.begin_seed()  # closes from now on are remembered, so the dump cannot revive them
+        sockets: list[sockdiag.DiagSocket] = []
+        result = "done"
+        try:
+            # a host-network pod's netns is ours: no setns thread needed
+            own_path = None if netns == netlink.netns_inode() else path
+            sockets = await loop.run_in_executor(None, sockdiag.dump_sockets, netns, own_path)
+            await asyncio.sleep(SCAN_SETTLE_S)
+            self.hub.publish(self.tracker.flush())
+        except (FileNotFoundError, ProcessLookupError):
+            result = "failed"  # the task exited already (or its netns changed): nothing to scan
+        except OSError as e:
+            result = "failed"
+            log.warning("cannot scan the listeners of netns %d (%s): %s", netns, path, e)
+        finally:
+            events = self.tracker.add_listeners(sockets, self.settings.loopback)  # also ends the scan
+            self._scans.pop(netns, None)
+        self.hub.publish(events)
+        self.netns_scans[result] += 1
+        log.debug("scanned netns %d: %d sockets, %d new listeners", netns, len(sockets), len(events))
 
     def _kernel_gaps(self) -> int:
         """Events the kernel could not deliver: ring full, or skipped on re-entry."""
@@ -188,7 +266,7 @@ class Agent:
     # -- API callbacks -----------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
         """The initial state of a client: containers first, so connections can refer to them."""
-        return self.containers.snapshot() + self.tracker.snapshot()
+        return self.containers.snapshot() + self.ips.snapshot() + self.tracker.snapshot()
 
     def host_info(self) -> dict[str, Any]:
         try:
@@ -349,6 +427,18 @@ class Agent:
                 "Connection and port events built (live and in snapshots) by owner: a container or pod, or the host.",
                 [({"owner": "container"}, a.resolved if a else 0), ({"owner": "host"}, a.host if a else 0)],
             ),
+            Metric(
+                "netstatd_netns_scans_total",
+                "counter",
+                "sock_diag scans of one network namespace after a container started, by result.",
+                [({"result": r}, n) for r, n in self.netns_scans.items()],
+            ),
+            single(
+                "netstatd_ips",
+                "gauge",
+                "Entries in the IP inventory (ip.added minus ip.removed).",
+                len(self.ips.entries),
+            ),
             single(
                 "netstatd_cgroup_lookups_total",
                 "counter",
@@ -358,6 +448,21 @@ class Agent:
         ]
         out.append(Metric("netstatd_build_info", "gauge", "Agent version.", [({"version": __version__}, 1)]))
         return out
+
+
+def read_inventory(pods: list[Pod]) -> dict:
+    """The IP inventory from netlink (blocking: run it in a thread). OSError when the host's cannot be read."""
+
+    def pod_addresses(pod: Pod) -> list[addresses.InterfaceAddress]:
+        if not pod.netns_path:
+            return []
+        try:
+            return addresses.interface_addresses(pod.netns_path)
+        except OSError as e:  # the pod is going away: CRI had no IP, so it shows none
+            log.debug("cannot read the addresses of pod %s/%s: %s", pod.namespace, pod.name, e)
+            return []
+
+    return build_inventory(addresses.interface_addresses(), pods, pod_addresses)
 
 
 def cgroup2_root() -> str:

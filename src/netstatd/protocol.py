@@ -16,6 +16,8 @@ SNAPSHOT_COMPLETE = "snapshot.complete"
 STREAM_RESET = "stream.reset"
 CONTAINER_ADDED = "container.added"
 CONTAINER_DELETED = "container.deleted"
+IP_ADDED = "ip.added"
+IP_REMOVED = "ip.removed"
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 UDP_ACTIVE = "ACTIVE"

@@ -120,8 +120,13 @@ class Server:
         self.sock.close()
 
     def client_loop(self) -> list[str]:
-        """A container command connecting to this server every half second."""
-        return ["sh", "-c", f"while true; do echo hi | nc {self.ip} {self.port}; sleep 0.5; done"]
+        """A container command connecting to this server every half second.
+
+        It waits 1 s first: a connection made in the first milliseconds of a container can beat
+        containerd's TaskStart event to the agent and carry the pod but not yet the container
+        (a known race, see docs/issue-3-status.md); these tests check steady-state attribution.
+        """
+        return ["sh", "-c", f"sleep 1; while true; do echo hi | nc {self.ip} {self.port}; sleep 0.5; done"]
 
 
 def connection_events(stream: StreamClient, server: Server) -> list[dict]:
@@ -193,6 +198,58 @@ def test_host_network_pod(ctd, stream):
     assert (listening["containerId"], listening["podName"], listening["namespace"]) == (cid, "hostpod", "kube-system")
     assert listening["usesHostNetwork"] is True and listening["host"] is False
     ctd.remove_pod(pod)
+
+
+def scans_done(agent: AgentProcess) -> float:
+    for line in agent.metrics().splitlines():
+        if line.startswith('netstatd_netns_scans_total{result="done"} '):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_container_start_scans_its_pod_netns_once_per_listener(ctd, agent, stream):
+    """A container start scans its pod's netns; a listener the kernel reported is not announced twice."""
+    port = free_port()
+    pod = ctd.run_pod("listener", {"srv": ["sh", "-c", f"while true; do nc -l -p {port} >/dev/null; done"]})
+    cid = pod.containers["srv"]
+    added = stream.wait_for(lambda e: e["type"] == "container.added" and e["containerId"] == cid, timeout=2)
+    listening = stream.wait_for(lambda e: e["type"] == "port.listening" and e["port"] == port, timeout=5)
+    assert (listening["podName"], listening["namespace"], listening["netns"]) == ("listener", "default", added["netns"])
+    before = scans_done(agent)
+    # A sidecar starting in the same pod scans the same netns, which holds the known listener.
+    ctd.start_container(pod, "side", ["sleep", "3600"])
+    deadline = time.monotonic() + 3
+    while scans_done(agent) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scans_done(agent) > before
+    time.sleep(0.2)
+    same = stream.matching(lambda e: e["type"] == "port.listening" and e["sockCookie"] == listening["sockCookie"])
+    assert len(same) == 1
+    assert f"scanned netns {added['netns']}:" in agent.log_text()
+    ctd.remove_pod(pod)
+
+
+def test_ip_inventory_pod_host_and_host_network(ctd, host_ip, stream):
+    pod = ctd.run_pod("ippod", {"app": ["sleep", "3600"]}, namespace="ips")
+    # host_ip is on the pod bridge: in the snapshot, or at the latest in the refresh this pod triggers
+    host = stream.wait_for(lambda e: e["type"] == "ip.added" and e["ip"] == host_ip, timeout=2)
+    assert (host["kind"], host["podName"], host["usesHostNetwork"], host["interface"]) == (
+        "host",
+        None,
+        False,
+        ctd.bridge,
+    )
+    assert stream.matching(lambda e: e["type"] == "ip.added" and e["ip"] == "127.0.0.1")[0]["kind"] == "loopback"
+    mine = stream.wait_for(lambda e: e["type"] == "ip.added" and e["podName"] == "ippod", timeout=2)
+    assert (mine["kind"], mine["namespace"], mine["podUID"], mine["usesHostNetwork"]) == ("pod", "ips", pod.uid, False)
+    assert ipaddress.ip_address(mine["ip"]) in ipaddress.ip_network(ctd.subnet) and mine["source"] == "cri"
+    hostpod = ctd.run_pod("iphost", {"app": ["sleep", "3600"]}, namespace="ips", host_network=True)
+    shown = stream.wait_for(lambda e: e["type"] == "ip.added" and e["podName"] == "iphost", timeout=2)
+    assert shown["kind"] == "host" and shown["usesHostNetwork"] is True and shown["podUID"] == hostpod.uid
+    ctd.remove_pod(pod)
+    gone = stream.wait_for(lambda e: e["type"] == "ip.removed" and e["podName"] == "ippod", timeout=2)
+    assert gone["ip"] == mine["ip"]
+    ctd.remove_pod(hostpod)
 
 
 def test_containerd_restart_loses_nothing(ctd, agent, stream):

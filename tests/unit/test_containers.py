@@ -184,3 +184,53 @@ def test_attribution_by_cgroup_id_after_exit() -> None:
     # the process is gone (no /proc entry): the kernel's cgroup id still names the container
     assert a.fields(a.container_of(4242), p.netns, 777)["containerName"] == "app"
     assert a.fields(None, p.netns, 0)["podName"] == "web"
+
+
+def test_follower_scans_the_netns_of_a_started_task(tmp_path: Path) -> None:
+    """TaskStart of the sandbox and of a container each ask for a scan of the pod's netns."""
+    import asyncio
+
+    from netstatd.sources.containerd.client import ContainerdEvent
+    from netstatd.sources.containerd.follower import ContainerdFollower
+
+    netns = tmp_path / "netns"
+    netns.write_text("")
+    sandbox = PodSandboxInfo(
+        SANDBOX, "web", "shop", UID, True, ("10.232.0.10",), False, 100, str(netns), {"app": "web"}, {}, 0.0
+    )
+    sandbox_id = {"io.kubernetes.cri.sandbox-id": SANDBOX}
+    listed = {
+        SANDBOX: ContainerInfo(
+            "k8s.io", SANDBOX, "pause", {"io.cri-containerd.kind": "sandbox"}, "runc", "", {}, sandbox_id, 0.0
+        ),
+        APP: ContainerInfo(
+            "k8s.io", APP, "img:1", {"io.kubernetes.container.name": "app"}, "runc", "", {}, sandbox_id, 0.0
+        ),
+    }
+
+    class FakeClient:
+        async def list_containers(self, namespaces=None, filters=()):
+            return [listed[filters[0].removeprefix("id==")]]
+
+        async def pod_sandbox(self, sandbox_id):
+            return sandbox
+
+        async def list_tasks(self, namespaces=None):
+            return [TaskInfo("k8s.io", APP, 200, "RUNNING")]
+
+    scans: list[tuple[int, str]] = []
+    index = ContainerIndex("n1", lambda: "T")
+    follower = ContainerdFollower(
+        "/nonexistent", index, lambda events: None, proc_root="/p", on_task_start=lambda *a: scans.append(a)
+    )
+
+    async def apply() -> None:
+        client = FakeClient()
+        for cid, pid in ((SANDBOX, 100), (APP, 200)):
+            await follower._apply(client, ContainerdEvent(0.0, "k8s.io", "/containers/create", "ContainerCreate", cid))
+            await follower._apply(client, ContainerdEvent(0.0, "k8s.io", "/tasks/start", "TaskStart", cid, pid))
+
+    asyncio.run(apply())
+    ino = netns.stat().st_ino
+    assert scans == [(ino, "/p/100/ns/net"), (ino, "/p/200/ns/net")]  # creates alone scan nothing
+    assert index.containers[APP].netns == ino

@@ -234,3 +234,46 @@ def test_tables_are_capped_oldest_first(tmp_path):
     assert list(t.tcp) == [2, 3] and sorted(k[0] for k in t.udp) == [102, 103]
     assert set(t._udp_by_cookie) == {102, 103}  # the index follows the table
     assert t.evicted == 2
+
+
+def test_netns_scan_adds_unknown_listeners_only(tmp_path):
+    """A container started: its netns scan adds listeners the kernel did not report, nothing twice."""
+    t = tracker(tmp_path)
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=9, new=10, sport=8080, dport=0))  # known from the kernel
+    assert [e["sockCookie"] for e in t.flush()] == [9]
+    t.begin_seed()
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=7, new=10, sport=7070, dport=0))  # listen() record not flushed yet
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=6, new=10, sport=6060, dport=0) + rec(cookie=6, old=10, new=7))
+    t.flush()  # 6 opened and closed while the scan ran
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=5, new=10, sport=5050, dport=0))  # pending at the scan
+    scanned = [
+        diag(9, 10, 8080, 0, 0, daddr="0.0.0.0"),  # known: left alone
+        diag(5, 10, 5050, 0, 0, daddr="0.0.0.0"),  # its kernel record is pending
+        diag(6, 10, 6060, 0, 0, daddr="0.0.0.0"),  # closed meanwhile
+        diag(1, 10, 9090, 0, 0, daddr="0.0.0.0"),  # unknown TCP listener: added
+        diag(2, 7, 5353, 0, 0, proto=17, daddr="0.0.0.0"),  # bound UDP: added
+        diag(3, 1, 40000, 80, 0),  # a connection: not a listener
+        diag(4, 10, 9091, 0, 0, saddr="127.0.0.1", daddr="0.0.0.0"),  # loopback, not captured
+    ]
+    out = t.add_listeners(scanned, include_loopback=False)
+    assert sorted((e["type"], e["sockCookie"], e["pid"]) for e in out) == [
+        ("port.listening", 1, 0),
+        ("port.listening", 2, 0),
+    ]
+    assert t.listeners[9].pid == 100  # the kernel's owner is kept
+    assert [e["sockCookie"] for e in t.flush() if e["type"] == "port.listening"] == [5]
+    t.begin_seed()
+    still_open = [s for s in scanned if s.cookie != 6]
+    assert t.add_listeners(still_open, include_loopback=False) == []  # a second scan of the same netns adds nothing
+    assert t._closed_while_seeding is None  # no scan left open
+
+
+def test_overlapping_scans_share_the_closed_set(tmp_path):
+    """A netns scan running while the start-up seed begins keeps the closes it saw."""
+    t = tracker(tmp_path)
+    t.begin_seed()  # a netns scan
+    t.ingest(rec(ev.EV_TCP_LISTEN, cookie=6, new=10, sport=6060, dport=0) + rec(cookie=6, old=10, new=7))
+    t.flush()
+    t.begin_seed()  # the seed starts meanwhile
+    assert t.add_listeners([diag(6, 10, 6060, 0, 0, daddr="0.0.0.0")], include_loopback=False) == []
+    assert t.seed([], {}, include_loopback=False) == [] and t._closed_while_seeding is None

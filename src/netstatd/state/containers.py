@@ -26,6 +26,7 @@ class Pod:
     host_network: bool = False
     ips: tuple[str, ...] = ()
     netns: int = 0  # network namespace inode; 0 when unknown (the host's for host-network pods)
+    netns_path: str = field(default="", compare=False)  # a path that opens it (for its addresses); "" unknown
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,6 +123,7 @@ class Tracker:
         self._owner_memo: dict[tuple[int, bytes], tuple[str, str]] = {}  # (pid, raw comm) -> (comm, exe), per flush
         # Sockets closed while a seed scan runs: the scan may still list them.
         self._closed_while_seeding: set[int] | None = None
+        self._scans = 0  # scans between begin_seed() and their seed()/add_listeners()
         # metrics, read at scrape time
         self.record_counts: dict[int, int] = {}  # kind << 16 | family << 8 | newstate -> records
         self.opened = {"TCP": 0, "UDP": 0}
@@ -454,7 +455,37 @@ class Tracker:
     # -- seeding -------------------------------------------------------------
     def begin_seed(self) -> None:
         """Call before scanning existing sockets (and after the probes are live)."""
-        self._closed_while_seeding = set()
+        if self._closed_while_seeding is None:  # another scan running keeps its set
+            self._closed_while_seeding = set()
+        self._scans += 1
+
+    def _end_scan(self) -> set[int]:
+        """The cookies closed since the scan began. Scans may overlap (seed + netns scans): the set
+        lives until the last one ends; a cookie closed before a later scan began is gone anyway."""
+        gone = self._closed_while_seeding or set()
+        self._scans = max(0, self._scans - 1)
+        if not self._scans:
+            self._closed_while_seeding = None
+        return gone
+
+    def add_listeners(self, sockets: Iterable, include_loopback: bool) -> list[Event]:
+        """Listening sockets from a scan of one netns (a container started). Call begin_seed() before the dump.
+
+        Only unknown cookies are added (pid 0: attribution goes by the netns); known listeners and
+        connections are left alone, so a socket the kernel already reported is not announced twice.
+        """
+        # plus listen()/bind() records not flushed yet: their own event is coming
+        gone = self._end_scan() | {r[ev.COOKIE] for r in self._opens}
+        out: list[Event] = []
+        for s in sockets:
+            if s.cookie in gone or s.cookie in self.listeners or not _is_listening(s):
+                continue
+            if not include_loopback and _loopback(s.saddr, s.family):
+                continue
+            lst = self._seeded_listener(s, 0, None)
+            self._add_listener(lst)
+            out.append(self.port_event(lst, PORT_LISTENING))
+        return out
 
     def seed(self, sockets: Iterable, owners: dict[int, int], include_loopback: bool) -> list[Event]:
         """Sockets that existed before the kernel probes: sources.sockdiag.DiagSocket records.
@@ -464,8 +495,7 @@ class Tracker:
         added state as events, so clients that connected meanwhile get it too.
         """
         out: list[Event] = []
-        gone = self._closed_while_seeding or set()
-        self._closed_while_seeding = None
+        gone = self._end_scan()
         deferred = []
         for s in sockets:
             if s.cookie in gone:
@@ -474,19 +504,10 @@ class Tracker:
                 continue
             pid = owners.get(s.inode, 0)
             info = self.processes.lookup(pid) if pid else None
-            listening = (s.protocol == 6 and s.state == ev.TCP_LISTEN) or (
-                s.protocol == 17 and s.state == ev.TCP_CLOSE and s.sport != 0
-            )
-            if listening:
+            if _is_listening(s):
                 if s.cookie in self.listeners:
                     continue
-                lst = Listener()
-                lst.protocol = PROTO_NAMES[s.protocol]
-                lst.family, lst.cookie = s.family, s.cookie
-                lst.ip, lst.port, lst.netns = self.ip_text(s.saddr, s.family), s.sport, s.netns
-                lst.pid = pid
-                lst.comm, lst.exe = (info.comm, info.exe) if info else ("", "")
-                lst.ts = time.monotonic_ns()
+                lst = self._seeded_listener(s, pid, info)
                 self._add_listener(lst)
                 out.append(self.port_event(lst, PORT_LISTENING))
             elif (s.protocol == 6 and s.state not in _TCP_NOT_CONNECTIONS) or (s.protocol == 17 and s.state == 1):
@@ -521,6 +542,16 @@ class Tracker:
                 self._udp_by_cookie.setdefault(s.cookie, set()).add(key)
             out.append(self.connection_event(conn, [conn.state]))
         return out
+
+    def _seeded_listener(self, s: Any, pid: int, info: Any) -> Listener:
+        lst = Listener()
+        lst.protocol = PROTO_NAMES[s.protocol]
+        lst.family, lst.cookie = s.family, s.cookie
+        lst.ip, lst.port, lst.netns = self.ip_text(s.saddr, s.family), s.sport, s.netns
+        lst.pid = pid
+        lst.comm, lst.exe = (info.comm, info.exe) if info else ("", "")
+        lst.ts = time.monotonic_ns()
+        return lst
 
     # -- events ----------------------------------------------------------------
     def connection_event(self, c: Conn, states: list[str]) -> Event:
@@ -588,3 +619,10 @@ def _loopback(addr: bytes, family: int) -> bool:
     if family == 4:
         return addr[0] == 127
     return addr == b"\0" * 15 + b"\x01" or (is_v4_mapped(addr) and addr[12] == 127)
+
+
+def _is_listening(s: Any) -> bool:
+    """A TCP listener, or a bound unconnected UDP socket (what `ss -tuln` lists)."""
+    return (s.protocol == 6 and s.state == ev.TCP_LISTEN) or (
+        s.protocol == 17 and s.state == ev.TCP_CLOSE and s.sport != 0
+    )

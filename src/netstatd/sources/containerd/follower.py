@@ -36,6 +36,7 @@ class ContainerdFollower:
         cgroup_root: str = "",
         min_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        on_task_start: Callable[[int, str], None] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.index = index
@@ -44,6 +45,8 @@ class ContainerdFollower:
         self.cgroup_root = cgroup_root  # the cgroup v2 mount, for containers' cgroup ids ("" = none)
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
+        # (netns inode, a path that opens it) of a task that started: the agent scans its listeners
+        self.on_task_start = on_task_start
         self.connected = False
         self.connects = 0  # successful listings, for the metrics
         self._down_logged = False
@@ -121,13 +124,16 @@ class ContainerdFollower:
             self.index.remove_pod(e.container_id)
             self.publish(self.index.remove(e.container_id))
         elif e.kind in ("ContainerCreate", "ContainerUpdate", "TaskStart"):
-            await self._refresh(client, e.namespace, e.container_id)
+            netns = await self._refresh(client, e.namespace, e.container_id)
+            if e.kind == "TaskStart" and netns and e.pid and self.on_task_start is not None:
+                self.on_task_start(netns, f"{self.proc_root}/{e.pid}/ns/net")
 
-    async def _refresh(self, client: ContainerdClient, namespace: str, container_id: str) -> None:
+    async def _refresh(self, client: ContainerdClient, namespace: str, container_id: str) -> int:
+        """Fetch one container (and its pod when new) into the index. Returns its netns inode (0 unknown)."""
         found = await client.list_containers([namespace], filters=(f"id=={container_id}",))
         if not found:
             self.publish(self.index.remove(container_id))
-            return
+            return 0
         c = found[0]
         sandbox_id = c.pod_sandbox_id
         # The pod: when its sandbox starts, or for a container whose pod we have not seen.
@@ -138,9 +144,12 @@ class ContainerdFollower:
                 if err.code() != grpc.StatusCode.NOT_FOUND:  # not in the CRI store yet: its TaskStart follows
                     raise
         if is_sandbox(c):
-            return
+            pod = self.index.pods.get(container_id)
+            return pod.netns if pod else 0
         pid = 0
         for t in await client.list_tasks([namespace]):
             if t.container_id == container_id and t.status == "RUNNING":
                 pid = t.pid
-        self.publish(self.index.put(build_container(c, self.index.pods, pid, self.proc_root, self.cgroup_root)))
+        record = build_container(c, self.index.pods, pid, self.proc_root, self.cgroup_root)
+        self.publish(self.index.put(record))
+        return record.netns

@@ -42,7 +42,8 @@ def build_pod(s: PodSandboxInfo, proc_root: str = "/proc") -> Pod:
     netns = netns_inode(s.netns_path) if s.netns_path else 0
     if not netns and s.pid:
         netns = netns_inode(f"{proc_root}/{s.pid}/ns/net")  # host-network pods: the host's
-    return Pod(s.id, s.name, s.namespace, s.uid, dict(s.labels), s.host_network, s.ips, netns)
+    path = s.netns_path or (f"{proc_root}/{s.pid}/ns/net" if s.pid else "")
+    return Pod(s.id, s.name, s.namespace, s.uid, dict(s.labels), s.host_network, s.ips, netns, path)
 
 
 def build_container(
