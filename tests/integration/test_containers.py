@@ -167,6 +167,46 @@ def test_pod_outbound_connections_carry_pod_and_container(ctd, host_ip, stream):
         side_server.close()
 
 
+def test_host_client_into_a_pod_server_is_attributed_on_the_pod_side(ctd, host_ip, agent, stream):
+    """The reverse direction: a host process connects to a server in a pod."""
+    port = 8080
+    serve = f"sleep 1; while true; do echo hi | nc -l -p {port}; done"
+    pod = ctd.run_pod("server", {"web": ["sh", "-c", serve]}, namespace="shop")
+    try:
+        pod_ip = stream.wait_for(
+            lambda e: e["type"] == "container.added" and e["containerId"] == pod.containers["web"], timeout=2
+        )["podIPs"][0]
+        deadline = time.monotonic() + 10
+        while True:  # until the pod's nc listens
+            try:
+                with socket.create_connection((pod_ip, port), timeout=1) as c:
+                    c.recv(10)
+                    local_port = c.getsockname()[1]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the pod's server never listened"
+                time.sleep(0.2)
+
+        def pod_side(e: dict) -> bool:
+            return e["type"] == "connection.event" and e["localPort"] == port and e["remotePort"] == local_port
+
+        cookie = stream.wait_for(pod_side, timeout=5)["sockCookie"]
+        stream.wait_for(lambda e: pod_side(e) and e["sockCookie"] == cookie and e["state"] == "CLOSE", timeout=5)
+        for e in stream.matching(lambda e: pod_side(e) and e["sockCookie"] == cookie):
+            assert (e["podName"], e["namespace"], e["podUID"]) == ("server", "shop", pod.uid), str(e)
+            assert (e.get("containerId"), e.get("containerName")) == (pod.containers["web"], "web"), str(e)
+            assert e["host"] is False and e["direction"] == "inbound", str(e)
+            assert e["pid"] > 0 and e["comm"] == "nc", str(e)
+        host_side = stream.wait_for(
+            lambda e: e["type"] == "connection.event" and e["localPort"] == local_port and e["remotePort"] == port,
+            timeout=5,
+        )
+        assert host_side["host"] is True and host_side["direction"] == "outbound"
+        assert (host_side["remotePodName"], host_side["remoteNamespace"]) == ("server", "shop")
+    finally:
+        ctd.remove_pod(pod)
+
+
 def test_systemd_and_plain_cgroup_shapes_resolve(ctd, host_ip, stream):
     """kubelet's systemd-driver path and containerd's /<namespace>/<id>, both in a pod's netns."""
     pod = ctd.run_pod("shapes", {"app": ["sleep", "3600"]}, namespace="shapes")
