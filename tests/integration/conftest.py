@@ -1,6 +1,7 @@
 import pytest
 
 from netstatd.testing.agent import AgentProcess
+from netstatd.testing.containerd import PrivateContainerd
 from netstatd.testing.hosts import HostPair
 from netstatd.testing.stream import StreamClient
 from tests.conftest import require_root
@@ -11,6 +12,14 @@ def hosts():
     require_root()
     with HostPair() as pair:
         yield pair
+
+
+@pytest.fixture(scope="module")
+def ctd():
+    """A private containerd with CRI (one per test module that asks for it)."""
+    require_root()
+    with PrivateContainerd() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

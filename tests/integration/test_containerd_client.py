@@ -10,17 +10,9 @@ import time
 import pytest
 
 from netstatd.sources.containerd.client import CRI_NAMESPACE, ContainerdClient, ContainerdEvent, ContainerdUnavailable
-from netstatd.testing.containerd import PLAIN_NS, PrivateContainerd, systemd_scope_path
-from tests.conftest import require_root
+from netstatd.testing.containerd import PLAIN_NS, systemd_scope_path
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def ctd():
-    require_root()
-    with PrivateContainerd() as env:
-        yield env
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,10 @@ import urllib.request
 import pytest
 
 from netstatd.testing.agent import AgentProcess, free_port
-from netstatd.testing.containerd import PrivateContainerd, systemd_scope_path
+from netstatd.testing.containerd import systemd_scope_path
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def ctd():
-    require_root()
-    with PrivateContainerd() as env:
-        yield env
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +27,6 @@ def agent(ctd, tmp_path_factory):
     with proc:
         yield proc
     print(proc.log_text()[-3000:])
-
-
-@pytest.fixture
-def stream(agent):
-    with StreamClient(agent.ws_url) as client:
-        client.wait_snapshot()
-        yield client
 
 
 @pytest.fixture(scope="module")
