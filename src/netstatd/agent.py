@@ -71,6 +71,7 @@ class Agent:
         )
         self._reader: RingReader | None = None
         self._drainer: RingDrainer | None = None
+        self.flush_failures = 0  # flush periods lost to an internal error (logged with the traceback)
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
@@ -261,7 +262,8 @@ class Agent:
             try:
                 self.hub.publish(self.tracker.flush())
             except Exception:
-                log.exception("flush failed")
+                self.flush_failures += 1
+                log.exception("flush failed: the connections pending in this period are lost")
 
     # -- API callbacks -----------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
@@ -336,6 +338,16 @@ class Agent:
                 "gauge",
                 "Most bytes ever waiting in the ring buffer when it was drained.",
                 self._reader.high_water if self._reader else 0,
+            ),
+            Metric(
+                "netstatd_internal_errors_total",
+                "counter",
+                "Kernel records (stage=ingest) or flush periods (stage=flush) lost to an internal error; "
+                "each is also logged with its traceback.",
+                [
+                    ({"stage": "ingest"}, self._drainer.failed_records if self._drainer else 0),
+                    ({"stage": "flush"}, self.flush_failures),
+                ],
             ),
             single(
                 "netstatd_ring_drain_stalls_total",

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from .events import RECORD_SIZE
 from .ringbuf import RingReader
 
 log = logging.getLogger("netstatd.bpf")
@@ -42,6 +43,7 @@ class RingDrainer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ring-drainer", daemon=True)
         self.stalls = 0  # times the loop was too far behind to take more
+        self.failed_records = 0  # records in batches that failed to apply (at most: a batch may fail part way)
 
     def start(self) -> None:
         self._thread.start()
@@ -82,4 +84,5 @@ class RingDrainer:
             try:
                 self._deliver(chunk)
             except Exception:
+                self.failed_records += len(chunk) // RECORD_SIZE
                 log.exception("failed to apply a batch of %d bytes of kernel records", len(chunk))
