@@ -27,7 +27,10 @@ from .sources.bpf.drainer import RingDrainer
 from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError, find_cgroup2_root
 from .sources.bpf.ringbuf import RingReader
 from .sources.containerd.follower import ContainerdFollower
+from .sources.dnstap.collector import DnstapCollector
+from .sources.dnstap.framestream import REASONS as CLOSE_REASONS
 from .state.containers import ContainerIndex, Pod
+from .state.hostnames import Hostnames
 from .state.ips import IpInventory, build_inventory
 from .state.tracker import Tracker
 
@@ -56,6 +59,9 @@ class Agent:
         self._ips_changed = asyncio.Event()  # containers changed: refresh the inventory soon
         self._ips_failing = False
         self.tracker.attribution = Attribution(self.containers, self.processes, self.cgroup_pids)
+        self.hostnames = Hostnames(settings.node_name, self.tracker.clock, settings.dns_max_names)
+        self.tracker.hostnames = self.hostnames
+        self.dnstap = DnstapCollector(self.hostnames.learn)
         self.hub = Hub(
             settings.node_name,
             self.snapshot,
@@ -92,6 +98,10 @@ class Agent:
         tune_gc()
         await self._start_http()
         try:
+            await self.dnstap.start({"node": self.settings.dnstap_port, "mux": self.settings.dnstap_mux_port})
+        except OSError as e:
+            raise StartupError(f"cannot start the DNSTap collector: {e.strerror or e}") from None
+        try:
             self.kernel.open()
         except LoadError as e:
             raise StartupError(str(e)) from None
@@ -120,6 +130,7 @@ class Agent:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.dnstap.stop()
         if self._drainer:
             self._drainer.stop()
         if self._reader:
@@ -260,15 +271,50 @@ class Agent:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
-                self.hub.publish(self.tracker.flush())
+                self.hub.publish(self.hostnames.flush() + self.tracker.flush())
             except Exception:
                 self.flush_failures += 1
                 log.exception("flush failed: the connections pending in this period are lost")
 
+    def _dns_metrics(self) -> list[Metric]:
+        d, st, names = self.dnstap, self.dnstap.stats, self.hostnames
+        return [
+            single("netstatd_dnstap_connections_total", "counter", "DNSTap senders that connected.", st.connections),
+            single("netstatd_dnstap_senders", "gauge", "DNSTap senders connected now.", st.active),
+            Metric(
+                "netstatd_dnstap_connections_closed_total",
+                "counter",
+                "DNSTap connections closed, by reason (finished and eof are clean; the others are bad input).",
+                [({"reason": r}, st.closed.get(r, 0)) for r in CLOSE_REASONS],
+            ),
+            Metric(
+                "netstatd_dnstap_frames_total",
+                "counter",
+                "DNSTap data frames received, by listener (node: --dnstap-port, mux: --dnstap-mux-port).",
+                [({"listener": k}, n) for k, n in d.messages.items()],
+            ),
+            single("netstatd_dnstap_bytes_total", "counter", "DNSTap data frame bytes received.", st.bytes),
+            Metric(
+                "netstatd_dnstap_frames_skipped_total",
+                "counter",
+                "DNSTap frames skipped because they could not be decoded, by reason.",
+                [({"reason": k}, n) for k, n in d.skipped.items()],
+            ),
+            single("netstatd_dns_answers_total", "counter", "Address records learned from responses.", d.resolutions),
+            single("netstatd_dns_names", "gauge", "IP -> hostname entries in the cache.", len(names.cache)),
+            single(
+                "netstatd_dns_names_evicted_total",
+                "counter",
+                "Entries dropped because the cache was full (raise --dns-max-names).",
+                names.cache.evicted,
+            ),
+            single("netstatd_dns_names_expired_total", "counter", "Entries whose TTL ran out.", names.expired),
+        ]
+
     # -- API callbacks -----------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
         """The initial state of a client: containers first, so connections can refer to them."""
-        return self.containers.snapshot() + self.ips.snapshot() + self.tracker.snapshot()
+        return self.containers.snapshot() + self.ips.snapshot() + self.hostnames.snapshot() + self.tracker.snapshot()
 
     def host_info(self) -> dict[str, Any]:
         try:
@@ -367,6 +413,7 @@ class Agent:
                 "Times a client's queue overflowed (it then got a stream.reset).",
                 h.overflows,
             ),
+            *self._dns_metrics(),
             single("netstatd_clients_connected", "gauge", "WebSocket clients connected now.", len(h.subscribers)),
             single(
                 "netstatd_client_connections_total", "counter", "WebSocket clients ever connected.", h.clients_total

@@ -18,6 +18,8 @@ CONTAINER_ADDED = "container.added"
 CONTAINER_DELETED = "container.deleted"
 IP_ADDED = "ip.added"
 IP_REMOVED = "ip.removed"
+DNS_RESOLVED = "dns.resolved"
+DNS_EXPIRED = "dns.expired"
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 UDP_ACTIVE = "ACTIVE"

@@ -26,6 +26,7 @@ class Settings:
     containerd_socket: str = "/run/containerd/containerd.sock"
     fanout_service: str = "netstatd-headless"
     client_queue_events: int = 200_000
+    dns_max_names: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("containerd_socket", "containerd gRPC socket", env="CONTAINERD_SOCKET"),
     Option("fanout_service", "headless Service whose DNS name lists every agent", env="FANOUT_SERVICE"),
     Option("client_queue_events", "events queued per WebSocket client before it is reset as too slow"),
+    Option("dns_max_names", "IP -> hostname entries kept from DNSTap (least recently learned dropped first)"),
 )
 
 

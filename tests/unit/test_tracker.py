@@ -277,3 +277,37 @@ def test_overlapping_scans_share_the_closed_set(tmp_path):
     t.begin_seed()  # the seed starts meanwhile
     assert t.add_listeners([diag(6, 10, 6060, 0, 0, daddr="0.0.0.0")], include_loopback=False) == []
     assert t.seed([], {}, include_loopback=False) == [] and t._closed_while_seeding is None
+
+
+def test_connections_carry_the_names_learned_from_dnstap_and_keep_them(tmp_path, monkeypatch):
+    from netstatd.sources.dnstap.decode import Resolution
+    from netstatd.state import hostnames as hn
+
+    t = tracker(tmp_path)
+    names = t.hostnames = hn.Hostnames("node-1", t.clock)
+    clock = [1000.0]
+    monkeypatch.setattr(hn.time, "monotonic", lambda: clock[0])
+    names.learn([Resolution("10.0.0.2", "api.example.test", ("edge.example.test",), 5, "10.0.0.1")])
+    (resolved,) = names.flush()
+    assert (resolved["type"], resolved["ip"], resolved["hostname"], resolved["aliases"], resolved["ttl"]) == (
+        "dns.resolved",
+        "10.0.0.2",
+        "api.example.test",
+        ["edge.example.test"],
+        5,
+    )
+    assert resolved["clientIP"] == "10.0.0.1"
+    names.learn([Resolution("10.0.0.2", "api.example.test", ("edge.example.test",), 5, "10.0.0.1")])
+    assert names.flush() == []  # a repeated answer only extends the entry
+
+    t.ingest(rec(old=7, new=2, sport=0) + rec(old=2, new=1, sport=40000))
+    (opened,) = conn_events(t.flush())
+    assert opened["remoteHostname"] == "api.example.test" and "localHostname" not in opened
+
+    clock[0] += 10  # past the TTL: the name expires, the live connection keeps it
+    (expired,) = names.flush()
+    assert (expired["type"], expired["ip"]) == ("dns.expired", "10.0.0.2")
+    assert names.lookup("10.0.0.2") is None
+    t.ingest(rec(old=1, new=4, sport=40000) + rec(old=4, new=7, sport=40000))
+    (closed,) = conn_events(t.flush())
+    assert (closed["state"], closed["remoteHostname"]) == ("CLOSE", "api.example.test")

@@ -32,6 +32,7 @@ from ..sources.procfs import ProcessCache
 if TYPE_CHECKING:
     from ..enrich.attribution import Attribution
     from ..enrich.cgroups import CgroupOwner
+    from .hostnames import Hostnames
 
 log = logging.getLogger("netstatd.state")
 
@@ -52,12 +53,14 @@ class Conn:
         "exe",
         "family",
         "last_seen",
+        "local_hostname",
         "local_ip",
         "local_port",
         "netns",
         "owner_pid",
         "pid",
         "protocol",
+        "remote_hostname",
         "remote_ip",
         "remote_port",
         "state",
@@ -75,6 +78,9 @@ class Conn:
         # the container of `owner_pid`, resolved once: the process may be gone by the close
         self.owner_pid = -1
         self.container: CgroupOwner | None = None
+        # names from DNSTap, kept once known: the answer may expire while the connection lives
+        self.remote_hostname: str | None = None
+        self.local_hostname: str | None = None
 
 
 class Listener:
@@ -103,6 +109,8 @@ class Tracker:
         self.processes = processes
         # container/pod fields for events; None leaves events without them
         self.attribution: Attribution | None = None
+        # IP -> hostname from DNSTap; None leaves events without names
+        self.hostnames: Hostnames | None = None
         self.clock = WallClock()
         self.ip_text = AddressText()
         self.tcp: dict[int, Conn] = {}
@@ -582,6 +590,16 @@ class Tracker:
             remote = a.remote(c.remote_ip)
             if remote is not None:
                 event.update(remote)
+        names = self.hostnames
+        if names is not None:
+            if c.remote_hostname is None:
+                c.remote_hostname = names.lookup(c.remote_ip)
+            if c.local_hostname is None:
+                c.local_hostname = names.lookup(c.local_ip)
+        if c.remote_hostname is not None:
+            event["remoteHostname"] = c.remote_hostname
+        if c.local_hostname is not None:
+            event["localHostname"] = c.local_hostname
         return event
 
     def port_event(self, lst: Listener, kind: str) -> Event:

@@ -34,7 +34,12 @@ class AgentProcess:
         log_path: str | os.PathLike | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.args = [netstatd_binary(), "--http-port", str(self.port), *args]
+        # Free ports for the other listeners too, so several agents can run side by side.
+        self.dnstap_port = free_port()
+        self.dnstap_mux_port = free_port()
+        defaults = {"--dnstap-port": self.dnstap_port, "--dnstap-mux-port": self.dnstap_mux_port}
+        extra = [x for flag, p in defaults.items() if flag not in args for x in (flag, str(p))]
+        self.args = [netstatd_binary(), "--http-port", str(self.port), *extra, *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None

@@ -1,0 +1,1 @@
+"""DNSTap: Frame Streams collector and dnstap/DNS decoding."""

@@ -1,0 +1,180 @@
+"""Real DNS servers that send DNSTap, for tests and benchmarks (no internet needed).
+
+`Zone` is served by a backend unbound. `Resolver` is a second unbound that
+forwards everything to it and sends DNSTap: a static local zone does not
+follow its own CNAMEs, a resolver in front of it does, so answers carry
+whole chains as they do in a cluster. `Dnsdist` sits in front of the
+resolver with a packet cache and one self-answered name, and logs all
+three kinds of response over a Frame Streams TCP logger.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+
+from .agent import free_port
+
+
+def _wait_answering(port: int, name: str, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=0.5)
+            return
+        except (dns.exception.Timeout, OSError):
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not answer on 127.0.0.1:{port} within {timeout}s")
+
+
+class _Daemon:
+    """A server process in the foreground, its config in a temporary directory."""
+
+    binary = ""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"netstatd-{self.binary}-"))
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> _Daemon:
+        if shutil.which(self.binary) is None:
+            raise RuntimeError(f"{self.binary} is not installed (make test installs it)")
+        log = open(self.dir / "log", "wb")  # noqa: SIM115 (kept for the process's lifetime)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        _wait_answering(self.port, "check.netstatd.test.", self.proc, self.binary)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        path = self.dir / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def query(self, name: str, rdtype: str = "A") -> dns.message.Message:
+        return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=self.port, timeout=3)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_UNBOUND_COMMON = """server:
+    interface: 127.0.0.1@{port}
+    port: {port}
+    do-daemonize: no
+    username: ""
+    chroot: ""
+    directory: "{dir}"
+    pidfile: ""
+    use-syslog: no
+    logfile: ""
+    verbosity: 1
+    do-ip6: no
+    access-control: 127.0.0.0/8 allow
+    module-config: "iterator"
+    num-threads: 1
+"""
+
+
+class Zone(_Daemon):
+    """unbound answering `records` (lines like 'a.netstatd.test. 300 IN A 10.0.0.1') for netstatd.test."""
+
+    binary = "unbound"
+
+    def __init__(self, records: list[str]) -> None:
+        super().__init__()
+        self.records = ["check.netstatd.test. 60 IN A 10.231.250.250", *records]
+
+    def command(self) -> list[str]:
+        conf = _UNBOUND_COMMON.format(port=self.port, dir=self.dir)
+        conf += '    local-zone: "netstatd.test." static\n'
+        conf += "".join(f'    local-data: "{r}"\n' for r in self.records)
+        (self.dir / "unbound.conf").write_text(conf)
+        return ["unbound", "-d", "-c", str(self.dir / "unbound.conf")]
+
+
+class Resolver(_Daemon):
+    """unbound resolving through `zone`, sending DNSTap CLIENT_RESPONSE to 127.0.0.1:dnstap_port."""
+
+    binary = "unbound"
+
+    def __init__(self, zone: Zone, dnstap_port: int) -> None:
+        super().__init__()
+        self.zone = zone
+        self.dnstap_port = dnstap_port
+
+    def command(self) -> list[str]:
+        conf = _UNBOUND_COMMON.format(port=self.port, dir=self.dir)
+        conf += f"""    do-not-query-localhost: no
+    local-zone: "test." nodefault
+forward-zone:
+    name: "."
+    forward-addr: 127.0.0.1@{self.zone.port}
+dnstap:
+    dnstap-enable: yes
+    dnstap-ip: "127.0.0.1@{self.dnstap_port}"
+    dnstap-tls: no
+    dnstap-bidirectional: yes
+    dnstap-send-identity: yes
+    dnstap-log-client-response-messages: yes
+"""
+        (self.dir / "unbound.conf").write_text(conf)
+        return ["unbound", "-d", "-c", str(self.dir / "unbound.conf")]
+
+
+class Dnsdist(_Daemon):
+    """dnsdist in front of `backend` with a packet cache; `self_answered` names are spoofed to an address."""
+
+    binary = "dnsdist"
+
+    def __init__(self, backend: _Daemon, dnstap_port: int, self_answered: dict[str, str]) -> None:
+        super().__init__()
+        self.backend = backend
+        self.dnstap_port = dnstap_port
+        self.self_answered = self_answered
+
+    def command(self) -> list[str]:
+        spoofs = "".join(f'addAction(QNameRule("{n}"), SpoofAction("{ip}"))\n' for n, ip in self.self_answered.items())
+        conf = f"""setSecurityPollSuffix("")
+setLocal("127.0.0.1:{self.port}")
+newServer({{address="127.0.0.1:{self.backend.port}", checkName="check.netstatd.test."}})
+getPool(""):setCache(newPacketCache(1000))
+tap = newFrameStreamTcpLogger("127.0.0.1:{self.dnstap_port}")
+addResponseAction(AllRule(), DnstapLogResponseAction("dnsdist", tap))
+addCacheHitResponseAction(AllRule(), DnstapLogResponseAction("dnsdist", tap))
+addSelfAnsweredResponseAction(AllRule(), DnstapLogResponseAction("dnsdist", tap))
+{spoofs}"""
+        (self.dir / "dnsdist.conf").write_text(conf)
+        return ["dnsdist", "--supervised", "--disable-syslog", "-C", str(self.dir / "dnsdist.conf")]
+
+
+def answer_addresses(msg: dns.message.Message) -> list[str]:
+    """The A/AAAA addresses in a response (what the test expects the collector to learn)."""
+    return [rd.address for rrset in msg.answer if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in rrset]
