@@ -202,3 +202,38 @@ def _wait_listening(port: int, timeout: float = 5) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def test_undecodable_frames_are_skipped_and_the_stream_continues(agent, stream):
+    import dns.message
+    import dns.rrset
+
+    from netstatd.sources.dnstap.framestream import CONTENT_TYPE, READY, START, STOP, control_frame, data_frame
+    from netstatd.sources.dnstap.protos import dnstap_pb2 as pb
+
+    query = dns.message.make_query("after-garbage.netstatd.test.", "A")
+    answer = dns.message.make_response(query)
+    answer.answer.append(dns.rrset.from_text("after-garbage.netstatd.test.", 60, "IN", "A", "10.231.250.8"))
+    good = pb.Dnstap(
+        type=pb.Dnstap.MESSAGE,
+        message=pb.Message(
+            type=pb.Message.CLIENT_RESPONSE, query_address=bytes([10, 0, 0, 9]), response_message=answer.to_wire()
+        ),
+    ).SerializeToString()
+    broken_dns = pb.Dnstap(
+        type=pb.Dnstap.MESSAGE,
+        message=pb.Message(type=pb.Message.CLIENT_RESPONSE, response_message=answer.to_wire()[:20]),
+    ).SerializeToString()
+    skipped = "netstatd_dnstap_frames_skipped_total"
+    before = agent.metric(skipped)
+    with socket.create_connection(("127.0.0.1", agent.dnstap_port), timeout=5) as s:
+        s.sendall(control_frame(READY, (CONTENT_TYPE,)))
+        assert s.recv(100)  # ACCEPT
+        s.sendall(control_frame(START, (CONTENT_TYPE,)))
+        no_message = pb.Dnstap(identity=b"no message").SerializeToString()
+        s.sendall(data_frame(b"\xff\xff not protobuf") + data_frame(no_message))
+        s.sendall(data_frame(broken_dns) + data_frame(good) + control_frame(STOP))
+        assert s.recv(100)  # FINISH: the connection survived the bad frames
+    e = resolved(stream, "10.231.250.8")
+    assert (e["hostname"], e["clientIP"]) == ("after-garbage.netstatd.test", "10.0.0.9")
+    assert agent.metric(skipped) == before + 3
