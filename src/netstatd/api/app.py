@@ -1,4 +1,4 @@
-"""HTTP and WebSocket API of one node: /netstat, /api/*, /metrics, /."""
+"""HTTP and WebSocket API of one node: /netstat, /api/*, /metrics, / and the UI's files under /web/."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..hub import Hub, Subscriber
 from ..metrics import CONTENT_TYPE, Metric, render
+from .deployment import deployment_info
 
 log = logging.getLogger("netstatd.api")
 
@@ -29,9 +30,41 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+# What the UI may load, by suffix; anything else under web/ (e.g. __init__.py) is not served.
+WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".md": "text/plain", "": "text/plain"}
+# Scripts only from our own files and no inline script: event data (exe names, hostnames, labels) is
+# attacker-controlled, so even a rendering bug must not run it. Tabulator sets inline styles.
+UI_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",  # revalidate, so an upgraded agent serves its own UI
+}
+
+
 async def index(request: web.Request) -> web.Response:
     html = resources.files("netstatd.web").joinpath("index.html").read_bytes()
-    return web.Response(body=html, content_type="text/html")
+    return web.Response(body=html, content_type="text/html", charset="utf-8", headers=UI_HEADERS)
+
+
+async def web_file(request: web.Request) -> web.Response:
+    """A file of the UI under /web/ (the package folder netstatd/web); no listing, no dot-files."""
+    parts = request.match_info["path"].split("/")
+    if any(not p or p.startswith(".") for p in parts):
+        raise web.HTTPNotFound()
+    suffix = "." + parts[-1].rsplit(".", 1)[1] if "." in parts[-1] else ""
+    content_type = WEB_TYPES.get(suffix)
+    node = resources.files("netstatd.web").joinpath(*parts)
+    if content_type is None or not node.is_file():
+        raise web.HTTPNotFound()
+    return web.Response(body=node.read_bytes(), content_type=content_type, charset="utf-8", headers=UI_HEADERS)
+
+
+async def deployment(request: web.Request) -> web.Response:
+    """deploy/*.yaml as shipped in the package, split into documents, and the commands they list."""
+    return json_response(deployment_info())
 
 
 async def pid_exe(request: web.Request) -> web.Response:
@@ -114,6 +147,8 @@ def build_app(
     app[SOCKETS] = weakref.WeakSet()
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
+    app.router.add_get("/web/{path:.+}", web_file)
+    app.router.add_get("/api/deployment", deployment)
     app.router.add_get("/netstat", netstat_ws)
     app.router.add_get("/api/pid-exe", pid_exe)
     app.router.add_get("/api/containers", containers)

@@ -1,0 +1,228 @@
+// Boot: stream -> store -> (at most every ~200 ms) the visible view's grid. Filters and the view live in
+// the URL. Modules: stream.js (WebSocket), store.js (state, no DOM), rows.js (filters, no DOM),
+// views.js (grids), deployment.js, filters.js (filter specs, URL), dom.js (the only element factory).
+
+import { deploymentRows, loadDeployment, renderDeployment } from "./deployment.js";
+import { el } from "./dom.js";
+import { FILTERS, VIEWS, fromQuery, toQuery } from "./filters.js";
+import { connectionRows, ipRows, portRows } from "./rows.js";
+import { Store } from "./store.js";
+import { Stream, streamURL } from "./stream.js";
+import { createGrid, showRows } from "./views.js";
+
+// Redraws are coalesced: events only mark the store dirty, and the visible grid is rebuilt at most
+// every MIN_REDRAW_MS, or less often when a rebuild is slow (huge tables): rebuilding may take at
+// most a fifth of the time, so the page stays responsive at cluster scale.
+const MIN_REDRAW_MS = 200;
+const LOOP_MS = 100;
+const SWEEP_MS = 500;
+const FADE_TO = 0.25; // opacity of a closed connection just before it leaves
+
+const ROWS = { conn: connectionRows, ports: portRows, ips: ipRows, deploy: deploymentRows };
+const DATA_OF = { conn: "conn", ports: "ports", ips: "ips", deploy: null }; // store.dirty keys
+
+const ui = fromQuery(window.location.search);
+const store = new Store();
+const grids = {};
+let viewDirty = true; // filters, sort or view changed
+let lastRenderAt = 0;
+let lastRenderMs = 0;
+let lastSweep = 0;
+let lingering = 0;
+let counts = { shown: 0, total: 0 };
+let link = { state: "connecting", attempt: 0 };
+
+const $ = (id) => document.getElementById(id);
+
+function lingerMs() {
+  const s = Number(ui.filters.conn.linger);
+  return Number.isFinite(s) && s >= 0 ? s * 1000 : 5000;
+}
+
+function saveURL() {
+  const query = toQuery(ui.view, ui.filters);
+  if (query !== window.location.search) window.history.replaceState(null, "", query + window.location.hash);
+}
+
+// Closed connections fade towards FADE_TO over the linger delay, then sweep() removes them.
+function fade(row, now) {
+  if (!row.closedAt) return "";
+  const age = Math.min(1, (now - row.closedAt) / Math.max(lingerMs(), 1));
+  return String(1 - (1 - FADE_TO) * age);
+}
+
+function styleRow(row) {
+  const data = row.getData();
+  const elem = row.getElement();
+  elem.classList.toggle("closed", !!data.closedAt);
+  elem.style.opacity = fade(data, Date.now());
+}
+
+// Only the rows on screen need their opacity stepped; the grid is not rebuilt for a fade.
+function fadeVisible(now) {
+  const grid = grids.conn;
+  if (!grid?.built) return;
+  for (const row of grid.table.getRows("visible")) {
+    const data = row.getData();
+    if (data.closedAt) row.getElement().style.opacity = fade(data, now);
+  }
+}
+
+function gridFor(view) {
+  if (!grids[view]) {
+    grids[view] = createGrid($(`grid-${view}`), view, {
+      initialSort: ui.filters[view].sort,
+      rowFormatter: view === "conn" ? styleRow : undefined,
+      height: view === "deploy" ? false : "100%",
+      onSort(sort) {
+        const old = ui.filters[view].sort;
+        if (sort?.field === old?.field && sort?.dir === old?.dir) return; // also fires after each redraw
+        if (FILTERS[view].some((s) => s.kind === "sort")) ui.filters[view].sort = sort;
+        saveURL();
+      },
+    });
+    grids[view].table.on("tableBuilt", () => {
+      viewDirty = true;
+    });
+  }
+  return grids[view];
+}
+
+function render(now) {
+  const view = ui.view;
+  const grid = gridFor(view);
+  if (!grid.built) return;
+  const t0 = performance.now();
+  const { rows, total } = ROWS[view](store, ui.filters[view]);
+  // Derived fields (endpoint kinds, names) are recomputed in place when the indexes changed, so the
+  // same row objects may show something new: rebuild then; otherwise showRows skips an unchanged set.
+  const full = viewDirty || store.indexVersion !== grid.indexVersion;
+  grid.indexVersion = store.indexVersion;
+  showRows(grid, rows, full);
+  lastRenderMs = performance.now() - t0;
+  lastRenderAt = now;
+  counts = { shown: rows.length, total };
+  viewDirty = false;
+  if (DATA_OF[view]) store.dirty[DATA_OF[view]] = false;
+}
+
+function loop() {
+  const now = Date.now();
+  if (now - lastSweep >= SWEEP_MS) {
+    lingering = store.sweep(now, lingerMs());
+    lastSweep = now;
+  }
+  const dirty = viewDirty || (DATA_OF[ui.view] && store.dirty[DATA_OF[ui.view]]);
+  if (dirty && now - lastRenderAt >= Math.max(MIN_REDRAW_MS, 4 * lastRenderMs)) render(now);
+  if (lingering && ui.view === "conn") fadeVisible(now);
+  renderStatus(now);
+}
+
+function setText(id, value) {
+  const node = $(id);
+  if (node.textContent !== value) node.textContent = value;
+}
+
+function renderStatus(now) {
+  let text;
+  if (link.state === "reconnecting") {
+    const secs = Math.max(0, Math.ceil((link.retryAt - now) / 1000));
+    text = `reconnecting in ${secs} s (attempt ${link.attempt})`;
+  } else if (link.state === "connected") {
+    text = store.snapshotDone ? "connected" : "connected, loading snapshot…";
+  } else {
+    text = "connecting…";
+  }
+  setText("status-link", text);
+  $("status").dataset.link = link.state;
+  setText("status-events", `${store.eventCount.toLocaleString()} events`);
+  setText("status-rows", `${counts.shown.toLocaleString()} of ${counts.total.toLocaleString()} rows`);
+  const names = [...store.nodes.keys()].filter(Boolean);
+  setText("status-nodes", names.length === 1 ? `node ${names[0]}` : `${names.length} nodes`);
+}
+
+function filterInput(view, spec) {
+  const value = ui.filters[view][spec.key];
+  const update = (v) => {
+    ui.filters[view][spec.key] = v;
+    viewDirty = true;
+    lastRenderAt = 0; // typing redraws at once, not after the throttle
+    saveURL();
+  };
+  const name = `${view}.${spec.key}`;
+  if (spec.kind === "toggle") {
+    return el(
+      "label",
+      { class: "toggle" },
+      el("input", { type: "checkbox", name, checked: value, onchange: (e) => update(e.target.checked) }),
+      spec.label,
+    );
+  }
+  let input;
+  if (spec.kind === "select") {
+    input = el("select", { name, onchange: (e) => update(e.target.value) });
+    for (const [v, label] of spec.options) input.append(el("option", { value: v, text: label }));
+    input.value = value;
+  } else {
+    input = el("input", {
+      name,
+      type: spec.kind === "number" ? "number" : "search",
+      min: spec.kind === "number" ? 0 : undefined,
+      placeholder: spec.placeholder || "",
+      oninput: (e) => update(e.target.value.trim()),
+    });
+    input.value = value;
+  }
+  return el("label", { class: "filter" }, el("span", { text: spec.label }), input);
+}
+
+function buildFilters() {
+  for (const view of VIEWS) {
+    const bar = $(`filters-${view}`);
+    bar.replaceChildren(...FILTERS[view].filter((s) => s.kind !== "sort").map((s) => filterInput(view, s)));
+  }
+}
+
+function show(view) {
+  ui.view = view;
+  for (const v of VIEWS) {
+    const active = v === view;
+    $(`view-${v}`).hidden = !active;
+    $(`filters-${v}`).hidden = !active;
+    document.querySelector(`#tabs [data-view="${v}"]`).setAttribute("aria-selected", String(active));
+  }
+  const grid = gridFor(view);
+  if (grid.built) grid.table.redraw(); // it was sized while hidden
+  viewDirty = true;
+  lastRenderAt = 0;
+  saveURL();
+  if (view === "deploy") {
+    loadDeployment()
+      .then((data) => {
+        renderDeployment($("deploy-commands"), $("deploy-manifests"), data);
+        viewDirty = true;
+      })
+      .catch((err) => setText("deploy-commands", `Could not load the manifests: ${err.message}`));
+  }
+}
+
+function boot() {
+  buildFilters();
+  for (const button of document.querySelectorAll("#tabs [data-view]")) {
+    button.addEventListener("click", () => show(button.dataset.view));
+  }
+  show(ui.view);
+  const stream = new Stream(streamURL(), {
+    onSession: () => store.beginSession(),
+    onEvents: (events) => store.apply(events),
+    onStatus: (s) => {
+      link = s;
+    },
+  });
+  stream.start();
+  setInterval(loop, LOOP_MS);
+  // For the browser console and for load tests: inject events, read the state.
+  globalThis.netstatd = { store, ui, lastRenderMs: () => lastRenderMs };
+}
+
+boot();

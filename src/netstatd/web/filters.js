@@ -1,0 +1,118 @@
+// Each view's filters, and how they live in the URL: `?view=conn&conn.port=443&conn.ext=0`, so a
+// filtered view can be shared and reloaded. No DOM here (app.js builds the inputs from these specs).
+
+export const VIEWS = ["conn", "ports", "ips", "deploy"];
+
+const ANY = ["", "any"];
+
+// kind: text (substring, case-insensitive), number (exact), select, toggle (on/off), sort (column)
+export const FILTERS = {
+  conn: [
+    { key: "q", kind: "text", label: "Search", placeholder: "IP, exe, pod, hostname…" },
+    { key: "ns", kind: "text", label: "Namespace" },
+    { key: "pod", kind: "text", label: "Pod" },
+    { key: "node", kind: "text", label: "Node" },
+    { key: "proto", kind: "select", label: "Protocol", options: [ANY, ["TCP", "TCP"], ["UDP", "UDP"]] },
+    {
+      key: "state",
+      kind: "select",
+      label: "State",
+      options: [
+        ANY,
+        ["open", "open"],
+        ["closed", "closed"],
+        ...["SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "CLOSING", "ACTIVE"].map(
+          (s) => [s, s],
+        ),
+      ],
+    },
+    { key: "port", kind: "number", label: "Port" },
+    { key: "side", kind: "select", label: "Port side", options: [["", "any"], ["local", "local"], ["remote", "remote"]] },
+    { key: "fam", kind: "select", label: "Family", options: [ANY, ["IPv4", "IPv4"], ["IPv6", "IPv6"]] },
+    { key: "lo", kind: "toggle", label: "loopback", def: true },
+    { key: "host", kind: "toggle", label: "host", def: true },
+    { key: "pods", kind: "toggle", label: "pod", def: true },
+    { key: "ext", kind: "toggle", label: "external", def: true },
+    { key: "dedup", kind: "toggle", label: "dedup", def: false },
+    { key: "linger", kind: "number", label: "Closed linger (s)", def: "5" },
+    { key: "sort", kind: "sort" },
+  ],
+  ports: [
+    { key: "ip", kind: "text", label: "IP" },
+    { key: "proto", kind: "select", label: "Protocol", options: [ANY, ["TCP", "TCP"], ["UDP", "UDP"]] },
+    { key: "port", kind: "number", label: "Port" },
+    { key: "node", kind: "text", label: "Node" },
+    { key: "exe", kind: "text", label: "Executable" },
+    { key: "sort", kind: "sort" },
+  ],
+  ips: [
+    { key: "ip", kind: "text", label: "IP" },
+    {
+      key: "type",
+      kind: "select",
+      label: "Type",
+      options: [ANY, ["pod", "pod"], ["host", "host"], ["loopback", "loopback"], ["external", "external"]],
+    },
+    { key: "fam", kind: "select", label: "Family", options: [ANY, ["IPv4", "IPv4"], ["IPv6", "IPv6"]] },
+    { key: "node", kind: "text", label: "Node" },
+    { key: "sort", kind: "sort" },
+  ],
+  deploy: [{ key: "q", kind: "text", label: "Find", placeholder: "kind, name, port…" }],
+};
+
+function defaultOf(spec) {
+  if (spec.def !== undefined) return spec.def;
+  return spec.kind === "sort" ? null : "";
+}
+
+// {view, filters: {conn: {...}, ports: {...}, ...}} from a query string; unknown keys are ignored.
+export function fromQuery(search) {
+  const params = new URLSearchParams(search);
+  const view = VIEWS.includes(params.get("view")) ? params.get("view") : "conn";
+  const filters = {};
+  for (const v of VIEWS) {
+    filters[v] = {};
+    for (const spec of FILTERS[v]) {
+      const raw = params.get(`${v}.${spec.key}`);
+      let value = defaultOf(spec);
+      if (raw !== null) {
+        if (spec.kind === "toggle") value = raw !== "0";
+        else if (spec.kind === "sort") value = parseSort(raw);
+        else value = raw;
+      }
+      filters[v][spec.key] = value;
+    }
+  }
+  return { view, filters };
+}
+
+// Only values that differ from the defaults, so a plain URL stays plain.
+export function toQuery(view, filters) {
+  const params = new URLSearchParams();
+  params.set("view", view);
+  for (const v of VIEWS) {
+    for (const spec of FILTERS[v]) {
+      const value = filters[v][spec.key];
+      const def = defaultOf(spec);
+      if (spec.kind === "toggle") {
+        if (value !== def) params.set(`${v}.${spec.key}`, value ? "1" : "0");
+      } else if (spec.kind === "sort") {
+        if (value) params.set(`${v}.sort`, `${value.field}:${value.dir}`);
+      } else if (value !== def && value !== "") {
+        params.set(`${v}.${spec.key}`, value);
+      }
+    }
+  }
+  return "?" + params.toString();
+}
+
+function parseSort(raw) {
+  const [field, dir] = raw.split(":");
+  return /^[A-Za-z]+$/.test(field) && (dir === "asc" || dir === "desc") ? { field, dir } : null;
+}
+
+// Case-insensitive "contains"; an empty needle matches everything.
+export function contains(haystack, needle) {
+  if (!needle) return true;
+  return haystack != null && String(haystack).toLowerCase().includes(needle.toLowerCase());
+}

@@ -1,0 +1,184 @@
+// Store -> the rows a view shows: derived fields (endpoint kinds, labels) and the view's filters.
+// Runs once per redraw of the visible view, never per event. No DOM here.
+
+import { contains } from "./filters.js";
+import { familyOf, hostPort, isLoopback } from "./net.js";
+
+function podLabel(namespace, podName) {
+  return podName ? `${namespace || ""}/${podName}` : "";
+}
+
+// Endpoint kinds, which the views colour: pod = green, host = blue, external = red, loopback = grey.
+// The local side is on the node, so it is a pod's or the host's (a non-pod network namespace).
+function localKind(r, info) {
+  if (isLoopback(r.localIP)) return "loopback";
+  if (r.podName && !r.usesHostNetwork) return "pod";
+  return info?.kind === "pod" ? "pod" : "host";
+}
+
+function remoteKind(r, info) {
+  if (isLoopback(r.remoteIP)) return "loopback";
+  if (r.remotePodName) return "pod";
+  return info?.kind || "external";
+}
+
+// Sets the derived fields in place (rows are our own objects; the next event replaces them anyway).
+function decorateConn(r, ips, dns) {
+  const li = ips.get(r.localIP);
+  const ri = ips.get(r.remoteIP);
+  r.localKind = localKind(r, li);
+  r.remoteKind = remoteKind(r, ri);
+  r.remoteNs = r.remoteNamespace || (r.remoteKind === "pod" ? ri?.namespace : "") || "";
+  r.remotePod = r.remotePodName || (r.remoteKind === "pod" ? ri?.podName : "") || "";
+  r.localLabel = podLabel(r.namespace, r.podName) || r.localHostname || "";
+  r.remoteLabel =
+    podLabel(r.remoteNs, r.remotePod) ||
+    r.remoteHostname ||
+    dns.get(r.remoteIP) ||
+    (r.remoteKind === "host" && ri?.node ? `node ${ri.node}` : "");
+  r.container = r.containerName || (r.containerId ? r.containerId.slice(0, 12) : "");
+}
+
+function matchConn(r, f, port) {
+  if (f.proto && r.protocol !== f.proto) return false;
+  if (f.fam && r.family !== f.fam) return false;
+  if (f.state === "open" ? r.closedAt : f.state === "closed" ? !r.closedAt : f.state && r.state !== f.state) return false;
+  if (port !== null) {
+    const local = r.localPort === port;
+    const remote = r.remotePort === port;
+    if (f.side === "local" ? !local : f.side === "remote" ? !remote : !(local || remote)) return false;
+  }
+  const kinds = [r.localKind, r.remoteKind];
+  if (!f.lo && kinds.includes("loopback")) return false;
+  if (!f.host && kinds.includes("host")) return false;
+  if (!f.pods && kinds.includes("pod")) return false;
+  if (!f.ext && kinds.includes("external")) return false;
+  if (f.ns && !contains(r.namespace, f.ns) && !contains(r.remoteNs, f.ns)) return false;
+  if (f.pod && !contains(r.podName, f.pod) && !contains(r.remotePod, f.pod)) return false;
+  if (f.node && !contains(r.node, f.node)) return false;
+  if (f.q) {
+    const fields = [r.localIP, r.remoteIP, r.exe, r.comm, r.pid, r.localLabel, r.remoteLabel, r.container, r.state];
+    if (!fields.some((v) => contains(v, f.q))) return false;
+  }
+  return true;
+}
+
+// The same connection seen from both ends (two sockets on this node, or two nodes through the
+// multiplexer) has the same endpoints; dedup keeps one row, preferring the side that connected.
+function dedupKey(r) {
+  const a = hostPort(r.localIP, r.localPort);
+  const b = hostPort(r.remoteIP, r.remotePort);
+  // loopback addresses repeat in every network namespace: only the same namespace is the same link
+  const scope = r.localKind === "loopback" ? `${r.node}|${r.netns}` : "";
+  return `${r.protocol}|${a < b ? a + "|" + b : b + "|" + a}|${scope}`;
+}
+
+function toPort(value) {
+  return value === "" || value == null || Number.isNaN(Number(value)) ? null : Number(value);
+}
+
+export function connectionRows(store, f) {
+  const ips = store.ipIndex();
+  const dns = store.dnsIndex();
+  const port = toPort(f.port);
+  const rows = [];
+  const firstOf = f.dedup ? new Map() : null;
+  let total = 0;
+  for (const n of store.nodes.values()) {
+    for (const r of n.conns.values()) {
+      total++;
+      decorateConn(r, ips, dns);
+      if (!matchConn(r, f, port)) continue;
+      if (firstOf) {
+        const key = dedupKey(r);
+        const at = firstOf.get(key);
+        if (at !== undefined) {
+          if (r.direction === "outbound" && rows[at].direction !== "outbound") rows[at] = r;
+          continue;
+        }
+        firstOf.set(key, rows.length);
+      }
+      rows.push(r);
+    }
+  }
+  return { rows, total };
+}
+
+export function portRows(store, f) {
+  const port = toPort(f.port);
+  const rows = [];
+  let total = 0;
+  for (const n of store.nodes.values()) {
+    for (const r of n.ports.values()) {
+      total++;
+      r.pod = podLabel(r.namespace, r.podName);
+      r.container = r.containerName || (r.containerId ? r.containerId.slice(0, 12) : "");
+      r.network = r.usesHostNetwork ? "host-network pod" : r.podName ? "pod" : r.host === false ? "container" : "host";
+      if (f.proto && r.protocol !== f.proto) continue;
+      if (port !== null && r.port !== port) continue;
+      if (f.ip && !contains(r.ip, f.ip)) continue;
+      if (f.node && !contains(r.node, f.node)) continue;
+      if (f.exe && !contains(r.exe, f.exe) && !contains(r.comm, f.exe)) continue;
+      rows.push(r);
+    }
+  }
+  return { rows, total };
+}
+
+// Every IP seen: each node's inventory (and host.info's host IPs), then peers of connections and
+// names from the DNS cache that no inventory has, classified by the other nodes' inventories.
+export function ipRows(store, f) {
+  const ips = store.ipIndex();
+  const dns = store.dnsIndex();
+  const all = [];
+  const listed = new Set();
+  const add = (row) => {
+    row.family = familyOf(row.ip);
+    row.hostname = dns.get(row.ip) || "";
+    listed.add(row.ip);
+    all.push(row);
+  };
+  for (const n of store.nodes.values()) {
+    for (const e of n.ips.values()) {
+      add({
+        id: `${n.name}|${e.ip}|${e.podUID || ""}`,
+        node: n.name,
+        ip: e.ip,
+        type: e.kind,
+        iface: e.interface || "",
+        source: e.source || "",
+        pod: podLabel(e.namespace, e.podName),
+        hostNetwork: !!e.usesHostNetwork,
+      });
+    }
+    for (const ip of n.hostInfo?.hostIPs || []) {
+      if (!n.ips.has(`${ip}|`)) add({ id: `${n.name}|${ip}|`, node: n.name, ip, type: "host", source: "host.info", iface: "", pod: "" });
+    }
+  }
+  const seen = (node, ip, source) => {
+    if (!ip || listed.has(ip) || isLoopback(ip)) return;
+    const info = ips.get(ip);
+    add({
+      id: `|${ip}`,
+      node,
+      ip,
+      type: info?.kind || "external",
+      source,
+      iface: "",
+      pod: podLabel(info?.namespace, info?.podName),
+      hostNetwork: !!info?.usesHostNetwork,
+    });
+  };
+  for (const n of store.nodes.values()) {
+    for (const c of n.conns.values()) seen(n.name, c.remoteIP, "connection");
+    for (const ip of n.dns.keys()) seen(n.name, ip, "dns");
+  }
+  const rows = all.filter(
+    (r) =>
+      (!f.type || r.type === f.type) &&
+      (!f.fam || r.family === f.fam) &&
+      contains(r.ip, f.ip) &&
+      contains(r.node, f.node),
+  );
+  return { rows, total: all.length };
+}

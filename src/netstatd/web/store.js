@@ -1,0 +1,222 @@
+// The client's copy of the stream's state (docs/protocol.md), keyed by node so the same code serves one
+// agent and the cluster-wide multiplexer. Applying an event is O(1); views read the maps when they
+// redraw. No DOM here.
+
+import { isLoopback } from "./net.js";
+
+// The agent closes idle UDP flows after 60 s (closeReason "idle"); a flow silent for longer than this
+// lost its close somewhere (e.g. while we were reconnecting), so the UI expires it itself.
+export const UDP_EXPIRE_MS = 75_000;
+
+class NodeState {
+  constructor(name) {
+    this.name = name;
+    this.hostInfo = null;
+    this.containers = new Map(); // containerId -> container.added
+    this.ips = new Map(); // ip|podUID -> ip.added (one host IP appears once per host-network pod too)
+    this.ports = new Map(); // sockCookie -> port row
+    this.conns = new Map(); // sockCookie (TCP) or sockCookie|remoteIP|remotePort (UDP) -> connection row
+    this.dns = new Map(); // ip -> Map(hostname -> dns.resolved)
+    this.stale = false; // from a previous WebSocket session: cleared by its first event in the new one
+  }
+
+  clear() {
+    this.containers.clear();
+    this.ips.clear();
+    this.ports.clear();
+    this.conns.clear();
+    this.dns.clear();
+  }
+}
+
+export class Store {
+  constructor() {
+    this.nodes = new Map();
+    this.eventCount = 0;
+    this.snapshotDone = false;
+    // What changed since the views last read it: views redraw only when their data is dirty.
+    this.dirty = { conn: true, ports: true, ips: true };
+    this.indexDirty = true; // ip and dns indexes need rebuilding (inventory or DNS changed)
+    this.indexVersion = 0; // counts rebuilds: rows derived from an older index are out of date
+    this._ipIndex = new Map();
+    this._dnsIndex = new Map();
+  }
+
+  node(name) {
+    let n = this.nodes.get(name);
+    if (!n) {
+      n = new NodeState(name);
+      this.nodes.set(name, n);
+    }
+    return n;
+  }
+
+  // A new WebSocket session: the old rows stay on screen (marked stale) until each node's snapshot
+  // replaces them, so a restart of the agent does not blank the page.
+  beginSession() {
+    for (const n of this.nodes.values()) n.stale = true;
+    this.snapshotDone = false;
+  }
+
+  apply(events, now = Date.now()) {
+    for (const ev of events) {
+      this.eventCount++;
+      const handler = HANDLERS[ev.type];
+      if (!handler) continue;
+      const node = this.node(ev.nodeName || "");
+      if (node.stale) {
+        // The first event of a node in a new session: its whole state is being sent again.
+        node.clear();
+        node.stale = false;
+        this.markAll();
+      }
+      handler(this, node, ev, now);
+    }
+  }
+
+  markAll() {
+    this.dirty.conn = this.dirty.ports = this.dirty.ips = true;
+    this.indexDirty = true;
+  }
+
+  // Drops connections closed longer than lingerMs ago, and closes UDP flows silent for too long.
+  // Returns how many closed connections are still lingering (they fade out meanwhile).
+  sweep(now, lingerMs) {
+    let lingering = 0;
+    for (const n of this.nodes.values()) {
+      for (const [key, row] of n.conns) {
+        if (!row.closedAt && row.protocol === "UDP" && now - row.lastSeen > UDP_EXPIRE_MS) {
+          // a new object, like every change: the grid tells changed rows by identity
+          n.conns.set(key, { ...row, state: "CLOSE", closeReason: "expired", closedAt: now });
+          this.dirty.conn = true;
+          lingering++;
+          continue;
+        }
+        if (!row.closedAt) continue;
+        if (now - row.closedAt >= lingerMs) {
+          n.conns.delete(key);
+          this.dirty.conn = true;
+        } else {
+          lingering++;
+        }
+      }
+    }
+    return lingering;
+  }
+
+  // ip -> {kind, podName, namespace, usesHostNetwork, node}: every node's inventory and host IPs.
+  // A pod's own IP wins over a host entry, which wins over loopback.
+  ipIndex() {
+    this._rebuildIndexes();
+    return this._ipIndex;
+  }
+
+  // ip -> hostname, from every node's DNS cache (dns.resolved / dns.expired).
+  dnsIndex() {
+    this._rebuildIndexes();
+    return this._dnsIndex;
+  }
+
+  _rebuildIndexes() {
+    if (!this.indexDirty) return;
+    this.indexDirty = false;
+    this.indexVersion++;
+    const rank = { pod: 3, host: 2, loopback: 1 };
+    const ips = new Map();
+    const put = (ip, entry) => {
+      const old = ips.get(ip);
+      if (!old || (rank[entry.kind] || 0) > (rank[old.kind] || 0) || (!old.podName && entry.podName && entry.kind === old.kind)) {
+        ips.set(ip, entry);
+      }
+    };
+    const dns = new Map();
+    for (const n of this.nodes.values()) {
+      for (const ip of n.hostInfo?.hostIPs || []) put(ip, { kind: "host", node: n.name });
+      for (const e of n.ips.values()) {
+        put(e.ip, { kind: e.kind, podName: e.podName, namespace: e.namespace, usesHostNetwork: e.usesHostNetwork, node: n.name });
+      }
+      for (const c of n.containers.values()) {
+        for (const ip of c.podIPs || []) put(ip, { kind: "pod", podName: c.podName, namespace: c.namespace, node: n.name });
+      }
+      for (const [ip, names] of n.dns) {
+        if (!dns.has(ip) && names.size) dns.set(ip, names.keys().next().value);
+      }
+    }
+    this._ipIndex = ips;
+    this._dnsIndex = dns;
+  }
+}
+
+function connKey(ev) {
+  return ev.protocol === "UDP" ? `${ev.sockCookie}|${ev.remoteIP}|${ev.remotePort}` : String(ev.sockCookie);
+}
+
+// One handler per event type. Each keeps its node's maps in step and marks what changed.
+const HANDLERS = {
+  "host.info"(store, node, ev) {
+    // A node's session starts with host.info and its full state follows: forget what we had.
+    node.clear();
+    node.stale = false;
+    node.hostInfo = ev;
+    store.markAll();
+  },
+  "stream.reset"(store, node) {
+    // We fell behind and missed events; the node's state is sent again right after.
+    const nodes = node.name ? [node] : [...store.nodes.values()];
+    for (const n of nodes) n.clear();
+    store.markAll();
+  },
+  "snapshot.complete"(store) {
+    store.snapshotDone = true;
+    for (const [name, n] of store.nodes) if (n.stale) store.nodes.delete(name); // not in the new session
+    store.markAll();
+  },
+  "container.added"(store, node, ev) {
+    node.containers.set(ev.containerId, ev);
+    store.markAll(); // names and pod IPs shown in every view
+  },
+  "container.deleted"(store, node, ev) {
+    node.containers.delete(ev.containerId);
+    store.markAll();
+  },
+  "ip.added"(store, node, ev) {
+    node.ips.set(`${ev.ip}|${ev.podUID || ""}`, ev);
+    store.markAll(); // endpoint kinds (colours) may change
+  },
+  "ip.removed"(store, node, ev) {
+    node.ips.delete(`${ev.ip}|${ev.podUID || ""}`);
+    store.markAll();
+  },
+  "port.listening"(store, node, ev) {
+    node.ports.set(String(ev.sockCookie), { ...ev, id: `${node.name}|${ev.sockCookie}`, node: node.name });
+    store.dirty.ports = true;
+  },
+  "port.closed"(store, node, ev) {
+    node.ports.delete(String(ev.sockCookie));
+    store.dirty.ports = true;
+  },
+  "connection.event"(store, node, ev, now) {
+    const key = connKey(ev);
+    const old = node.conns.get(key);
+    const row = { ...ev, id: `${node.name}|${key}`, node: node.name, firstSeen: old ? old.firstSeen : now, lastSeen: now };
+    row.closedAt = ev.state === "CLOSE" ? old?.closedAt || now : 0;
+    // An event with only SYN_SENT has localPort 0 (the kernel picks it just after); keep a known one.
+    if (!row.localPort && old?.localPort) row.localPort = old.localPort;
+    node.conns.set(key, row);
+    store.dirty.conn = true;
+    if (!isLoopback(ev.remoteIP)) store.dirty.ips = true; // "every IP seen" includes remote peers
+  },
+  "dns.resolved"(store, node, ev) {
+    let names = node.dns.get(ev.ip);
+    if (!names) node.dns.set(ev.ip, (names = new Map()));
+    names.set(ev.hostname, ev);
+    store.markAll();
+  },
+  "dns.expired"(store, node, ev) {
+    const names = node.dns.get(ev.ip);
+    if (!names) return;
+    names.delete(ev.hostname);
+    if (!names.size) node.dns.delete(ev.ip);
+    store.markAll();
+  },
+};

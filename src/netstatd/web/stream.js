@@ -1,0 +1,57 @@
+// The WebSocket to /netstat of whoever served this page: a node's agent and the cluster-wide
+// multiplexer serve the same UI and the same protocol, so the client is the same for both.
+
+const FIRST_DELAY_MS = 500;
+const MAX_DELAY_MS = 15_000;
+
+export function streamURL(loc = window.location) {
+  // Relative to the page, so the UI also works behind a path prefix (e.g. kubectl proxy).
+  const url = new URL("netstat", loc.href);
+  url.protocol = loc.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "";
+  url.hash = "";
+  return url.toString();
+}
+
+// Calls onSession() when a connection opens (a fresh snapshot follows), onEvents(list) per frame and
+// onStatus({state, attempt, retryAt}) when the connection state changes. Reconnects with backoff.
+export class Stream {
+  constructor(url, { onSession, onEvents, onStatus }) {
+    this.url = url;
+    this.onSession = onSession;
+    this.onEvents = onEvents;
+    this.onStatus = onStatus;
+    this.attempt = 0;
+    this.ws = null;
+  }
+
+  start() {
+    this.onStatus({ state: "connecting", attempt: this.attempt });
+    const ws = new WebSocket(this.url);
+    this.ws = ws;
+    ws.onopen = () => {
+      this.onSession();
+      this.onStatus({ state: "connected", attempt: this.attempt });
+    };
+    ws.onmessage = (msg) => {
+      // Reset the backoff only once data flows: an agent that accepts and drops us must not be hammered.
+      this.attempt = 0;
+      let data;
+      try {
+        data = JSON.parse(msg.data);
+      } catch {
+        console.warn("netstatd: ignoring a frame that is not JSON");
+        return;
+      }
+      this.onEvents(Array.isArray(data) ? data : [data]);
+    };
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      // Jitter, so many open pages do not all reconnect at the same instant after an agent restart.
+      const delay = Math.min(FIRST_DELAY_MS * 2 ** this.attempt, MAX_DELAY_MS) * (0.8 + 0.4 * Math.random());
+      this.attempt++;
+      this.onStatus({ state: "reconnecting", attempt: this.attempt, retryAt: Date.now() + delay });
+      setTimeout(() => this.start(), delay);
+    };
+  }
+}
