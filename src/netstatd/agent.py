@@ -20,6 +20,7 @@ from .enrich.attribution import Attribution
 from .enrich.cgroups import PidContainers
 from .hub import Hub
 from .metrics import Metric, record_metrics, single
+from .mux.server import Mux
 from .protocol import HOST_INFO
 from .settings import Settings
 from .sources import addresses, netlink, procfs, sockdiag
@@ -92,11 +93,13 @@ class Agent:
         self._ip_refresher: asyncio.Task | None = None
         self._scans: dict[int, asyncio.Task] = {}  # netns inode -> its scan in progress (one per netns)
         self.netns_scans = {"done": 0, "failed": 0, "dropped": 0}
+        self.mux = Mux(settings, self.tracker.clock.now)  # cluster-wide view on --http-mux-port
 
     # -- lifecycle: every start has its stop --------------------------------
     async def start(self) -> None:
         tune_gc()
         await self._start_http()
+        await self._start_mux()
         try:
             await self.dnstap.start({"node": self.settings.dnstap_port, "mux": self.settings.dnstap_mux_port})
         except OSError as e:
@@ -130,6 +133,7 @@ class Agent:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.mux.stop()
         await self.dnstap.stop()
         if self._drainer:
             self._drainer.stop()
@@ -152,6 +156,17 @@ class Agent:
             if e.errno == errno.EADDRINUSE:
                 raise StartupError(
                     f"port {port} is already in use (another netstatd?): stop it or pass --http-port"
+                ) from None
+            raise StartupError(f"cannot listen on port {port}: {e.strerror}") from None
+
+    async def _start_mux(self) -> None:
+        port = self.settings.http_mux_port
+        try:
+            await self.mux.start(self.metrics)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {port} is already in use (another netstatd?): stop it or pass --http-mux-port"
                 ) from None
             raise StartupError(f"cannot listen on port {port}: {e.strerror}") from None
 
@@ -414,6 +429,7 @@ class Agent:
                 h.overflows,
             ),
             *self._dns_metrics(),
+            *self.mux.metrics(),
             single("netstatd_clients_connected", "gauge", "WebSocket clients connected now.", len(h.subscribers)),
             single(
                 "netstatd_client_connections_total", "counter", "WebSocket clients ever connected.", h.clients_total

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -16,6 +17,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def other_listener_args() -> list[str]:
+    """Free ports for every listener but --http-port: a test's agent must not collide with another."""
+    return [x for flag in ("--http-mux-port", "--dnstap-port", "--dnstap-mux-port") for x in (flag, str(free_port()))]
 
 
 def netstatd_binary() -> str:
@@ -32,14 +38,23 @@ class AgentProcess:
         port: int | None = None,
         env: dict[str, str] | None = None,
         log_path: str | os.PathLike | None = None,
+        prefix: Sequence[str] = (),
+        host: str = "127.0.0.1",
     ) -> None:
+        """prefix: argv run before netstatd (e.g. entering a test host's netns); host: where it is reached."""
         self.port = port or free_port()
+        self.host = host
         # Free ports for the other listeners too, so several agents can run side by side.
         self.dnstap_port = free_port()
         self.dnstap_mux_port = free_port()
-        defaults = {"--dnstap-port": self.dnstap_port, "--dnstap-mux-port": self.dnstap_mux_port}
+        self.mux_port = int(args[args.index("--http-mux-port") + 1]) if "--http-mux-port" in args else free_port()
+        defaults = {
+            "--dnstap-port": self.dnstap_port,
+            "--dnstap-mux-port": self.dnstap_mux_port,
+            "--http-mux-port": self.mux_port,
+        }
         extra = [x for flag, p in defaults.items() if flag not in args for x in (flag, str(p))]
-        self.args = [netstatd_binary(), "--http-port", str(self.port), *extra, *args]
+        self.args = [*prefix, netstatd_binary(), "--http-port", str(self.port), *extra, *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
@@ -47,11 +62,19 @@ class AgentProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/netstat"
+        return f"ws://{self.host}:{self.port}/netstat"
+
+    @property
+    def mux_url(self) -> str:
+        return f"http://{self.host}:{self.mux_port}"
+
+    @property
+    def mux_ws_url(self) -> str:
+        return f"ws://{self.host}:{self.mux_port}/netstat"
 
     def start(self, timeout: float = 20) -> AgentProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)

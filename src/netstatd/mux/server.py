@@ -1,0 +1,251 @@
+"""The multiplexer: discovery -> one upstream per peer -> merged state -> a second hub on --http-mux-port.
+
+The mux port serves the node port's app (build_app: /, the UI, /netstat, /metrics), over a hub whose
+snapshot is every node's state, so the UI is the same code whether it talks to one node or all.
+
+Upstreams are open only while this mux has a client (and LINGER_S after the last one leaves): every
+agent serves a mux, and N muxes each streaming all N nodes around the clock would cost every node the
+whole cluster's event rate for nothing. Discovery runs always, so mux.status is ready for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .. import __version__
+from ..api.app import build_app
+from ..hub import Hub, Subscriber
+from ..metrics import Metric, single
+from ..protocol import HOST_INFO
+from ..settings import Settings
+from .discovery import Discovery
+from .peer import CONNECTED, GARBAGE_REASONS, RECONNECTING, Peer, PeerStats
+from .state import Event, MergedState
+
+log = logging.getLogger("netstatd.mux")
+
+MUX_STATUS = "mux.status"
+MAX_PEER_EVENTS_PER_S = 500_000  # 10x what a node delivers at full churn (tens of thousands/s, docs/benchmarks.md)
+LINGER_S = 60.0  # upstreams stay open this long after the last client left (a page reload keeps them)
+
+
+class MuxHub(Hub):
+    """A hub that tells the mux when a client arrives, so upstreams open on demand."""
+
+    on_subscribe: Callable[[], None] = staticmethod(lambda: None)
+
+    def subscribe(self, peer: str, first: Event) -> Subscriber | None:
+        sub = super().subscribe(peer, first)
+        if sub is not None:
+            self.on_subscribe()
+        return sub
+
+
+class Mux:
+    def __init__(
+        self,
+        settings: Settings,
+        now: Callable[[], str],
+        *,
+        max_peer_events_per_s: int = MAX_PEER_EVENTS_PER_S,
+        linger_s: float = LINGER_S,
+    ) -> None:
+        self.settings = settings
+        self.now = now
+        self.max_peer_events_per_s = max_peer_events_per_s
+        self.state = MergedState()
+        self.hub = MuxHub(settings.node_name, self.snapshot, now, client_max_events=settings.client_queue_events)
+        self.hub.on_subscribe = self._activate
+        self.linger_s = linger_s
+        self.active = False  # upstreams open (a client is here, or left less than linger_s ago)
+        self._idle_since = 0.0
+        self._idler: asyncio.Task | None = None
+        self.discovery = Discovery(settings.fanout_service, self._peers_changed)
+        self.peers: dict[str, Peer] = {}
+        self.owners: dict[str, Peer] = {}  # nodeName -> peer
+        self.stats = PeerStats()
+        self.gone = 0  # peers dropped because DNS stopped listing them
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, metrics_fn: Callable[[], list[Metric]]) -> None:
+        """Serve --http-mux-port (OSError when it cannot listen), then start discovering peers."""
+        app = build_app(self.hub, self.host_info, metrics_fn, lambda pid: None, self.state.containers)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, port=self.settings.http_mux_port, reuse_address=True).start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
+        # limit=0: the default pool of 100 would leave peers past the 100th waiting forever
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        self.discovery.start()
+        self._idler = asyncio.create_task(self._idle_loop(), name="mux-idle")
+        log.info(
+            "multiplexer on http://0.0.0.0:%d (WebSocket /netstat), peers from %r",
+            self.settings.http_mux_port,
+            self.settings.fanout_service,
+        )
+
+    async def stop(self) -> None:
+        await self.discovery.stop()
+        if self._idler:
+            self._idler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idler
+        await self._deactivate()
+        if self._session:
+            await self._session.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    def _activate(self) -> None:
+        if not self.active:
+            self.active = True
+            self._idle_since = time.monotonic()
+            log.info("multiplexer: first client; opening upstreams to %d peers", len(self.discovery.peers))
+            self._peers_changed(self.discovery.peers)
+
+    async def _deactivate(self) -> None:
+        self.active = False
+        peers, self.peers = list(self.peers.values()), {}
+        for peer in peers:
+            await peer.stop()
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.linger_s))
+            if self.hub.subscribers or not self.active:
+                self._idle_since = time.monotonic()
+            elif time.monotonic() - self._idle_since >= self.linger_s:
+                log.info("multiplexer: no client for %.0fs; closing the upstreams", self.linger_s)
+                await self._deactivate()
+
+    def _peers_changed(self, ips: set[str]) -> None:
+        if not self.active:
+            ips = set()  # discovery alone: no upstreams until a client comes
+        for ip in ips - self.peers.keys():
+            assert self._session is not None
+            peer = Peer(
+                ip,
+                self.settings.http_port,
+                self.state,
+                self.owners,
+                self.hub.publish,
+                self.now,
+                self._session,
+                self.stats,
+                max_events_per_s=self.max_peer_events_per_s,
+            )
+            self.peers[ip] = peer
+            peer.start()
+        for ip in self.peers.keys() - ips:
+            peer = self.peers.pop(ip)
+            self.gone += 1
+            log.info("peer %s (%s) is no longer listed by %s: dropped", ip, peer.node or "?", self.discovery.service)
+            peer.drop()
+        self.hub.publish([self.status_event()])
+
+    # -- what clients of the mux port get ----------------------------------
+    def status_event(self) -> Event:
+        d = self.discovery
+        return {
+            "type": MUX_STATUS,
+            "timestamp": self.now(),
+            "nodeName": self.settings.node_name,
+            "fanoutService": d.service,
+            "peers": sorted(d.peers),
+            "message": d.message,
+        }
+
+    def host_info(self) -> dict[str, Any]:
+        return {
+            "type": HOST_INFO,
+            "timestamp": self.now(),
+            "nodeName": self.settings.node_name,
+            "mux": True,  # peers refuse to stream from a mux (see peer.py)
+            "version": __version__,
+            "fanoutService": self.discovery.service,
+        }
+
+    def snapshot(self) -> list[Event]:
+        """mux.status and each peer's status first, so the page can say what it is merging."""
+        statuses = [p.status for p in self.peers.values() if p.status]
+        return [self.status_event(), *statuses, *self.state.snapshot()]
+
+    def metrics(self) -> list[Metric]:
+        h, st = self.hub, self.stats
+        by_status = {s: 0 for s in (CONNECTED, RECONNECTING)}
+        for p in self.peers.values():
+            if p.status:
+                by_status[p.status["status"]] = by_status.get(p.status["status"], 0) + 1
+        return [
+            single(
+                "netstatd_mux_active",
+                "gauge",
+                "1 while upstreams are open (a mux client, or linger).",
+                int(self.active),
+            ),
+            Metric(
+                "netstatd_mux_peers",
+                "gauge",
+                "Peers listed by FANOUT_SERVICE, by upstream status.",
+                [({"status": s}, n) for s, n in by_status.items()],
+            ),
+            single(
+                "netstatd_mux_peers_gone_total", "counter", "Peers dropped when DNS stopped listing them.", self.gone
+            ),
+            single("netstatd_mux_nodes", "gauge", "Nodes in the merged state.", len(self.state.nodes)),
+            single(
+                "netstatd_mux_upstream_connections_total",
+                "counter",
+                "Upstream WebSocket connections opened to peers.",
+                st.connections,
+            ),
+            Metric(
+                "netstatd_mux_peer_garbage_total",
+                "counter",
+                "Peers disconnected for breaking the protocol, by reason.",
+                [({"reason": r}, st.garbage.get(r, 0)) for r in GARBAGE_REASONS],
+            ),
+            single("netstatd_mux_peer_events_total", "counter", "Events received from peers.", st.events),
+            single(
+                "netstatd_mux_peer_events_dropped_total",
+                "counter",
+                "Events peers dropped for this mux (their stream.reset missedEvents); that node is then rebuilt.",
+                st.missed_events,
+            ),
+            single(
+                "netstatd_mux_clients_connected", "gauge", "Mux WebSocket clients connected now.", len(h.subscribers)
+            ),
+            single("netstatd_mux_client_connections_total", "counter", "Mux WebSocket clients ever.", h.clients_total),
+            single(
+                "netstatd_mux_client_events_dropped_total",
+                "counter",
+                "Events dropped for mux clients too slow to keep up.",
+                h.dropped_events,
+            ),
+            single(
+                "netstatd_mux_client_overflows_total",
+                "counter",
+                "Times a mux client's queue overflowed (it then got a stream.reset).",
+                h.overflows,
+            ),
+            Metric(
+                "netstatd_mux_discovery_lookups_total",
+                "counter",
+                "FANOUT_SERVICE lookups by result: ok, empty (no agent listed, or unset), failed (peers kept).",
+                [({"result": r}, n) for r, n in self.discovery.lookups.items()],
+            ),
+        ]

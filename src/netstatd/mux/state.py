@@ -1,0 +1,138 @@
+"""The multiplexer's merged state: per node, the tables a client keeps, built from the node's stream.
+
+No I/O: a peer feeds events in, the server asks for a snapshot. Keys follow docs/protocol.md (keep in
+step with the node's own tables: state/containers.py, state/ips.py, state/names.py, state/tracker.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..protocol import (
+    CONNECTION_EVENT,
+    CONTAINER_ADDED,
+    CONTAINER_DELETED,
+    DNS_EXPIRED,
+    DNS_RESOLVED,
+    IP_ADDED,
+    IP_REMOVED,
+    PORT_CLOSED,
+    PORT_LISTENING,
+    UDP_CLOSE,
+)
+
+Event = dict[str, Any]
+TCP_CLOSE = "CLOSE"
+
+
+class NodeTables:
+    """One node's current state, keyed as a client would keep it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.containers: dict[str, Event] = {}
+        self.ips: dict[tuple[str, str], Event] = {}
+        self.names: dict[str, Event] = {}
+        self.ports: dict[int, Event] = {}
+        self.connections: dict[tuple[Any, ...], Event] = {}
+
+    def apply(self, e: Event) -> None:
+        t = e["type"]
+        if t == CONNECTION_EVENT:
+            key = (e.get("sockCookie"),)
+            if e.get("protocol") == "UDP":
+                key += (e.get("remoteIP"), e.get("remotePort"))
+            if e.get("state") in (TCP_CLOSE, UDP_CLOSE):
+                self.connections.pop(key, None)
+            else:
+                old = self.connections.get(key)
+                if old:  # a name, once given, stays for the connection's lifetime (docs/protocol.md)
+                    for f in ("remoteHostname", "localHostname"):
+                        if f in old and f not in e:
+                            e[f] = old[f]
+                self.connections[key] = e
+        elif t == PORT_LISTENING:
+            self.ports[e.get("sockCookie")] = e
+        elif t == PORT_CLOSED:
+            self.ports.pop(e.get("sockCookie"), None)
+        elif t == CONTAINER_ADDED:
+            self.containers[e.get("containerId")] = e
+        elif t == CONTAINER_DELETED:
+            self.containers.pop(e.get("containerId"), None)
+        elif t == IP_ADDED:
+            self.ips[(e.get("ip"), e.get("podUID") or "")] = e
+        elif t == IP_REMOVED:
+            self.ips.pop((e.get("ip"), e.get("podUID") or ""), None)
+        elif t == DNS_RESOLVED:
+            self.names[e.get("ip")] = e
+        elif t == DNS_EXPIRED:
+            self.names.pop(e.get("ip"), None)
+
+    def snapshot(self) -> list[Event]:
+        """This node's state as events, in the node stream's order."""
+        out = [*self.containers.values(), *self.ips.values(), *self.names.values(), *self.ports.values()]
+        out.extend({**e, "states": [e.get("state")]} for e in self.connections.values())
+        return out
+
+    def count(self) -> int:
+        return sum(map(len, (self.containers, self.ips, self.names, self.ports, self.connections)))
+
+
+class MergedState:
+    """Every node's tables, plus a cluster-wide IP -> name index so any node's DNS names every connection."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeTables] = {}
+        self.names: dict[Any, Any] = {}  # ip -> hostname, the latest learned on any node
+
+    def replace(self, tables: NodeTables) -> None:
+        """A node's fresh snapshot (first connect, reconnect or stream.reset) replaces what we had."""
+        self.remove(tables.name)
+        self.nodes[tables.name] = tables
+        for ip, e in tables.names.items():
+            self.names[ip] = e.get("hostname")
+
+    def remove(self, node: str) -> NodeTables | None:
+        tables = self.nodes.pop(node, None)
+        if tables:
+            for ip, e in tables.names.items():
+                if self.names.get(ip) == e.get("hostname"):
+                    del self.names[ip]
+        return tables
+
+    def apply(self, tables: NodeTables, events: list[Event]) -> None:
+        """Live events of one node: name its connections from any node's DNS, then keep them."""
+        names = self.names
+        for e in events:
+            t = e["type"]
+            if t == CONNECTION_EVENT and names:
+                for ip_field, name_field in (("remoteIP", "remoteHostname"), ("localIP", "localHostname")):
+                    if name_field not in e and (name := names.get(e.get(ip_field))):  # type: ignore[arg-type]
+                        e[name_field] = name
+            elif t == DNS_RESOLVED:
+                names[e.get("ip")] = e.get("hostname")
+            elif t == DNS_EXPIRED and names.get(e.get("ip")) == e.get("hostname"):
+                del names[e.get("ip")]
+            tables.apply(e)
+
+    def snapshot(self) -> list[Event]:
+        """Every node's state in the node stream's order: containers, IPs, names, ports, connections."""
+        nodes = list(self.nodes.values())
+        out: list[Event] = []
+        for table in ("containers", "ips", "names", "ports"):
+            for n in nodes:
+                out.extend(getattr(n, table).values())
+        for n in nodes:
+            out.extend({**e, "states": [e.get("state")]} for e in n.connections.values())
+        return out
+
+    def containers(self, namespace: str | None, pod_name: str | None) -> list[Event]:
+        """/api/containers on the mux port: every node's, each with its nodeName."""
+        skip = ("type", "timestamp")
+        return [
+            {k: v for k, v in e.items() if k not in skip}
+            for n in self.nodes.values()
+            for e in n.containers.values()
+            if (namespace is None or e.get("namespace") == namespace)
+            and (pod_name is None or e.get("podName") == pod_name)
+        ]
