@@ -109,7 +109,8 @@ def wait_rows(page, predicate, view="conn"):
     step = 100
     while deadline_ms > 0:
         texts = rows(page, view).all_inner_texts()
-        if predicate(texts):
+        # a row element whose cells are not filled in yet (mid-redraw) shows no text: look again
+        if all(t.strip() for t in texts) and predicate(texts):
             return texts
         page.wait_for_timeout(step)
         deadline_ms -= step
