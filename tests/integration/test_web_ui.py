@@ -140,7 +140,9 @@ def test_live_connection_row_with_pid_and_exe_and_a_port_filter_kept_in_the_url(
         page.fill('input[name="conn.port"]', str(port))
         wait_query(page, f"conn.port={port}")
         exe = os.path.basename(os.path.realpath(sys.executable))
-        texts = wait_rows(page, lambda ts: len(ts) == 2)  # the client's socket and the server's
+        pids = (str(client.pid), str(server.pid))
+        # the client's socket and the server's
+        texts = wait_rows(page, lambda ts: len(ts) == 2 and all(any(p in t for t in ts) for p in pids))
         for pid in (client.pid, server.pid):
             assert any(str(pid) in t and exe in t and hosts.b.ipv4 in t for t in texts), (pid, texts)
         assert all(str(port) in t for t in texts)
