@@ -11,7 +11,7 @@ ARGS    ?=
 
 RUN_PACKAGES  := clang llvm libbpf-dev bpftool iproute2 python3-venv
 TEST_PACKAGES := prometheus containerd runc busybox-static containernetworking-plugins \
-	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium
+	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium $(if $(shell command -v kubectl),,kubernetes-client)
 BPF_OBJS := $(BPF_DIR)/netstatd.bpf.o $(BPF_DIR)/probe_fentry.bpf.o
 PROTO_DIR := src/netstatd/sources/containerd/protos
 DNSTAP_PROTO_DIR := src/netstatd/sources/dnstap/protos
