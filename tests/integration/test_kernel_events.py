@@ -141,7 +141,10 @@ def test_udp_connected_exchange_both_sides(hosts, stream, family):
                 and e["localPort"] == client_port
             )
         )
-        assert len(flows) == 1
+        # The kernel announces a flow's sends and its receives at most once each per 5 s; the two
+        # become one event when they fall in the same 50 ms flush.
+        assert {(e["sockCookie"], e["remoteIP"], e["remotePort"]) for e in flows} == {(out["sockCookie"], b_ip, port)}
+        assert len(flows) <= 2, flows
     finally:
         finish(client, server)
     closed = stream.wait_for(
