@@ -87,7 +87,8 @@ export class Store {
       for (const [key, row] of n.conns) {
         if (!row.closedAt && row.protocol === "UDP" && now - row.lastSeen > UDP_EXPIRE_MS) {
           // a new object, like every change: the grid tells changed rows by identity
-          n.conns.set(key, { ...row, state: "CLOSE", closeReason: "expired", closedAt: now });
+          // (_iv: 0: its derived fields, e.g. the search text with the state, are computed again)
+          n.conns.set(key, { ...row, state: "CLOSE", closeReason: "expired", closedAt: now, _iv: 0 });
           this.dirty.conn = true;
           lingering++;
           continue;

@@ -1,53 +1,50 @@
-// The grids: Tabulator (vendor/tabulator, virtual rendering) with our columns. Every column has a
-// formatter from this file that returns DOM nodes: a formatter that returns a string is written with
-// innerHTML by Tabulator, and event data must never be parsed as HTML.
+// The grids: Tabulator (vendor/tabulator) with our columns. Every column has a formatter from this
+// file that returns DOM nodes: a formatter that returns a string is written with innerHTML by
+// Tabulator, and event data must never be parsed as HTML. Formatters take (value, row data), so the
+// same ones serve Tabulator's cells and the cells we rewrite ourselves (windowed grids, below).
 
 import { TabulatorFull as Tabulator } from "./vendor/tabulator/tabulator_esm.min.js";
 import { el } from "./dom.js";
 import { basename } from "./net.js";
 
-function text(cell) {
-  const v = cell.getValue();
+function text(v) {
   return document.createTextNode(v === null || v === undefined ? "" : String(v));
 }
 
-function yesNo(cell) {
-  return document.createTextNode(cell.getValue() ? "yes" : "");
+function yesNo(v) {
+  return document.createTextNode(v ? "yes" : "");
 }
 
-function time(cell) {
-  const v = cell.getValue();
+function time(v) {
   return document.createTextNode(v ? new Date(v).toLocaleTimeString() : "");
 }
 
-function state(cell) {
-  const v = cell.getValue() || "";
+function state(v) {
+  v = v || "";
   return el("span", { class: `state state-${v.replace(/[^A-Z_]/g, "")}`, text: v });
 }
 
 // IP coloured by kind, with the pod/namespace or DNS name beside it.
 function endpoint(side) {
-  return (cell) => {
-    const r = cell.getRow().getData();
+  return (v, r) => {
     const kind = r[`${side}Kind`] || "external";
     const label = r[`${side}Label`];
     return el(
       "span",
       { class: `ep kind-${kind}`, title: `${kind}${label ? ": " + label : ""}` },
-      el("span", { class: "ip", text: cell.getValue() ?? "" }),
+      el("span", { class: "ip", text: v ?? "" }),
       label ? el("span", { class: "label", text: label }) : null,
     );
   };
 }
 
-function kindBadge(cell) {
-  const v = cell.getValue() || "";
+function kindBadge(v) {
+  v = v || "";
   return el("span", { class: `badge kind-${v}`, text: v });
 }
 
 // The executable's name (full path on hover), and the kernel's comm when it says something else.
-function exe(cell) {
-  const r = cell.getRow().getData();
+function exe(_v, r) {
   const name = basename(r.exe);
   return el(
     "span",
@@ -58,14 +55,11 @@ function exe(cell) {
 }
 
 function withTitle(titleField) {
-  return (cell) => {
-    const r = cell.getRow().getData();
-    return el("span", { title: r[titleField] || "", text: cell.getValue() ?? "" });
-  };
+  return (v, r) => el("span", { title: r[titleField] || "", text: v ?? "" });
 }
 
-function portList(cell) {
-  return document.createTextNode((cell.getValue() || []).map((p) => `${p.name} ${p.port}`).join(", "));
+function portList(v) {
+  return document.createTextNode((v || []).map((p) => `${p.name} ${p.port}`).join(", "));
 }
 
 const num = { sorter: "number", hozAlign: "right" };
@@ -119,22 +113,139 @@ export const COLUMNS = {
   ],
 };
 
-// A grid in `container`. onSort(sorter|null) fires when the user sorts by a column.
-// height "100%" fills the container and renders only the rows on screen (virtual DOM); false fits the
-// grid to its rows (the Deployment view's few resources).
-export function createGrid(container, view, { initialSort, onSort, rowFormatter, height = "100%" }) {
-  const columns = COLUMNS[view].map((c) => ({ formatter: text, ...c }));
-  const table = new Tabulator(container, {
-    height,
+// Sorting is ours for the windowed grids (below): the whole view is sorted here, like Tabulator's
+// "number" and "string" sorters would (empty/NaN first when ascending), but comparing lower-cased
+// text by code point: localeCompare costs ~100 ns a call, too slow for 50k rows at every redraw.
+// rows sorted by {field, dir} (a new array; rows itself is left alone). The keys are extracted once
+// into arrays and row indexes are sorted (ties by index, so the order is stable): a comparator that
+// reads row objects costs ~60 ms at 50k rows, this about a third of that.
+export function sortRows(view, rows, sort) {
+  if (!sort) return rows;
+  const col = COLUMNS[view].find((c) => c.field === sort.field);
+  if (!col) return rows;
+  const field = sort.field;
+  const n = rows.length;
+  const sign = sort.dir === "desc" ? -1 : 1;
+  const order = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  if (col.sorter === "number") {
+    const keys = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      const v = rows[i][field];
+      keys[i] = typeof v === "number" ? v : parseFloat(v); // NaN: empty or not a number
+    }
+    order.sort((i, j) => {
+      const x = keys[i];
+      const y = keys[j];
+      if (x !== x) return y !== y ? i - j : -sign; // eslint-disable-line no-self-compare (NaN test)
+      if (y !== y) return sign; // eslint-disable-line no-self-compare
+      return x === y ? i - j : sign * (x - y);
+    });
+  } else {
+    const keys = new Array(n);
+    for (let i = 0; i < n; i++) {
+      const v = rows[i][field];
+      keys[i] = v === undefined || v === null ? "" : String(v).toLowerCase();
+    }
+    order.sort((i, j) => {
+      const x = keys[i];
+      const y = keys[j];
+      return x < y ? -sign : x > y ? sign : i - j;
+    });
+  }
+  const out = new Array(n);
+  for (let i = 0; i < n; i++) out[i] = rows[order[i]];
+  return out;
+}
+
+// A grid in `container`. onSort(sorter|null) fires when the user sorts by a column; rowStyle(element,
+// row data) styles a row's element whenever it shows a row.
+//
+// windowed (the live views): Tabulator only draws a screenful of rows, and never learns about the
+// view's rows. Measured on the 2-core test VM, handing it a 50k-row view costs 150-300 ms per redraw
+// (replaceData builds a row object per item and runs its whole data pipeline, although only the
+// visible rows are drawn), its in-place updates are slower still (a linear scan per row), and even
+// replaceData with the ~37 rows on screen costs 40-100 ms (a forced layout per row). So:
+// - the grid is our own scroll box: a spacer gives the scrollbar the height of every row, and the
+//   Tabulator table sits sticky at its top, one screen tall;
+// - its rows are "slots" ({id: k}): slot k shows row start+k of the view. Tabulator builds the slots
+//   only when their number changes (a resize, or a view shorter than the screen);
+// - a redraw or a scroll writes the cells of the slots whose row changed (a different object: the
+//   store replaces a row's object whenever its connection changes), with the same formatters;
+// - sorting is ours (sortRows, on the whole view); Tabulator keeps its header arrows and click
+//   handling, and its slot sorters return 0, so it never reorders the slots.
+// Not windowed (the Deployment view's few resources): a plain Tabulator that fits its rows.
+export function createGrid(container, view, { initialSort, onSort, rowStyle, windowed = true }) {
+  const grid = { table: null, built: false, windowed, view, all: [], slice: [], written: [], start: 0, rowHeight: 0 };
+  grid.rowStyle = rowStyle;
+  let target = container;
+  if (windowed) {
+    grid.scroller = el("div", { class: "vscroll" });
+    grid.holder = el("div", { class: "vholder" });
+    grid.spacer = el("div", { class: "vspacer" });
+    grid.scroller.append(grid.holder, grid.spacer);
+    container.replaceChildren(grid.scroller);
+    target = el("div");
+    grid.holder.append(target);
+    // A scroll or resize redraws the slice at the next frame (once, however many events came). The
+    // scroll position and the box's height are kept from these events, so that a redraw reads no
+    // layout: reading them after changing the DOM would force a layout in the middle of a redraw.
+    grid.scrollTop = 0;
+    grid.viewport = 0;
+    grid.header = 0;
+    let pending = false;
+    const schedule = () => {
+      if (pending) return;
+      pending = true;
+      requestAnimationFrame(() => {
+        pending = false;
+        paint(grid, false);
+      });
+    };
+    grid.scroller.addEventListener(
+      "scroll",
+      () => {
+        grid.scrollTop = grid.scroller.scrollTop;
+        schedule();
+      },
+      { passive: true },
+    );
+    new ResizeObserver((entries) => {
+      grid.viewport = entries[entries.length - 1].contentRect.height;
+      grid.header = 0; // measured again (the header may wrap at another width)
+      schedule();
+    }).observe(grid.scroller);
+  }
+  // A slot's cells are drawn from the row it shows; Tabulator calls this when it (re)builds a slot.
+  const rowOf = (cell) => (windowed ? grid.slice[cell.getRow().getData().id] : cell.getRow().getData());
+  const columns = COLUMNS[view].map((c) => {
+    const fmt = c.formatter || text;
+    return {
+      ...c,
+      formatter: (cell) => {
+        const r = rowOf(cell);
+        return r ? fmt(r[c.field], r) : text("");
+      },
+      sorter: c.headerSort === false ? undefined : windowed ? () => 0 : c.sorter === "number" ? "number" : "string",
+    };
+  });
+  const table = new Tabulator(target, {
+    height: false, // as tall as its rows: a screenful of slots, or the Deployment view's resources
+    renderVertical: "basic",
     layout: "fitColumns",
     index: "id",
     data: [],
     columns,
     initialSort: initialSort ? [{ column: initialSort.field, dir: initialSort.dir }] : [],
     placeholder: "No rows match",
-    rowFormatter,
+    rowFormatter: rowStyle
+      ? (row) => {
+          const r = windowed ? grid.slice[row.getData().id] : row.getData();
+          if (r) rowStyle(row.getElement(), r);
+        }
+      : undefined,
   });
-  const grid = { table, built: false, shown: null }; // shown: the rows last handed to the grid
+  grid.table = table;
   table.on("tableBuilt", () => {
     grid.built = true;
   });
@@ -145,15 +256,73 @@ export function createGrid(container, view, { initialSort, onSort, rowFormatter,
   return grid;
 }
 
-// Tabulator finds a row by id with a linear scan and re-processes the table for each row added,
-// deleted or updated in place (measured at 100k rows: 20 in-place updates took over a second), while
-// replaceData rebuilds every row in one pass (~300 ms at 100k). So the grid is always rebuilt, but
-// not when the rows it would show are the very same objects in the same order (the store replaces an
-// object whenever its connection changes).
+// rows: the view's rows, filtered and sorted. A windowed grid shows the slice at its scroll position;
+// full: redraw even the rows that are the very same objects (derived fields changed in place).
 export function showRows(grid, rows, full) {
-  const prev = grid.shown;
-  if (!full && prev && prev.length === rows.length && rows.every((r, i) => r === prev[i])) return false;
-  grid.table.replaceData(rows); // keeps the scroll position and the user's sort
-  grid.shown = rows;
+  grid.all = rows;
+  if (grid.windowed) return paint(grid, full);
+  const prev = grid.slice;
+  if (!full && prev.length === rows.length && rows.every((r, i) => r === prev[i])) return false;
+  grid.slice = rows;
+  grid.table.replaceData(rows);
   return true;
+}
+
+// The rows a windowed grid shows, with their row elements: for stepping the fade of closed rows.
+export function shownRows(grid) {
+  if (!grid.windowed) return grid.table.getRows().map((row) => [row.getElement(), row.getData()]);
+  const slots = grid.table.getRows();
+  return grid.slice.map((r, k) => [slots[k]?.getElement(), r]).filter(([elem]) => elem);
+}
+
+// Sizes the scroll box for grid.all and shows the rows at the scroll position in the slots.
+function paint(grid, full) {
+  if (!grid.built) return false;
+  const { holder, spacer } = grid;
+  const viewport = grid.viewport;
+  if (!viewport) return false; // hidden: drawn when shown
+  grid.header ||= holder.querySelector(".tabulator-header")?.offsetHeight || 0;
+  const header = grid.header;
+  const rowHeight = grid.rowHeight || 24; // measured once a row is drawn
+  const fit = Math.max(1, Math.floor((viewport - header) / rowHeight));
+  const total = grid.all.length;
+  // The holder is exactly one screen tall and sticky, so the spacer alone decides how far one can
+  // scroll: to the row that puts the last row at the bottom of the screen.
+  holder.style.height = `${viewport}px`;
+  spacer.style.height = `${Math.max(0, total - fit) * rowHeight}px`;
+  const start = Math.min(Math.max(0, total - fit), Math.floor(grid.scrollTop / rowHeight));
+  // one row more than fits, so a partly hidden last row is not blank
+  const slice = grid.all.slice(start, start + fit + 1);
+  grid.start = start;
+  const slots = grid.table.getRows();
+  if (slots.length !== slice.length) {
+    // (re)build the slots: Tabulator draws each from grid.slice through the formatters
+    grid.slice = slice;
+    grid.table.replaceData(slice.map((_, k) => ({ id: k })));
+    grid.written = slice.slice();
+    if (!grid.rowHeight && slice.length) {
+      const row = holder.querySelector(".tabulator-row");
+      if (row?.offsetHeight) {
+        grid.rowHeight = row.offsetHeight;
+        if (grid.rowHeight !== rowHeight) return paint(grid, true); // re-fit with the real height
+      }
+    }
+    return true;
+  }
+  grid.slice = slice;
+  const columns = COLUMNS[grid.view];
+  let changed = false;
+  for (let k = 0; k < slice.length; k++) {
+    const r = slice[k];
+    if (!full && grid.written[k] === r) continue;
+    grid.written[k] = r;
+    changed = true;
+    const cells = slots[k].getCells();
+    for (let c = 0; c < columns.length && c < cells.length; c++) {
+      const col = columns[c];
+      cells[c].getElement().replaceChildren((col.formatter || text)(r[col.field], r));
+    }
+    if (grid.rowStyle) grid.rowStyle(slots[k].getElement(), r);
+  }
+  return changed;
 }

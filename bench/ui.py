@@ -1,0 +1,623 @@
+#!/usr/bin/env python3
+"""Web UI under load (issue "web UI"): 50k connection rows, then 5k updates/s, in Chromium.
+
+A synthetic server (aiohttp, this process) serves the real UI files from the
+installed package (the agent's own `/` and `/web/` handlers) and a `/netstat`
+WebSocket that speaks the agent's protocol: `host.info` per node (as the
+multiplexer sends several nodes), the inventory (`container.added`,
+`ip.added`, `dns.resolved`), a snapshot of --rows `connection.event`s in
+arrays of 2000, `snapshot.complete`, then --rate live events/s in 50 ms
+batches (state changes, new connections, closes; opens and closes balance,
+so the table stays at about --rows live connections plus those lingering).
+
+Headless Chromium (Debian's, the tests' launch arguments) opens the
+Connections view and the page records, from an init script:
+
+- frame times: gaps between requestAnimationFrame callbacks over --seconds of
+  live updates (p50/p95/p99/max), and long tasks (PerformanceObserver);
+- filter response: text typed into a filter (Port, Search) until the grid's
+  rows on screen all match (checked at each change of the grid's DOM, timed
+  at the end of that frame's main-thread work), and back, --reps times.
+
+    .venv/bin/python bench/ui.py [--rows 50000] [--rate 5000] [--seconds 20] [--reps 10] [--json PATH]
+                                 [--sort FIELD:DIR] [--web-dir DIR]
+
+--sort opens the view sorted (e.g. pid:asc); --web-dir serves the UI files
+from another copy of src/netstatd/web (e.g. an older commit's, for a
+before/after comparison: git archive COMMIT src/netstatd/web | tar -x -C /tmp/old).
+
+No root needed; everything stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from netstatd.api.app import UI_HEADERS, WEB_TYPES, deployment, index, web_file
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+CHROMIUM = "/usr/bin/chromium"
+# The tests' arguments (tests/integration/test_web_ui.py): the browser reaches nothing but 127.0.0.1.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+BATCH_MS = 50  # the agent's coalescing window: one WebSocket frame per 50 ms
+MAX_ARRAY = 2000  # events per frame at most (docs/protocol.md)
+TARGET_P95_FRAME_MS = 50
+TARGET_FILTER_MS = 100
+FILTER_PORT = 5432  # one of the service ports below: about 1 row in 12 has it
+FILTER_SEARCH = "payments"  # a namespace and pod name: 1 pod in 16
+
+NODES = [f"node-{i}" for i in range(1, 6)]
+NAMESPACES = ["default", "kube-system", "shop", "payments", "monitoring", "ingress", "batch", "auth"]
+APPS = ["web", "api", "cart", "db", "cache", "worker", "proxy", "metrics"]
+EXES = [
+    ("/usr/bin/python3.11", "python3"),
+    ("/usr/local/bin/envoy", "envoy"),
+    ("/usr/bin/curl", "curl"),
+    ("/usr/sbin/nginx", "nginx"),
+    ("/usr/local/bin/node", "node"),
+    ("/app/server", "server"),
+    ("/usr/bin/java", "java"),
+    ("/usr/lib/postgresql/15/bin/postgres", "postgres"),
+    ("/usr/bin/kubelet", "kubelet"),
+    ("/usr/bin/containerd", "containerd"),
+]
+SERVICE_PORTS = [80, 443, 8080, 5432, 6379, 9090, 53, 3306, 8443, 9200, 2379, 10250]
+HOSTNAMES = ["api.github.com", "s3.amazonaws.com", "registry.k8s.io", "example.com", "pypi.org", "auth0.com"]
+TCP_OPEN = ["SYN_SENT", "ESTABLISHED"]
+TCP_CHANGES = ["ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT1", "FIN_WAIT2", "LAST_ACK"]
+
+
+def now_ts() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+
+    def p(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))], 2)
+
+    mean = round(sum(v) / len(v), 2)
+    return {"n": len(v), "p50": p(0.50), "p95": p(0.95), "p99": p(0.99), "max": round(v[-1], 2), "mean": mean}
+
+
+class Cluster:
+    """Five nodes with pods, host IPs, DNS names, and their connections (deterministic: seeded)."""
+
+    def __init__(self, rows: int, seed: int = 5) -> None:
+        self.rnd = random.Random(seed)
+        self.cookie = 1 << 40
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = []
+        for n, node in enumerate(NODES):
+            host_ips = [f"10.0.0.{n + 10}", f"fd00::{n + 10:x}"]
+            self.nodes[node] = {"hostIPs": host_ips, "pods": []}
+            for i in range(24):
+                ns = NAMESPACES[(n + i) % len(NAMESPACES)]
+                app = APPS[i % len(APPS)]
+                name = f"{ns}-{app}-{i:02d}" if ns != "payments" else f"payments-{app}-{i:02d}"
+                pod = {
+                    "node": node,
+                    "namespace": ns,
+                    "podName": name,
+                    "podUID": f"uid-{node}-{i}",
+                    "containerId": f"{n:02d}{i:02d}".ljust(64, "a"),
+                    "containerName": app,
+                    "ips": [f"10.244.{n}.{i + 2}", f"fd00:244:{n}::{i + 2:x}"],
+                    "netns": 4026532000 + n * 100 + i,
+                }
+                self.nodes[node]["pods"].append(pod)
+                self.pods.append(pod)
+        self.externals = [f"93.184.{i}.{j}" for i in range(4) for j in range(1, 60)]
+        self.externals6 = [f"2606:4700::{i:x}" for i in range(1, 120)]
+        self.dns = {ip: HOSTNAMES[i % len(HOSTNAMES)] for i, ip in enumerate(self.externals[:100])}
+        # live connections per node: key -> event (the last one sent)
+        self.conns: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in NODES}
+        self.keys: list[tuple[str, str]] = []  # (node, key) of open connections, for picking at random
+        for _ in range(rows):
+            self.open()
+
+    def inventory(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        ts = now_ts()
+        for node, info in self.nodes.items():
+            out.append(
+                {
+                    "type": "host.info",
+                    "timestamp": ts,
+                    "nodeName": node,
+                    "hostIPs": info["hostIPs"],
+                    "version": "bench",
+                    "kernelRelease": "6.1.0",
+                    "captureTCP": True,
+                    "captureUDP": True,
+                    "loopback": False,
+                }
+            )
+        for node, info in self.nodes.items():
+            for ip in info["hostIPs"]:
+                fam = "IPv6" if ":" in ip else "IPv4"
+                out.append(
+                    {"type": "ip.added", "timestamp": ts, "nodeName": node, "ip": ip, "family": fam, "kind": "host"}
+                    | {"interface": "eth0", "source": "interface", "podName": None, "namespace": None, "podUID": None}
+                    | {"usesHostNetwork": False}
+                )
+            for p in info["pods"]:
+                out.append(
+                    {"type": "container.added", "timestamp": ts, "nodeName": node, "containerId": p["containerId"]}
+                    | {"name": f"{p['namespace']}/{p['podName']}/{p['containerName']}", "podName": p["podName"]}
+                    | {"namespace": p["namespace"], "podUID": p["podUID"], "containerName": p["containerName"]}
+                    | {"image": "registry.example/app:1", "labels": {"app": p["containerName"]}}
+                    | {"usesHostNetwork": False, "podIPs": p["ips"], "netns": p["netns"]}
+                )
+                for ip in p["ips"]:
+                    fam = "IPv6" if ":" in ip else "IPv4"
+                    out.append(
+                        {"type": "ip.added", "timestamp": ts, "nodeName": node, "ip": ip, "family": fam, "kind": "pod"}
+                        | {"interface": None, "source": "cri", "podName": p["podName"], "namespace": p["namespace"]}
+                        | {"podUID": p["podUID"], "usesHostNetwork": False}
+                    )
+        for ip, name in self.dns.items():
+            out.append(
+                {"type": "dns.resolved", "timestamp": ts, "nodeName": NODES[0], "ip": ip, "hostname": name}
+                | {"aliases": [], "ttl": 300, "clientIP": "10.244.0.2"}
+            )
+        return out
+
+    def _remote(self, v6: bool) -> tuple[str, dict[str, Any] | None]:
+        r = self.rnd.random()
+        if r < 0.45:  # another pod, anywhere in the cluster
+            pod = self.rnd.choice(self.pods)
+            return pod["ips"][1 if v6 else 0], pod
+        if r < 0.65:  # a node
+            info = self.nodes[self.rnd.choice(NODES)]
+            return info["hostIPs"][1 if v6 else 0], None
+        return (self.rnd.choice(self.externals6) if v6 else self.rnd.choice(self.externals)), None
+
+    def open(self, states: list[str] | None = None) -> dict[str, Any]:
+        rnd = self.rnd
+        node = rnd.choice(NODES)
+        info = self.nodes[node]
+        v6 = rnd.random() < 0.2
+        udp = rnd.random() < 0.15
+        on_host = rnd.random() < 0.25
+        pod = None if on_host else rnd.choice(info["pods"])
+        local_ip = info["hostIPs"][1 if v6 else 0] if on_host else pod["ips"][1 if v6 else 0]
+        remote_ip, rpod = self._remote(v6)
+        outbound = rnd.random() < 0.6
+        service = rnd.choice(SERVICE_PORTS)
+        ephemeral = rnd.randrange(32768, 61000)
+        exe, comm = rnd.choice(EXES)
+        self.cookie += rnd.randrange(1, 50)
+        state = "ACTIVE" if udp else ("ESTABLISHED" if states is None else states[-1])
+        ev: dict[str, Any] = {
+            "type": "connection.event",
+            "timestamp": now_ts(),
+            "nodeName": node,
+            "protocol": "UDP" if udp else "TCP",
+            "family": "IPv6" if v6 else "IPv4",
+            "state": state,
+            "states": [state] if (udp or states is None) else states,
+            "localIP": local_ip,
+            "localPort": ephemeral if outbound else service,
+            "remoteIP": remote_ip,
+            "remotePort": service if outbound else ephemeral,
+            "pid": rnd.randrange(300, 400000),
+            "exe": exe,
+            "comm": comm,
+            "netns": 4026531840 if on_host else pod["netns"],
+            "sockCookie": self.cookie,
+            "direction": "outbound" if outbound else "inbound",
+            "host": on_host,
+        }
+        if pod:
+            ev |= {"containerId": pod["containerId"], "containerName": pod["containerName"]}
+            ev |= {"podName": pod["podName"], "namespace": pod["namespace"], "podUID": pod["podUID"]}
+            ev["usesHostNetwork"] = False
+        if rpod and rpod["node"] == node:
+            ev |= {"remotePodName": rpod["podName"], "remoteNamespace": rpod["namespace"]}
+            ev["remotePodUID"] = rpod["podUID"]
+        if remote_ip in self.dns and rnd.random() < 0.7:
+            ev["remoteHostname"] = self.dns[remote_ip]
+        key = f"{ev['sockCookie']}|{remote_ip}|{ev['remotePort']}" if udp else str(ev["sockCookie"])
+        self.conns[node][key] = ev
+        self.keys.append((node, key))
+        return ev
+
+    def _pick(self) -> tuple[str, str, dict[str, Any]] | None:
+        # swap-remove picking keeps this O(1); keys of connections already closed are skipped
+        while self.keys:
+            i = self.rnd.randrange(len(self.keys))
+            node, key = self.keys[i]
+            ev = self.conns[node].get(key)
+            if ev is not None:
+                return node, key, ev
+            self.keys[i] = self.keys[-1]
+            self.keys.pop()
+        return None
+
+    def update(self, count: int) -> list[dict[str, Any]]:
+        """count live events: 40% state changes (or UDP refreshes), 30% opens, 30% closes."""
+        out = []
+        ts = now_ts()
+        for _ in range(count):
+            r = self.rnd.random()
+            if r < 0.3:
+                states = None if self.rnd.random() < 0.5 else TCP_OPEN
+                out.append(self.open(states))
+                continue
+            picked = self._pick()
+            if picked is None:
+                continue
+            node, key, old = picked
+            ev = dict(old, timestamp=ts)
+            if r < 0.7:
+                if ev["protocol"] == "TCP":
+                    ev["state"] = self.rnd.choice(TCP_CHANGES)
+                    ev["states"] = [ev["state"]]
+                else:
+                    ev["states"] = ["ACTIVE"]
+                self.conns[node][key] = ev
+            else:
+                ev["states"] = ["FIN_WAIT1", "FIN_WAIT2", "CLOSE"] if ev["protocol"] == "TCP" else ["CLOSE"]
+                ev["state"] = "CLOSE"
+                del self.conns[node][key]
+            out.append(ev)
+        return out
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [ev for conns in self.conns.values() for ev in conns.values()]
+
+
+class Server:
+    """The UI's files (the agent's handlers) and a synthetic /netstat, on an event loop in a thread."""
+
+    def __init__(self, rows: int, rate: int, web_dir: Path | None = None) -> None:
+        self.web_dir = web_dir
+        self.rows = rows
+        self.rate = rate
+        self.port = free_port()
+        self.sent_live = 0
+        self.late_batches = 0
+        self.snapshot_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="ui-bench-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the synthetic server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        app = web.Application()
+        if self.web_dir:
+            app.router.add_get("/", self._dir_index)
+            app.router.add_get("/web/{path:.+}", self._dir_file)
+        else:
+            app.router.add_get("/", index)
+            app.router.add_get("/web/{path:.+}", web_file)
+        app.router.add_get("/api/deployment", deployment)
+        app.router.add_get("/netstat", self._ws)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    async def _dir_index(self, request: web.Request) -> web.Response:
+        assert self.web_dir
+        body = (self.web_dir / "index.html").read_bytes()
+        return web.Response(body=body, content_type="text/html", headers=UI_HEADERS)
+
+    async def _dir_file(self, request: web.Request) -> web.Response:
+        assert self.web_dir
+        path = (self.web_dir / request.match_info["path"]).resolve()
+        if not path.is_relative_to(self.web_dir.resolve()) or not path.is_file():
+            raise web.HTTPNotFound()
+        content_type = WEB_TYPES.get(path.suffix, "text/plain")
+        return web.Response(body=path.read_bytes(), content_type=content_type, headers=UI_HEADERS)
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        cluster = Cluster(self.rows)  # every session: the same state from scratch
+        t0 = time.monotonic()
+        for ev in cluster.inventory():
+            await ws.send_frame(orjson.dumps(ev), WSMsgType.TEXT)
+        snap = cluster.snapshot()
+        for i in range(0, len(snap), MAX_ARRAY):
+            await ws.send_frame(orjson.dumps(snap[i : i + MAX_ARRAY]), WSMsgType.TEXT)
+        await ws.send_frame(
+            orjson.dumps({"type": "snapshot.complete", "timestamp": now_ts(), "nodeName": "", "count": len(snap)}),
+            WSMsgType.TEXT,
+        )
+        self.snapshot_s = time.monotonic() - t0
+        per_batch = max(1, round(self.rate * BATCH_MS / 1000))
+        tick = time.monotonic()
+        try:
+            while not ws.closed:
+                tick += BATCH_MS / 1000
+                delay = tick - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    self.late_batches += 1
+                batch = cluster.update(per_batch)
+                await ws.send_frame(orjson.dumps(batch), WSMsgType.TEXT)
+                self.sent_live += len(batch)
+        except (ConnectionError, RuntimeError):
+            pass
+        return ws
+
+
+# Installed before the page's own scripts: frame timestamps (rAF), long tasks, and the time of the
+# latest input event on a filter (event.timeStamp: when the browser received the input, so a busy
+# main thread that delays the handler counts against the UI).
+INIT_SCRIPT = """
+(() => {
+  const B = (window.__bench = { frames: [], longtasks: [], recording: false, lastInput: 0, inFrame: false });
+  // inFrame: true from the first rAF callback of a frame until the end of that frame's task
+  const endOfFrame = new MessageChannel();
+  endOfFrame.port1.onmessage = () => { B.inFrame = false; };
+  const tick = (t) => {
+    B.inFrame = true;
+    endOfFrame.port2.postMessage(0);
+    if (B.recording) B.frames.push(t);
+    requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+  try {
+    new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) if (B.recording) B.longtasks.push(e.duration);
+    }).observe({ type: "longtask", buffered: false });
+  } catch (e) { B.noLongtask = String(e); }
+  document.addEventListener("input", (e) => { B.lastInput = e.timeStamp; }, true);
+})();
+"""
+
+# Arms a watch for the grid showing what a filter change should show: at every change of the grid's
+# DOM (MutationObserver) after the next input event, the rows on screen are checked. Once they all
+# pass, the time is taken at the end of the frame that paints them: a MessageChannel message marks
+# the end of the current task if the change was made during a frame (a requestAnimationFrame
+# callback: style, layout and paint follow in the same task), else of the next frame's task.
+# Result in __bench.filterMs: ms from the input event's timeStamp, or -1 after 10 s.
+ARM_WATCH = """
+([field, value, mode]) => {
+  const B = window.__bench;
+  const armedAt = performance.now();
+  B.filterMs = null;
+  const grid = document.getElementById("grid-conn");
+  const cells = (row, f) =>
+    [...row.querySelectorAll(`.tabulator-cell[tabulator-field="${f}"]`)].map((c) => c.textContent);
+  const has = (row) =>
+    field === "port"
+      ? cells(row, "localPort").includes(value) || cells(row, "remotePort").includes(value)
+      : row.textContent.toLowerCase().includes(value);
+  const channel = new MessageChannel();
+  let done = false;
+  const finish = (ms) => {
+    if (done) return;
+    done = true;
+    observer.disconnect();
+    B.filterMs = ms;
+  };
+  channel.port1.onmessage = () => finish(performance.now() - B.lastInput);
+  const observer = new MutationObserver(() => {
+    if (done || B.lastInput <= armedAt) return;
+    const rows = [...grid.querySelectorAll(".tabulator-row")];
+    const ok = mode === "match" ? rows.length > 0 && rows.every(has) : rows.some((r) => !has(r));
+    if (!ok) return;
+    if (B.inFrame) channel.port2.postMessage(0);
+    else requestAnimationFrame(() => channel.port2.postMessage(0));
+  });
+  observer.observe(grid, { subtree: true, childList: true, characterData: true });
+  setTimeout(() => finish(-1), 10000);
+}
+"""
+
+
+def frame_stats(frames: list[float], longtasks: list[float], seconds: float) -> dict[str, Any]:
+    gaps = [b - a for a, b in itertools.pairwise(frames)]
+    return {
+        "frames": len(frames),
+        "fps": round(len(frames) / seconds, 1),
+        "gap_ms": percentiles(gaps),
+        "gaps_over_50ms": sum(g > 50 for g in gaps),
+        "gaps_over_100ms": sum(g > 100 for g in gaps),
+        "longtasks": {"count": len(longtasks), "total_ms": round(sum(longtasks)), **percentiles(longtasks)},
+    }
+
+
+def measure_filter(page, name: str, field: str, value: str, reps: int) -> dict[str, Any]:
+    selector = f'input[name="conn.{name}"]'
+    applied, cleared = [], []
+    for _ in range(reps):
+        for text, mode, out in ((value, "match", applied), ("", "clear", cleared)):
+            page.evaluate(ARM_WATCH, [field, value.lower(), mode])
+            page.fill(selector, text)
+            page.wait_for_function("window.__bench.filterMs !== null", polling=50, timeout=15_000)
+            out.append(page.evaluate("window.__bench.filterMs"))
+            page.wait_for_timeout(300)
+    failed = sum(t < 0 for t in applied + cleared)
+    return {
+        "filter": f"conn.{name}={value}",
+        "apply_ms": percentiles([t for t in applied if t >= 0]),
+        "clear_ms": percentiles([t for t in cleared if t >= 0]),
+        "timeouts": failed,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    server = Server(args.rows, args.rate, args.web_dir).start()
+    result: dict[str, Any] = {
+        "rows": args.rows,
+        "rate_per_s": args.rate,
+        "batch_ms": BATCH_MS,
+        "seconds": args.seconds,
+        "sort": args.sort,
+        "web_dir": str(args.web_dir) if args.web_dir else "package",
+        "when": now_ts(),
+        "targets": {"p95_frame_ms": TARGET_P95_FRAME_MS, "filter_ms": TARGET_FILTER_MS},
+    }
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            result["browser"] = browser.version
+            # bypass_csp: Playwright's wait_for_function polls with eval(), which the page's CSP forbids
+            context = browser.new_context(viewport={"width": 1600, "height": 900}, bypass_csp=True)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.add_init_script(INIT_SCRIPT)
+            t0 = time.monotonic()
+            page.goto(server.url + "/?view=conn" + (f"&conn.sort={args.sort}" if args.sort else ""))
+            page.wait_for_function(
+                "n => window.netstatd?.store.snapshotDone && "
+                "+document.getElementById('status-rows').textContent.split(' of ')[0].replace(/,/g, '') >= n",
+                arg=args.rows,
+                timeout=120_000,
+                polling=100,
+            )
+            result["snapshot_shown_s"] = round(time.monotonic() - t0, 2)
+            page.wait_for_timeout(2000)  # let the first live batches settle in
+
+            events0 = page.evaluate("window.netstatd.store.eventCount")
+            page.evaluate("window.__bench.frames = []; window.__bench.longtasks = []; window.__bench.recording = true")
+            t1 = time.monotonic()
+            page.wait_for_timeout(args.seconds * 1000)
+            bench = page.evaluate("(() => { window.__bench.recording = false; return window.__bench; })()")
+            elapsed = time.monotonic() - t1
+            events1 = page.evaluate("window.netstatd.store.eventCount")
+            result["updates"] = frame_stats(bench["frames"], bench["longtasks"], elapsed)
+            result["updates"]["events_per_s_received"] = round((events1 - events0) / elapsed)
+            result["updates"]["rows_status"] = page.inner_text("#status-rows")
+            if bench.get("noLongtask"):
+                result["updates"]["longtask_error"] = bench["noLongtask"]
+
+            # filter response, with the updates still flowing; frames recorded meanwhile too
+            page.evaluate("window.__bench.frames = []; window.__bench.longtasks = []; window.__bench.recording = true")
+            t2 = time.monotonic()
+            result["filters"] = [
+                measure_filter(page, "port", "port", str(FILTER_PORT), args.reps),
+                measure_filter(page, "q", "q", FILTER_SEARCH, args.reps),
+            ]
+            bench = page.evaluate("(() => { window.__bench.recording = false; return window.__bench; })()")
+            result["while_filtering"] = frame_stats(bench["frames"], bench["longtasks"], time.monotonic() - t2)
+            result["page_errors"] = errors
+            browser.close()
+    finally:
+        server.stop()
+    result["server"] = {
+        "snapshot_send_s": round(server.snapshot_s, 2),
+        "live_events_sent": server.sent_live,
+        "late_batches": server.late_batches,
+    }
+    p95 = result["updates"]["gap_ms"].get("p95", 1e9)
+    filt = max(f["apply_ms"].get("p95", 1e9) for f in result["filters"])
+    result["verdict"] = {
+        "p95_frame_ms": p95,
+        "p95_filter_ms": filt,
+        "frames_ok": p95 < TARGET_P95_FRAME_MS,
+        "filter_ok": filt < TARGET_FILTER_MS,
+    }
+    return result
+
+
+def summary(r: dict[str, Any]) -> str:
+    u = r["updates"]
+    g = u["gap_ms"]
+    lines = [
+        f"{r['rows']:,} rows, {r['rate_per_s']:,} updates/s ({u['events_per_s_received']:,}/s received), "
+        f"{r['seconds']} s, sort {r['sort'] or 'none'}, UI from {r['web_dir']}; "
+        f"snapshot shown after {r['snapshot_shown_s']} s",
+        f"frame gaps ms: p50 {g['p50']} p95 {g['p95']} p99 {g['p99']} max {g['max']} "
+        f"({u['fps']} fps, {u['gaps_over_50ms']} gaps > 50 ms)",
+        f"long tasks: {u['longtasks']['count']}, {u['longtasks']['total_ms']} ms in total"
+        + (f", p95 {u['longtasks']['p95']} ms" if u["longtasks"]["count"] else ""),
+    ]
+    for f in r["filters"]:
+        a, c = f["apply_ms"], f["clear_ms"]
+        lines.append(
+            f"filter {f['filter']}: apply p50 {a.get('p50')} p95 {a.get('p95')} max {a.get('max')} ms; "
+            f"clear p50 {c.get('p50')} p95 {c.get('p95')} ms; timeouts {f['timeouts']}"
+        )
+    w = r["while_filtering"]["gap_ms"]
+    lines.append(f"frame gaps while filtering: p50 {w.get('p50')} p95 {w.get('p95')} max {w.get('max')} ms")
+    v = r["verdict"]
+    lines.append(
+        f"targets: p95 frame < {TARGET_P95_FRAME_MS} ms: {'MET' if v['frames_ok'] else 'MISSED'}; "
+        f"filter < {TARGET_FILTER_MS} ms: {'MET' if v['filter_ok'] else 'MISSED'}"
+    )
+    if r["page_errors"]:
+        lines.append(f"page errors: {r['page_errors'][:3]}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--rate", type=int, default=5_000, help="live events per second")
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--reps", type=int, default=10, help="filter changes per filter")
+    ap.add_argument("--json", type=Path, default=OUT / "ui.json")
+    ap.add_argument("--sort", help="open the view sorted by a column, e.g. pid:asc")
+    ap.add_argument("--web-dir", type=Path, help="serve the UI from this directory instead of the package")
+    args = ap.parse_args()
+    result = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    print(f"wrote {args.json}")
+    return 0 if result["verdict"]["frames_ok"] and result["verdict"]["filter_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
