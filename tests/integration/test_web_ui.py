@@ -308,6 +308,8 @@ def test_store_classifies_endpoints_dedups_and_resets_per_node(ui_agent, page):
     assert out["lingering"] == 2  # the closed TCP connection and the expired UDP flow
     assert out["afterLinger"] == ["2", "3"]
     assert out["afterSession"] == [["n1", ["4"]]]  # the old rows were replaced, the absent node dropped
+    assert out["muxNodes"] == [["n1", 1, ["10.0.0.1"]], ["n2", 1, ["10.0.0.2"]]]
+    assert out["afterRemoved"] == [["n1"], []]
 
 
 # -- every filter of every live view, against real rows --------------------------------------------
@@ -697,3 +699,31 @@ def test_windowed_grid_draws_only_the_rows_on_screen_and_scrolls_to_every_row(ui
     # the rows drawn are the last ones of the view, in its order (the ends may differ by a live row)
     assert last["dom"][-1] == last["all"][-1], (last["dom"][-3:], last["all"][-3:])
     assert last["dom"][0] != last["all"][0]
+
+
+def test_mux_page_says_why_it_shows_no_node(tmp_path, page):
+    require_root()
+    with AgentProcess("--fanout-service", "", log_path=tmp_path / "agent.log") as agent:
+        page.goto(agent.mux_url + "/")
+        banner = page.locator("#mux-message")
+        banner.wait_for(state="visible")
+        assert "FANOUT_SERVICE is not set" in banner.inner_text()
+        assert "no peers" in page.inner_text("#status-peers")
+
+
+def test_mux_page_shows_the_nodes_it_found(hosts, tmp_path, page):
+    require_root()
+    # the peer list of this one-node cluster: the agent's own node port, by address (no DNS query)
+    with AgentProcess(env={"NODE_NAME": "node-x", "FANOUT_SERVICE": "127.0.0.1"}, log_path=tmp_path / "a.log") as agent:
+        page.goto(agent.mux_url + "/?view=conn")
+        page.wait_for_function("document.getElementById('status-peers').textContent.includes('1 connected')")
+        assert page.locator("#mux-message").is_hidden()
+        server, port = start_peer(hosts.b, peers.TCP_HOLD_SERVER, hosts.b.ipv4)
+        client, _ = start_peer(hosts.a, peers.TCP_HOLD_CLIENT, hosts.b.ipv4, str(port))
+        try:
+            page.fill('input[name="conn.port"]', str(port))
+            texts = wait_rows(page, lambda ts: len(ts) == 2)
+            assert all("node-x" in t for t in texts)
+            assert page.inner_text("#status-nodes") == "node node-x"
+        finally:
+            finish(client, server)

@@ -44,5 +44,14 @@ async () => {
   s.beginSession();
   s.apply([conn("n1", 4), { type: "snapshot.complete", nodeName: "n1" }]);
   out.afterSession = [...s.nodes.values()].map((n) => [n.name, [...n.conns.keys()]]);
+  // the multiplexer's own events: its host.info and peer.status do not start or clear a node's state
+  s.apply([
+    { type: "host.info", nodeName: "n1", mux: true, fanoutService: "netstatd-headless" },
+    { type: "peer.status", peer: "10.0.0.2", nodeName: "n2", status: "connected", hostInfo: { hostIPs: ["10.0.0.2"] } },
+    conn("n2", 5),
+  ]);
+  out.muxNodes = [...s.nodes.values()].map((n) => [n.name, n.conns.size, n.hostInfo?.hostIPs || null]);
+  s.apply([{ type: "peer.status", peer: "10.0.0.2", nodeName: "n2", status: "gone" }, { type: "node.removed", nodeName: "n2" }]);
+  out.afterRemoved = [[...s.nodes.keys()], [...s.peers.keys()]];
   return out;
 }

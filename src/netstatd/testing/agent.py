@@ -68,7 +68,9 @@ class AgentProcess:
         }
         extra = [x for flag, p in defaults.items() if flag not in args for x in (flag, str(p))]
         self.args = [*prefix, netstatd_binary(), "--http-port", str(self.port), *extra, *args]
-        self.env = {**os.environ, **(env or {})}
+        # The multiplexer looks its peers up every 5 s: "localhost" resolves from /etc/hosts, so a test
+        # agent never queries the machine's DNS server (tests talk to no other address).
+        self.env = {"FANOUT_SERVICE": "localhost", **os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
         self._log = None

@@ -197,6 +197,21 @@ function renderStatus(now) {
   setText("status-rows", `${counts.shown.toLocaleString()} of ${counts.total.toLocaleString()} rows`);
   const names = [...store.nodes.keys()].filter(Boolean);
   setText("status-nodes", names.length === 1 ? `node ${names[0]}` : `${names.length} nodes`);
+  renderMuxStatus();
+}
+
+// The multiplexer's discovery problem (FANOUT_SERVICE unset or resolving to nothing) in a banner, and
+// its upstreams in the status bar.
+function renderMuxStatus() {
+  const banner = $("mux-message");
+  const message = store.muxStatus?.message || "";
+  setText("mux-message", message ? `Cluster view: ${message}` : "");
+  banner.hidden = !message;
+  if (!store.mux) return;
+  const counts = {};
+  for (const p of store.peers.values()) counts[p.status] = (counts[p.status] || 0) + 1;
+  const parts = Object.entries(counts).map(([status, n]) => `${n} ${status}`);
+  setText("status-peers", `cluster view (${store.mux.fanoutService || "no FANOUT_SERVICE"}): ${parts.join(", ") || "no peers"}`);
 }
 
 function filterInput(view, spec) {

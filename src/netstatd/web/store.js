@@ -40,6 +40,10 @@ export class Store {
     this.indexVersion = 0; // counts rebuilds: rows derived from an older index are out of date
     this._ipIndex = new Map();
     this._dnsIndex = new Map();
+    // Multiplexer only (docs/multiplexer.md): its own host.info, discovery state and upstreams.
+    this.mux = null; // the mux's host.info
+    this.muxStatus = null; // latest mux.status
+    this.peers = new Map(); // peer IP -> latest peer.status
   }
 
   node(name) {
@@ -61,6 +65,11 @@ export class Store {
   apply(events, now = Date.now()) {
     for (const ev of events) {
       this.eventCount++;
+      const session = SESSION_HANDLERS[ev.type];
+      if (session) {
+        // about the multiplexer and its upstreams, not a node's state: must not start a node's session
+        if (session(this, ev) !== false) continue;
+      }
       const handler = HANDLERS[ev.type];
       if (!handler) continue;
       const node = this.node(ev.nodeName || "");
@@ -151,6 +160,33 @@ export class Store {
 function connKey(ev) {
   return ev.protocol === "UDP" ? `${ev.sockCookie}|${ev.remoteIP}|${ev.remotePort}` : String(ev.sockCookie);
 }
+
+// Events of the multiplexer's own session (docs/multiplexer.md). Returning false passes the event on
+// to HANDLERS (a node's own host.info).
+const SESSION_HANDLERS = {
+  "host.info"(store, ev) {
+    if (!ev.mux) return false;
+    store.mux = ev;
+    store.peers.clear(); // their peer.status follow
+    return true;
+  },
+  "mux.status"(store, ev) {
+    store.muxStatus = ev;
+  },
+  "peer.status"(store, ev) {
+    if (ev.status === "gone") store.peers.delete(ev.peer);
+    else store.peers.set(ev.peer, ev);
+    // A node's host.info reaches a mux client inside its peer.status: host IPs colour endpoints blue.
+    if (ev.nodeName && ev.hostInfo) {
+      store.node(ev.nodeName).hostInfo = ev.hostInfo;
+      store.markAll();
+    }
+  },
+  "node.removed"(store, ev) {
+    // drop everything of that node; a rebuilt snapshot may follow
+    if (store.nodes.delete(ev.nodeName)) store.markAll();
+  },
+};
 
 // One handler per event type. Each keeps its node's maps in step and marks what changed.
 const HANDLERS = {
