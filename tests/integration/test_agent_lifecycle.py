@@ -5,7 +5,7 @@ import socket
 import subprocess
 
 from netstatd.sources.bpf.loader import HERE
-from netstatd.testing.agent import AgentProcess, free_port, netstatd_binary, other_listener_args
+from netstatd.testing.agent import AgentProcess, free_port, isolated_args, netstatd_binary
 from tests.conftest import require_root
 
 ROOT = HERE.parents[3]
@@ -21,7 +21,7 @@ def test_port_in_use():
         s.bind(("0.0.0.0", 0))
         s.listen()
         port = s.getsockname()[1]
-        argv = [netstatd_binary(), "--http-port", str(port), *other_listener_args()]
+        argv = [netstatd_binary(), "--http-port", str(port), *isolated_args()]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     (line,) = error_lines(r.stderr)
@@ -39,7 +39,7 @@ def test_not_root():
             netstatd_binary(),
             "--http-port",
             str(free_port()),
-            *other_listener_args(),
+            *isolated_args(),
         ],
         capture_output=True,
         text=True,
@@ -72,7 +72,7 @@ def test_a_hook_the_kernel_rejects_names_the_program_and_the_reason(tmp_path):
     )
     env = {"NETSTATD_BPF_OBJECT": str(obj)}
     r = subprocess.run(
-        [netstatd_binary(), "--http-port", str(free_port()), *other_listener_args()],
+        [netstatd_binary(), "--http-port", str(free_port()), *isolated_args()],
         capture_output=True,
         text=True,
         timeout=30,

@@ -32,9 +32,11 @@ def free_port() -> int:
     raise RuntimeError(f"no free port below the ephemeral range (from {low})")
 
 
-def other_listener_args() -> list[str]:
-    """Free ports for every listener but --http-port: a test's agent must not collide with another."""
-    return [x for flag in ("--http-mux-port", "--dnstap-port", "--dnstap-mux-port") for x in (flag, str(free_port()))]
+def isolated_args() -> list[str]:
+    """For running the binary directly in a test: free ports for every listener but --http-port (no
+    collision with another agent), and peers looked up as localhost (no DNS query leaves the machine)."""
+    ports = [x for flag in ("--http-mux-port", "--dnstap-port", "--dnstap-mux-port") for x in (flag, str(free_port()))]
+    return [*ports, "--fanout-service", "localhost"]
 
 
 def netstatd_binary() -> str:
