@@ -46,8 +46,7 @@ class DnstapCollector:
                 if e.errno == errno.EADDRINUSE:
                     raise OSError(e.errno, f"DNSTap port {port} is already in use (pass --dnstap-port)") from None
                 raise
-            self._servers.append(server)
-        log.info("DNSTap collector listening on %s", ", ".join(f"{n} :{p}" for n, p in ports.items()))
+            self._servers.append(server)  # framestream.serve logs each listener's addresses
 
     async def stop(self) -> None:
         for server in self._servers:
