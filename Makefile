@@ -11,7 +11,7 @@ ARGS    ?=
 
 RUN_PACKAGES  := clang llvm libbpf-dev bpftool iproute2 python3-venv
 TEST_PACKAGES := prometheus containerd runc busybox-static containernetworking-plugins \
-	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium $(if $(shell command -v kubectl),,kubernetes-client)
+	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium bpftrace $(if $(shell command -v kubectl),,kubernetes-client)
 BPF_OBJS := $(BPF_DIR)/netstatd.bpf.o $(BPF_DIR)/probe_fentry.bpf.o
 PROTO_DIR := src/netstatd/sources/containerd/protos
 DNSTAP_PROTO_DIR := src/netstatd/sources/dnstap/protos
@@ -53,8 +53,31 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: setup
-	$(SUDO) $(VENV)/bin/python bench/churn.py $(ARGS)
+# Performance harness (issue 7, docs/benchmarks.md). make bench: the whole suite (< 10 min), writes
+# bench/out/results.json and the tables in docs/benchmarks.md (SECONDS= overrides its 10 s per phase).
+# make bench-churn SECONDS=20 RATE=max|N: one churn run, writes bench/out/churn.json.
+# make bench-live CONNECTIONS=100000: agent started beside live connections, writes bench/out/live.json.
+# make bench-soak [SECONDS=600 RATE=10000]: RSS every 30 s under churn, writes bench/out/soak.json.
+BENCH_PACKAGES := bpftrace
+SECONDS ?= 20
+RATE ?= max
+CONNECTIONS ?= 100000
+.PHONY: bench-churn bench-live bench-soak bench-packages
+
+bench-packages:
+	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
+
+bench: setup bench-packages
+	$(SUDO) $(VENV)/bin/python bench/suite.py $(if $(filter command line,$(origin SECONDS)),--seconds $(SECONDS)) $(ARGS)
+
+bench-churn: setup bench-packages
+	$(SUDO) $(VENV)/bin/python bench/churn.py --seconds $(SECONDS) --rate $(RATE) $(ARGS)
+
+bench-live: setup
+	$(SUDO) $(VENV)/bin/python bench/live.py --connections $(CONNECTIONS) $(ARGS)
+
+bench-soak: setup
+	$(SUDO) $(VENV)/bin/python bench/soak.py --seconds $(if $(filter command line,$(origin SECONDS)),$(SECONDS),600) --rate $(if $(filter command line,$(origin RATE)),$(RATE),10000) $(ARGS)
 
 # containerd/CRI gRPC stubs: generated from the .proto subset and committed. grpcio-tools is a
 # regeneration tool only (not in requirements.lock). Paths are given relative to src/ so the
