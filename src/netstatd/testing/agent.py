@@ -32,6 +32,18 @@ def free_port() -> int:
     raise RuntimeError(f"no free port below the ephemeral range (from {low})")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def isolated_args() -> list[str]:
     """For running the binary directly in a test: free ports for every listener but --http-port (no
     collision with another agent), and peers looked up as localhost (no DNS query leaves the machine)."""
@@ -133,13 +145,7 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
             self._log = None

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from netstatd.sources.containerd.protos import cri_pb2, cri_pb2_grpc
+from netstatd.testing.agent import stop_process
 
 BUSYBOX = "/bin/busybox"
 CNI_BIN_DIR = "/usr/lib/cni"
@@ -556,14 +557,7 @@ state = "{d}/state"
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_process(self.proc, 5)
 
     def _kill_shims(self) -> None:
         """Shims outlive the daemon when their task was not deleted; theirs carry our socket path."""

@@ -15,12 +15,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import dns.message
 import dns.query
 import dns.rdatatype
 
-from .agent import free_port
+from .agent import free_port, stop_process
 
 
 def _wait_answering(port: int, name: str, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
@@ -45,6 +46,7 @@ class _Daemon:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"netstatd-{self.binary}-"))
         self.proc: subprocess.Popen | None = None
+        self._log: BinaryIO | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -52,19 +54,17 @@ class _Daemon:
     def start(self) -> _Daemon:
         if shutil.which(self.binary) is None:
             raise RuntimeError(f"{self.binary} is not installed (make test installs it)")
-        log = open(self.dir / "log", "wb")  # noqa: SIM115 (kept for the process's lifetime)
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        # appended to, so a restart keeps the earlier log; closed in stop()
+        self._log = open(self.dir / "log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir)
         _wait_answering(self.port, "check.netstatd.test.", self.proc, self.binary)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def restart(self) -> None:
         self.stop()
