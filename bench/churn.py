@@ -52,7 +52,7 @@ MAX_BATCH = 64  # connections between clock reads at max rate
 # complete or close (retransmissions), which would blur what the agent shows.
 LISTEN_BACKLOG = 65535
 SETTLE_TIMEOUT_S = 60.0
-WS_MODE = "separate process (multiprocessing spawn, GC off); received events analysed after the run"
+WS_MODE = "separate process (multiprocessing spawn, GC off); frames kept as received, parsed after the run"
 
 # Targets of the issue (docs/benchmarks.md)
 TARGET_CORES_AT_10K = 0.25
@@ -386,7 +386,7 @@ def stream_main(ws_url: str, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench ends this process
     # Millions of acyclic event dicts: collections would only cost CPU during the run.
     gc.disable()
-    client = StreamClient(ws_url).start()
+    client = StreamClient(ws_url, defer_live=True).start()
     client.wait_snapshot()
     conn.send({"pid": os.getpid()})
     params = conn.recv()
@@ -395,10 +395,11 @@ def stream_main(ws_url: str, conn: Connection) -> None:
     # Whatever the agent has queued for us still arrives: wait for 1 s of silence.
     last, quiet_since, give_up = -1, time.monotonic(), time.monotonic() + 120
     while time.monotonic() - quiet_since < 1.0 and time.monotonic() < give_up:
-        if len(client.events) != last:
-            last, quiet_since = len(client.events), time.monotonic()
+        if client.frames != last:
+            last, quiet_since = client.frames, time.monotonic()
         time.sleep(0.1)
     client.stop()
+    client.parse_deferred()
     result = analyse(client.events, client.arrivals, **params)
     result["ws_frames"] = client.frames
     result["ws_tail_s"] = round(max(0.0, (client.arrivals[-1] if client.arrivals else asked) - asked), 3)

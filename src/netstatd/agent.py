@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +26,7 @@ from .mux.server import Mux
 from .protocol import HOST_INFO
 from .settings import Settings
 from .sources import addresses, netlink, procfs, sockdiag
+from .sources.bpf import events as ev
 from .sources.bpf.drainer import RingDrainer
 from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError, find_cgroup2_root
 from .sources.bpf.ringbuf import RingReader
@@ -33,16 +36,20 @@ from .sources.dnstap.framestream import REASONS as CLOSE_REASONS
 from .state.containers import ContainerIndex, Pod
 from .state.hostnames import Hostnames
 from .state.ips import IpInventory, build_inventory
+from .state.sweep import FOLDED_STATES, sweep_folded
 from .state.tracker import Tracker
 
 log = logging.getLogger("netstatd")
 
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
-RECONCILE_EVERY_S = 300.0  # a sock_diag check of the state even when the kernel reports no gap
+# A sock_diag check of the state even when the kernel reports no gap: at full churn a few client
+# sockets in 100k leave FIN_WAIT1 with no traced transition (bpftrace sees the same; docs/kernel.md).
+RECONCILE_EVERY_S = 30.0
 FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
 MAX_NETNS_SCANS = 64  # netns scans queued at once (container starts); more are dropped and counted
 IP_REFRESH_S = 30.0  # host addresses change without a container event (DHCP, an admin): re-read this often
 SCAN_SETTLE_S = 0.06  # after a netns dump: ring records of listens before it are drained and flushed first
+SWEEP_EVERY_S = 2.0  # a socket staying in a folded TCP state (CLOSE_WAIT, ...) is shown within this
 
 
 class StartupError(RuntimeError):
@@ -82,6 +89,9 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
+        self.swept = 0  # connection states set by the folded-state sweep
+        self._sweep_failing = False
         self.follower = ContainerdFollower(
             settings.containerd_socket,
             self.containers,
@@ -120,6 +130,7 @@ class Agent:
         # Probes are live before the scan, so nothing falls between the two.
         await self._seed()
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="sweep")
         log.info(
             "netstatd %s serving node %s on http://0.0.0.0:%d (WebSocket /netstat)",
             __version__,
@@ -128,7 +139,14 @@ class Agent:
         )
 
     async def stop(self) -> None:
-        for task in (self._reconciler, self._flusher, self._following, self._ip_refresher, *self._scans.values()):
+        for task in (
+            self._sweeper,
+            self._reconciler,
+            self._flusher,
+            self._following,
+            self._ip_refresher,
+            *self._scans.values(),
+        ):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -173,15 +191,21 @@ class Agent:
     async def _seed(self) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        self.tracker.begin_seed()
         netns = await loop.run_in_executor(None, procfs.list_netns)
-        sockets = await loop.run_in_executor(None, sockdiag.dump_all_netns, netns)
         owners = await loop.run_in_executor(None, procfs.socket_owners)
-        events = self.tracker.seed(sockets, owners, self.settings.loopback)
-        self.hub.publish(events)
+        seeded = 0
+        # One netns at a time, its events made a frame's worth at a time: a host with 100k sockets
+        # never holds them all as dumped sockets, nor as events, at once.
+        for inode, path in netns.items():
+            self.tracker.begin_seed()  # from here the netns's closes are remembered: its dump cannot revive them
+            sockets = await loop.run_in_executor(None, sockdiag.dump_all_netns, {inode: path})
+            added = self.tracker.seed(sockets, owners, self.settings.loopback)
+            del sockets
+            self.hub.publish_lazily(len(added), self.tracker.events_for(added))
+            seeded += len(added)
         log.info(
             "seeded %d existing sockets from %d network namespaces in %.2fs",
-            len(events),
+            seeded,
             len(netns),
             time.monotonic() - t0,
         )
@@ -250,8 +274,8 @@ class Agent:
 
     def _kernel_gaps(self) -> int:
         """Events the kernel could not deliver: ring full, or skipped on re-entry."""
-        _, lost, _, nested = self.kernel.counters()
-        return lost + self.kernel.skipped_state_events(nested)
+        counters = self.kernel.counters()
+        return counters[ev.CNT_LOST] + self.kernel.skipped_state_events(counters)
 
     async def _reconcile_loop(self) -> None:
         """After a kernel gap (and every RECONCILE_EVERY_S), compare the state with sock_diag.
@@ -275,12 +299,57 @@ class Agent:
             before = time.monotonic_ns()
             try:
                 netns = await loop.run_in_executor(None, procfs.list_netns)
-                sockets = await loop.run_in_executor(None, sockdiag.dump_all_netns, netns)
+                tcp, udp = await loop.run_in_executor(None, sockdiag.live_cookies, netns)
             except OSError as e:
-                log.warning("reconcile: cannot dump sockets: %s", e)
+                log.warning("reconcile: cannot dump sockets (%s); retrying in %.0f s", e, RECONCILE_EVERY_S)
                 continue
             self.hub.publish(self.tracker.flush())
-            self.hub.publish(self.tracker.reconcile(sockets, before))
+            self.hub.publish(self.tracker.reconcile(tcp, udp, before))
+
+    def _kernel_folded(self) -> int:
+        return self.kernel.counters()[ev.CNT_FOLDED]
+
+    async def _sweep_loop(self) -> None:
+        """Show TCP sockets that stay in a state the kernel folded (docs/kernel.md "Folded states").
+
+        Only after the kernel folded a transition since the previous sweep began:
+        without folds nothing can be stale, so an idle host does no work.
+        Counted in netstatd_state_swept_total.
+        """
+        loop = asyncio.get_running_loop()
+        dump = functools.partial(
+            sockdiag.dump_all_netns,
+            protocols=(sockdiag.IPPROTO_TCP,),
+            states=sockdiag.state_mask(FOLDED_STATES),
+        )
+        seen = 0
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            folded = self._kernel_folded()
+            if folded == seen:
+                continue
+            seen = folded  # folds from now on make the next sweep
+            before = time.monotonic_ns()
+            try:
+                netns = await loop.run_in_executor(None, procfs.list_netns)
+                sockets = await loop.run_in_executor(None, dump, netns)
+            except OSError as e:
+                if not self._sweep_failing:  # once per failure streak, not every 2 s
+                    log.warning(
+                        "folded-state sweep: cannot dump TCP sockets (%s); CLOSE_WAIT, FIN_WAIT2 and other "
+                        "lasting states may show as ESTABLISHED until the socket closes",
+                        e,
+                    )
+                self._sweep_failing = True
+                seen = 0  # retry at the next period
+                continue
+            self._sweep_failing = False
+            # records emitted before the dump are drained and applied first: they are older than it
+            await asyncio.sleep(SCAN_SETTLE_S)
+            self.hub.publish(self.tracker.flush())
+            events = sweep_folded(self.tracker, sockets, before)
+            self.swept += len(events)
+            self.hub.publish(events)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -327,9 +396,12 @@ class Agent:
         ]
 
     # -- API callbacks -----------------------------------------------------
-    def snapshot(self) -> list[dict[str, Any]]:
+    def snapshot(self) -> Iterator[dict[str, Any]]:
         """The initial state of a client: containers first, so connections can refer to them."""
-        return self.containers.snapshot() + self.ips.snapshot() + self.hostnames.snapshot() + self.tracker.snapshot()
+        yield from self.containers.snapshot()
+        yield from self.ips.snapshot()
+        yield from self.hostnames.snapshot()
+        yield from self.tracker.iter_snapshot()
 
     def host_info(self) -> dict[str, Any]:
         try:
@@ -351,7 +423,10 @@ class Agent:
 
     def metrics(self) -> list[Metric]:
         t, h = self.tracker, self.hub
-        emitted, lost, deduped, nested = self.kernel.counters() if self.kernel.ring_fd >= 0 else (0, 0, 0, 0)
+        counters = self.kernel.counters() if self.kernel.ring_fd >= 0 else [0] * ev.CNT_MAX
+        emitted, lost, deduped, nested, folded = (
+            counters[i] for i in (ev.CNT_EMITTED, ev.CNT_LOST, ev.CNT_UDP_DEDUPED, ev.CNT_NESTED, ev.CNT_FOLDED)
+        )
         misses = self.kernel.program_misses()
         out = record_metrics(t.record_counts)
         out += [
@@ -365,14 +440,13 @@ class Agent:
             single(
                 "netstatd_kernel_events_skipped_total",
                 "counter",
-                "TCP transitions the kernel did not run our program for (re-entry on one CPU) and that no "
-                "second program picked up.",
-                self.kernel.skipped_state_events(nested),
+                "TCP transitions neither state program took (the kernel skips a program already running on that CPU).",
+                self.kernel.skipped_state_events(counters),
             ),
             single(
                 "netstatd_kernel_nested_events_total",
                 "counter",
-                "TCP transitions that interrupted our own program and were taken by the nested program.",
+                "TCP transitions the second state program took (interrupt context, or the first was busy).",
                 nested,
             ),
             Metric(
@@ -380,6 +454,12 @@ class Agent:
                 "counter",
                 "Runs the kernel skipped per BPF program because it was already running on that CPU.",
                 [({"program": name}, n) for name, n in sorted(misses.items())],
+            ),
+            single(
+                "netstatd_kernel_states_folded_total",
+                "counter",
+                "TCP transitions the kernel carried in the socket's next record instead of one of their own.",
+                folded,
             ),
             single(
                 "netstatd_kernel_udp_deduplicated_total",
@@ -464,6 +544,12 @@ class Agent:
                 "counter",
                 "Connections, flows and ports closed by a sock_diag check after a kernel gap (closeReason gone).",
                 t.reconciled,
+            ),
+            single(
+                "netstatd_state_swept_total",
+                "counter",
+                "Connection states set from sock_diag because the socket stayed in a folded state.",
+                self.swept,
             ),
             single(
                 "netstatd_state_evictions_total",

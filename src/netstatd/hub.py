@@ -4,14 +4,21 @@ Each batch is serialized once and shared by every subscriber. A subscriber
 has a bounded queue; a client too slow to keep up loses its queue, which is
 counted, and is then sent a `stream.reset` (with the number of events it
 missed) followed by a fresh snapshot, so its view is whole again.
+
+A snapshot is encoded one frame at a time as the client's send loop asks for
+it, so memory holds one frame per client, not the whole state twice, and the
+event loop is never blocked for the length of a large snapshot. Live events
+queued meanwhile follow the snapshot; each is the latest word on its
+connection, so the client converges on the current state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -46,6 +53,8 @@ class Subscriber:
         self.missed = 0  # events lost since the last stream.reset
         self.needs_reset = False
         self.wake = asyncio.Event()
+        self._head: list[bytes] = []  # host.info, or a stream.reset notice: sent before anything else
+        self._snapshot: Iterator[bytes] | None = None  # frames still to encode, sent before the queue
 
     def offer(self, frames: list[tuple[bytes, int]]) -> None:
         for frame, n in frames:
@@ -72,12 +81,19 @@ class Subscriber:
             self.queued_bytes += len(frame)
         self.wake.set()
 
+    def start_snapshot(self, head: bytes) -> None:
+        self._head.append(head)
+        self._snapshot = self.hub.snapshot_frames()
+        self.wake.set()
+
     def take(self) -> list[bytes]:
-        """Frames to send now; after an overflow, a reset notice and a fresh snapshot first."""
-        frames = []
+        """Frames to send now: the head, then the snapshot one frame per call, then the queue.
+
+        While snapshot frames remain, `wake` stays set so the send loop comes straight back.
+        """
         if self.needs_reset:
             self.needs_reset = False
-            frames.append(
+            self.start_snapshot(
                 orjson.dumps(
                     {
                         "type": STREAM_RESET,
@@ -89,7 +105,13 @@ class Subscriber:
                 )
             )
             self.missed = 0
-            frames.extend(f for f, _ in self.hub.snapshot_frames())
+        frames, self._head = self._head, []
+        if self._snapshot is not None:
+            frame = next(self._snapshot, None)
+            if frame is not None:
+                frames.append(frame)
+                return frames
+            self._snapshot = None
         while self.queue:
             frame, n = self.queue.popleft()
             self.queued_events -= n
@@ -103,7 +125,7 @@ class Hub:
     def __init__(
         self,
         node_name: str,
-        snapshot: Callable[[], list[Event]],
+        snapshot: Callable[[], Iterable[Event]],
         now: Callable[[], str],
         *,
         max_clients: int = 256,
@@ -123,23 +145,26 @@ class Hub:
         self.clients_total = 0
         self.published_events = 0
 
-    def snapshot_frames(self) -> list[tuple[bytes, int]]:
-        events = self._snapshot()
-        events.append(
-            {"type": SNAPSHOT_COMPLETE, "timestamp": self.now(), "nodeName": self.node_name, "count": len(events)}
-        )
-        return encode_frames(events)
+    def snapshot_frames(self) -> Iterator[bytes]:
+        """The current state in frames of FRAME_EVENTS events, then snapshot.complete, encoded lazily."""
+        batch: list[Event] = []
+        count = 0
+        for event in self._snapshot():
+            batch.append(event)
+            if len(batch) == FRAME_EVENTS:
+                count += len(batch)
+                yield orjson.dumps(batch)
+                batch = []
+        count += len(batch)
+        batch.append({"type": SNAPSHOT_COMPLETE, "timestamp": self.now(), "nodeName": self.node_name, "count": count})
+        yield orjson.dumps(batch)
 
     def subscribe(self, peer: str, first: Event) -> Subscriber | None:
         """New client: `first` (host.info), the snapshot, then live frames. None when full."""
         if len(self.subscribers) >= self.max_clients:
             return None
         sub = Subscriber(self, peer, self.client_max_events, self.client_max_bytes)
-        # Queued directly, outside the bounds: a snapshot is as big as the state.
-        sub.queue.append((orjson.dumps(first), 0))
-        for frame, _ in self.snapshot_frames():
-            sub.queue.append((frame, 0))
-        sub.wake.set()
+        sub.start_snapshot(orjson.dumps(first))
         self.subscribers.add(sub)
         self.clients_total += 1
         return sub
@@ -156,3 +181,15 @@ class Hub:
         frames = encode_frames(events)
         for sub in self.subscribers:
             sub.offer(frames)
+
+    def publish_lazily(self, count: int, events: Iterable[Event]) -> None:
+        """publish() for `count` events made on demand (a start-up seed of 100k sockets): made a frame's
+        worth at a time, and not at all while nobody listens."""
+        self.published_events += count
+        if not self.subscribers:
+            return
+        it = iter(events)
+        while batch := list(itertools.islice(it, FRAME_EVENTS)):
+            frames = encode_frames(batch)
+            for sub in self.subscribers:
+                sub.offer(frames)

@@ -55,7 +55,7 @@ def record_metrics(record_counts: dict[int, int]) -> list[Metric]:
     totals: dict[tuple[str, str], int] = {}
     by_state: dict[tuple[str, str, str], int] = {}
     for key, n in list(record_counts.items()):
-        kind, family, newstate = key >> 16, (key >> 8) & 0xFF, key & 0xFF
+        kind, family, newstate = key & 0xFF, (key >> 8) & 0xFF, key >> 24
         proto, state = _KIND_LABELS.get(kind, ("unknown", "unknown"))
         fam = FAMILY_NAMES.get(family, str(family))
         state = state or ev.TCP_STATES.get(newstate, str(newstate))

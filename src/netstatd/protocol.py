@@ -60,6 +60,11 @@ class AddressText:
         return text
 
 
+# ".123" and "456Z": a timestamp's fraction from two table lookups instead of a format per event
+_MILLIS = [f".{i:03d}" for i in range(1000)]
+_MICROS = [f"{i:03d}Z" for i in range(1000)]
+
+
 class WallClock:
     """Kernel CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to RFC 3339 UTC text.
 
@@ -85,7 +90,8 @@ class WallClock:
         if sec != self._sec:
             self._sec = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._prefix}.{frac // 1000:06d}Z"
+        ms, us = divmod(frac // 1000, 1000)
+        return self._prefix + _MILLIS[ms] + _MICROS[us]
 
     def from_kernel(self, mono_ns: int) -> str:
         """Call refresh() now and then (the tracker does, once per flush)."""

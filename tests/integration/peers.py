@@ -107,3 +107,27 @@ if pid == 0:
 print('ready', s.getsockname()[1], pid, flush=True)
 os.waitpid(pid, 0)
 """
+
+# Half-closes (shutdown(SHUT_WR): its side stays in FIN_WAIT2 while the peer keeps its end open)
+# and holds the socket until stdin closes.
+TCP_HALF_CLOSE_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print('ready', c.getsockname()[1], flush=True)
+c.shutdown(socket.SHUT_WR)
+sys.stdin.read()
+"""
+
+# Accepts and keeps the connection open (CLOSE_WAIT once the peer half-closes) until a line
+# arrives on stdin, then closes it and waits for stdin to close.
+TCP_CLOSE_ON_LINE_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen()
+print('ready', s.getsockname()[1], flush=True)
+c, _ = s.accept()
+sys.stdin.readline()
+c.close()
+sys.stdin.read()
+"""

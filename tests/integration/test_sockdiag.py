@@ -176,6 +176,14 @@ def test_dump_finds_sockets_in_netns(netns: str, child: dict) -> None:
     assert len({s.cookie for s in socks}) == len(socks)
 
 
+def test_dump_asks_the_kernel_for_some_states_and_protocols(netns: str, child: dict) -> None:
+    ns_ino = os.stat(f"/run/netns/{netns}").st_ino
+    want = sockdiag.state_mask([sockdiag.TCP_LISTEN])
+    socks = dump_all_netns({ns_ino: f"/run/netns/{netns}"}, protocols=(sockdiag.IPPROTO_TCP,), states=want)
+    assert sorted(s.sport for s in socks) == sorted([child["l4"]["port"], child["l6"]["port"]])
+    assert {(s.protocol, s.state) for s in socks} == {(6, sockdiag.TCP_LISTEN)}
+
+
 def test_cookie_matches_ss() -> None:
     _require_root()
     with socket.create_server(("127.0.0.1", 0)) as lsn, socket.create_connection(lsn.getsockname()) as cli:
@@ -219,3 +227,18 @@ def test_interface_addresses(netns: str) -> None:
     host = interface_addresses()
     assert host
     assert all(a.family in (4, 6) and a.ip and a.ifname and a.scope for a in host)
+
+
+def test_live_cookies_list_connections_listeners_and_udp_sockets_only(netns: str, child: dict) -> None:
+    path = f"/run/netns/{netns}"
+    inode = os.stat(path).st_ino
+    socks = dump_sockets(inode, path)
+    by_inode = {s.inode: s.cookie for s in socks}
+    tcp, udp = sockdiag.live_cookies({inode: path})
+    for name in ("l4", "l6", "cli", "srv"):
+        assert by_inode[child[name]["inode"]] in tcp, name
+    for name in ("uc", "uu", "um"):
+        assert by_inode[child[name]["inode"]] in udp, name
+    assert tcp.isdisjoint(udp)
+    # a netns that is gone has no sockets, and does not stop the others
+    assert sockdiag.live_cookies({1: "/proc/999999999/ns/net", inode: path}) == (tcp, udp)

@@ -34,7 +34,7 @@ def python_layout(fields: tuple[tuple[str, str], ...]) -> list[tuple[str, int, i
 
 def test_netstat_event_matches_btf(btf):
     s = btf["netstat_event"]
-    assert s["size"] == events.EVENT_SIZE == 96
+    assert s["size"] == events.EVENT_SIZE == 104
     c_offsets = {m["name"]: m["bits_offset"] // 8 for m in s["members"]}
     py = python_layout(events.EVENT_FIELDS)
     assert [n for n, _, _ in py] == [m["name"] for m in s["members"]]
@@ -77,6 +77,7 @@ def test_decoder_reads_a_record_the_kernel_way():
         1,
         2,
         b"curl\0" + bytes(11),
+        0,
     )
     rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
     (r,) = list(events.RECORD.iter_unpack(rec))
@@ -93,10 +94,41 @@ def test_decoder_reads_a_record_the_kernel_way():
 
 def test_brief_decoder_reads_the_same_fields():
     body = struct.pack(
-        events.EVENT_FORMAT, 123, 77, 5, 4242, 9, bytes(16), bytes(16), 1, 2, events.EV_UDP_SEND, 6, 3, 4, 1, b"x" * 16
+        events.EVENT_FORMAT,
+        123,
+        77,
+        5,
+        4242,
+        9,
+        bytes(16),
+        bytes(16),
+        1,
+        2,
+        events.EV_UDP_SEND,
+        6,
+        3,
+        4,
+        1,
+        b"x" * 16,
+        98,
     )
     rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
     full = events.RECORD.unpack(rec)
     assert events.RECORD_BRIEF.unpack(rec) == tuple(
-        full[i] for i in (events.COOKIE, events.TGID, events.KIND, events.FAMILY, events.OLDSTATE, events.NEWSTATE)
+        full[i]
+        for i in (
+            events.COOKIE,
+            events.TGID,
+            events.KIND,
+            events.FAMILY,
+            events.OLDSTATE,
+            events.NEWSTATE,
+            events.FOLDED,
+        )
     )
+
+
+def test_folded_states_read_oldest_first():
+    # CLOSE_WAIT (8) then LAST_ACK (9): the kernel shifts each new one FOLDED_BITS higher
+    assert events.folded_states(8 | 9 << events.FOLDED_BITS) == (8, 9)
+    assert events.folded_states(0) == ()

@@ -17,11 +17,19 @@ def decode(frames: list[bytes]) -> list[dict]:
     return out
 
 
+def take_all(sub) -> list[bytes]:
+    """What the send loop sends before it waits again (the snapshot comes a frame per take)."""
+    frames = sub.take()
+    while sub.wake.is_set():
+        frames += sub.take()
+    return frames
+
+
 def test_new_subscriber_gets_host_info_then_snapshot_then_live_events():
     hub = make_hub()
     sub = hub.subscribe("c", {"type": "host.info"})
     hub.publish([{"type": "connection.event", "sockCookie": 2}])
-    types = [(e["type"], e.get("sockCookie")) for e in decode(sub.take())]
+    types = [(e["type"], e.get("sockCookie")) for e in decode(take_all(sub))]
     assert types == [("host.info", None), ("connection.event", 1), ("snapshot.complete", None), ("connection.event", 2)]
 
 
@@ -29,30 +37,69 @@ def test_overflow_drops_only_the_slow_client_and_resets_it():
     hub = make_hub(max_events=10)
     slow = hub.subscribe("slow", {"type": "host.info"})
     fast = hub.subscribe("fast", {"type": "host.info"})
-    slow.take()
-    fast.take()
+    take_all(slow)
+    take_all(fast)
     for i in range(4):
         hub.publish([{"type": "connection.event", "sockCookie": 100 + i}] * 4)
-        got = decode(fast.take())
+        got = decode(take_all(fast))
         assert len(got) == 4  # the fast client keeps everything
     assert hub.dropped_events > 0 and hub.overflows == 1
-    events = decode(slow.take())
+    events = decode(take_all(slow))
     assert events[0]["type"] == "stream.reset" and events[0]["missedEvents"] == hub.dropped_events
     assert [e["type"] for e in events[1:]] == ["connection.event", "snapshot.complete"]
     # afterwards it streams normally again
     hub.publish([{"type": "connection.event", "sockCookie": 7}])
-    assert [e["sockCookie"] for e in decode(slow.take())] == [7]
+    assert [e["sockCookie"] for e in decode(take_all(slow))] == [7]
 
 
 def test_one_batch_larger_than_the_bound_still_reaches_an_idle_client():
     hub = make_hub(max_events=10)
     sub = hub.subscribe("c", {"type": "host.info"})
-    sub.take()
+    take_all(sub)
     hub.publish([{"type": "connection.event"}] * 50)
-    assert len(decode(sub.take())) == 50 and hub.dropped_events == 0
+    assert len(decode(take_all(sub))) == 50 and hub.dropped_events == 0
 
 
 def test_client_cap():
     hub = Hub("n1", list, lambda: "T", max_clients=1)
     assert hub.subscribe("a", {}) is not None
     assert hub.subscribe("b", {}) is None
+
+
+def test_a_large_snapshot_is_encoded_a_frame_at_a_time():
+    from netstatd.hub import FRAME_EVENTS
+
+    made = 0
+
+    def state():
+        nonlocal made
+        for i in range(3 * FRAME_EVENTS):
+            made += 1
+            yield {"type": "connection.event", "sockCookie": i}
+
+    hub = Hub("n1", state, lambda: "T")
+    sub = hub.subscribe("c", {"type": "host.info"})
+    first = sub.take()
+    assert len(decode(first)) == 1 + FRAME_EVENTS and made <= FRAME_EVENTS + 1  # nothing encoded ahead
+    hub.publish([{"type": "connection.event", "sockCookie": -1}])
+    rest = decode(take_all(sub))
+    assert [e["sockCookie"] for e in rest if e["type"] == "connection.event"][-1] == -1  # live after the snapshot
+    complete = [e for e in rest if e["type"] == "snapshot.complete"]
+    assert complete[0]["count"] == 3 * FRAME_EVENTS
+
+
+def test_lazy_publish_makes_no_events_without_clients_and_all_with_one():
+    made = []
+
+    def events(n):
+        for i in range(n):
+            made.append(i)
+            yield {"type": "connection.event", "sockCookie": i}
+
+    hub = Hub("n1", list, lambda: "T")
+    hub.publish_lazily(5000, events(5000))
+    assert made == [] and hub.published_events == 5000
+    sub = hub.subscribe("c", {"type": "host.info"})
+    take_all(sub)
+    hub.publish_lazily(5000, events(5000))
+    assert [e["sockCookie"] for e in decode(take_all(sub))] == list(range(5000))

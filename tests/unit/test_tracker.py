@@ -3,6 +3,9 @@
 import socket
 import struct
 
+import orjson
+import pytest
+
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.procfs import ProcessCache
 from netstatd.sources.sockdiag import DiagSocket
@@ -31,6 +34,7 @@ def rec(
     ts=1,
     netns=NETNS,
     flags=ev.EVF_OWNER_STORED,
+    folded: tuple[int, ...] = (),
 ) -> bytes:
     body = struct.pack(
         ev.EVENT_FORMAT,
@@ -49,6 +53,7 @@ def rec(
         new,
         flags,
         comm.ljust(16, b"\0"),
+        sum(state << (ev.FOLDED_BITS * i) for i, state in enumerate(folded)),
     )
     return struct.pack("<II", ev.EVENT_SIZE, 0) + body
 
@@ -57,8 +62,13 @@ def tracker(tmp_path) -> Tracker:
     return Tracker("node-1", ProcessCache(proc_root=str(tmp_path)))
 
 
+def decoded(out):
+    """flush() output as dicts: short connections come already encoded (orjson.Fragment)."""
+    return [orjson.loads(orjson.dumps(e)) if isinstance(e, orjson.Fragment) else e for e in out]
+
+
 def conn_events(out):
-    return [e for e in out if e["type"] == "connection.event"]
+    return [e for e in decoded(out) if e["type"] == "connection.event"]
 
 
 def test_transitions_within_one_flush_become_one_event_with_every_state(tmp_path):
@@ -154,6 +164,7 @@ def test_v4_mapped_ipv6_socket_is_reported_as_ipv4(tmp_path):
         1,
         ev.EVF_OWNER_STORED,
         b"srv".ljust(16, b"\0"),
+        0,
     )
     t.ingest(struct.pack("<II", ev.EVENT_SIZE, 0) + mapped)
     (e,) = conn_events(t.flush())
@@ -167,10 +178,12 @@ def diag(cookie, state, sport, dport, inode, proto=6, saddr="10.0.0.1", daddr="1
 def test_seed_adds_existing_sockets_with_owner_and_direction(tmp_path):
     t = tracker(tmp_path)
     t.begin_seed()
-    out = t.seed(
-        [diag(1, 10, 80, 0, 11, daddr="0.0.0.0"), diag(2, 1, 80, 5000, 12), diag(3, 1, 41000, 443, 13)],
-        {11: 50, 12: 50, 13: 60},
-        include_loopback=False,
+    out = t.events_for(
+        t.seed(
+            [diag(1, 10, 80, 0, 11, daddr="0.0.0.0"), diag(2, 1, 80, 5000, 12), diag(3, 1, 41000, 443, 13)],
+            {11: 50, 12: 50, 13: 60},
+            include_loopback=False,
+        )
     )
     by_cookie = {e["sockCookie"]: e for e in out}
     assert by_cookie[1]["type"] == "port.listening"
@@ -217,7 +230,7 @@ def test_reconcile_closes_what_the_kernel_no_longer_has(tmp_path):
     t.flush()
     before = time.monotonic_ns()
     # cookie 2 is still established, cookie 3 lingers in TIME_WAIT (not a connection), 1 and 9 are gone
-    out = t.reconcile([diag(2, 1, 40000, 80, 0), diag(3, 6, 40001, 80, 0)], before)
+    out = t.reconcile({2}, set(), before)
     gone = sorted((e["type"], e["sockCookie"], e["closeReason"]) for e in out)
     assert gone == [("connection.event", 1, "gone"), ("connection.event", 3, "gone"), ("port.closed", 9, "gone")]
     assert list(t.tcp) == [2] and t.reconciled == 3
@@ -240,7 +253,7 @@ def test_netns_scan_adds_unknown_listeners_only(tmp_path):
     """A container started: its netns scan adds listeners the kernel did not report, nothing twice."""
     t = tracker(tmp_path)
     t.ingest(rec(ev.EV_TCP_LISTEN, cookie=9, new=10, sport=8080, dport=0))  # known from the kernel
-    assert [e["sockCookie"] for e in t.flush()] == [9]
+    assert [e["sockCookie"] for e in decoded(t.flush())] == [9]
     t.begin_seed()
     t.ingest(rec(ev.EV_TCP_LISTEN, cookie=7, new=10, sport=7070, dport=0))  # listen() record not flushed yet
     t.ingest(rec(ev.EV_TCP_LISTEN, cookie=6, new=10, sport=6060, dport=0) + rec(cookie=6, old=10, new=7))
@@ -261,7 +274,7 @@ def test_netns_scan_adds_unknown_listeners_only(tmp_path):
         ("port.listening", 2, 0),
     ]
     assert t.listeners[9].pid == 100  # the kernel's owner is kept
-    assert [e["sockCookie"] for e in t.flush() if e["type"] == "port.listening"] == [5]
+    assert [e["sockCookie"] for e in decoded(t.flush()) if e["type"] == "port.listening"] == [5]
     t.begin_seed()
     still_open = [s for s in scanned if s.cookie != 6]
     assert t.add_listeners(still_open, include_loopback=False) == []  # a second scan of the same netns adds nothing
@@ -311,3 +324,34 @@ def test_connections_carry_the_names_learned_from_dnstap_and_keep_them(tmp_path,
     t.ingest(rec(old=1, new=4, sport=40000) + rec(old=4, new=7, sport=40000))
     (closed,) = conn_events(t.flush())
     assert (closed["state"], closed["remoteHostname"]) == ("CLOSE", "api.example.test")
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+@pytest.mark.parametrize("enriched", [False, True])
+def test_a_connection_within_one_flush_gives_the_same_event_as_one_across_flushes(tmp_path, accepted, enriched):
+    """Short connections take a faster path (_short_tcp_event): same fields, same values."""
+    from netstatd.enrich.attribution import Attribution
+    from netstatd.enrich.cgroups import PidContainers
+    from netstatd.state.containers import ContainerIndex
+
+    t = tracker(tmp_path)
+    if enriched:
+        t.attribution = Attribution(ContainerIndex("node-1", t.clock.now), t.processes, PidContainers(str(tmp_path)))
+
+    def steps(cookie: int) -> list[bytes]:
+        out = [rec(cookie=cookie, old=3, new=1, folded=(3,), ts=1)]
+        if accepted:
+            out.append(rec(ev.EV_TCP_ACCEPT, cookie=cookie, tgid=200, comm=b"worker", new=1, ts=2))
+        return [*out, rec(cookie=cookie, old=9, new=7, folded=(8, 9), ts=3)]
+
+    long_steps = steps(4)
+    t.ingest(long_steps[0])  # cookie 4 opens in one flush and closes in the next: the Conn path
+    t.flush()
+    for r in steps(3) + long_steps[1:]:  # cookie 3 opens and closes within one flush
+        t.ingest(r)
+    by_cookie = {e["sockCookie"]: e for e in conn_events(t.flush())}
+    short, long = by_cookie.pop(3), by_cookie.pop(4)
+    assert short["states"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    assert long["states"] == ["CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    assert {**short, "states": None, "sockCookie": None} == {**long, "states": None, "sockCookie": None}
+    assert (short["pid"], short["direction"]) == ((200, "inbound") if accepted else (100, "inbound"))

@@ -1,6 +1,7 @@
 """Existing TCP and UDP sockets from the kernel (NETLINK_SOCK_DIAG), per network namespace.
 
-Used at start-up to seed state with sockets that predate the eBPF probes.
+Used at start-up to seed state with sockets that predate the eBPF probes, to
+reconcile the state after a kernel gap, and to sweep folded TCP states.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .netlink import NETLINK_SOCK_DIAG, dump, netns_inode, open_netlink
@@ -25,6 +27,7 @@ TCP_CLOSE = 7
 TCP_LISTEN = 10
 TCP_NEW_SYN_RECV = 12
 ALL_STATES = 0xFFFFFFFF
+PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)
 
 # struct inet_diag_req_v2 without its inet_diag_sockid (48 zero bytes: no filter).
 _REQ = struct.Struct("=BBBxI")
@@ -33,6 +36,8 @@ _REQ_ID = bytes(48)
 # read separately), id.src, id.dst, id.if, id.cookie[2], expires, rqueue, wqueue, uid, inode.
 _MSG = struct.Struct("=BBxx4x16s16sIIIIIIII")
 _PORTS = struct.Struct(">HH")
+_COOKIE = struct.Struct("=II")  # id.cookie[2] of struct inet_diag_msg
+_COOKIE_OFFSET = 44
 _V4_PAD = bytes(12)
 _FAMILIES = ((socket.AF_INET, 4), (socket.AF_INET6, 6))
 
@@ -52,8 +57,18 @@ class DiagSocket:
     netns: int  # inode of the network namespace the socket was found in
 
 
-def _dump_one(sock: socket.socket, family: int, fam: int, protocol: int, netns: int, out: list[DiagSocket]) -> None:
-    req = _REQ.pack(family, protocol, 0, ALL_STATES) + _REQ_ID
+def state_mask(states: Iterable[int]) -> int:
+    """idiag_states for the given kernel state numbers: the kernel filters, so fewer sockets cross netlink."""
+    mask = 0
+    for state in states:
+        mask |= 1 << state
+    return mask
+
+
+def _dump_one(
+    sock: socket.socket, family: int, fam: int, protocol: int, netns: int, states: int, out: list[DiagSocket]
+) -> None:
+    req = _REQ.pack(family, protocol, 0, states) + _REQ_ID
     unpack, unpack_ports = _MSG.unpack_from, _PORTS.unpack_from
     append = out.append
     for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, req):
@@ -66,35 +81,80 @@ def _dump_one(sock: socket.socket, family: int, fam: int, protocol: int, netns: 
         append(DiagSocket(protocol, fam, state, src, sport, dst, dport, inode, c0 | c1 << 32, uid, netns))
 
 
-def dump_sockets(netns_inode: int, netns_path: str | None = None) -> list[DiagSocket]:
-    """All TCP+UDP v4+v6 sockets of one netns, every state. netns_path None = the caller's netns.
+def dump_sockets(
+    netns_inode: int,
+    netns_path: str | None = None,
+    *,
+    protocols: tuple[int, ...] = PROTOCOLS,
+    states: int = ALL_STATES,
+) -> list[DiagSocket]:
+    """The v4+v6 sockets of one netns (default: TCP+UDP, every state). netns_path None = the caller's netns.
 
+    states is an idiag_states bitmask (state_mask()).
     netns_inode labels the results; with a netns_path it is also checked against
     what the path opens (FileNotFoundError if the netns behind it changed).
     """
     out: list[DiagSocket] = []
     with open_netlink(NETLINK_SOCK_DIAG, netns_path, expect_inode=netns_inode if netns_path else None) as sock:
-        for protocol in (IPPROTO_TCP, IPPROTO_UDP):
+        for protocol in protocols:
             for family, fam in _FAMILIES:
-                _dump_one(sock, family, fam, protocol, netns_inode, out)
+                _dump_one(sock, family, fam, protocol, netns_inode, states, out)
     return out
 
 
-def dump_all_netns(netns: dict[int, str]) -> list[DiagSocket]:
-    """netns maps inode -> a path that opens it; dumps each one.
+def dump_all_netns(
+    netns: dict[int, str], *, protocols: tuple[int, ...] = PROTOCOLS, states: int = ALL_STATES
+) -> list[DiagSocket]:
+    """netns maps inode -> a path that opens it; dumps each one (protocols, states: see dump_sockets).
 
     A netns that vanished meanwhile is skipped with a debug log; any other
     failure for one netns (e.g. EPERM) is logged as a warning and skipped, so one
     odd namespace cannot stop the start-up snapshot of the rest.
     """
-    own = netns_inode()
     out: list[DiagSocket] = []
-    for inode, path in netns.items():
+    for inode, path in _each_netns(netns):
         try:
-            # The caller's own netns needs no thread and no setns.
-            out.extend(dump_sockets(inode, None if inode == own else path))
+            out.extend(dump_sockets(inode, path, protocols=protocols, states=states))
         except (FileNotFoundError, ProcessLookupError) as e:
-            log.debug("netns %d (%s) vanished before its sockets were read: %s", inode, path, e)
+            log.debug("netns %d vanished before its sockets were read: %s", inode, e)
         except OSError as e:
             log.warning("cannot read sockets of netns %d (%s): %s", inode, path, e)
     return out
+
+
+# TCP states that are not connections (reconcile ignores them): CLOSE, TIME_WAIT, NEW_SYN_RECV
+TCP_LIVE_STATES = ALL_STATES & ~state_mask((TCP_CLOSE, TCP_TIME_WAIT, TCP_NEW_SYN_RECV))
+
+
+def live_cookies(netns: dict[int, str]) -> tuple[set[int], set[int]]:
+    """Cookies of the TCP sockets that are connections or listeners, and of every UDP socket, in every netns.
+
+    Only the cookies: a check of 100k connections holds sets of ints, not 100k DiagSockets. A
+    netns that vanished meanwhile simply has no sockets; one that cannot be read raises OSError, so
+    the caller does not take its sockets for closed.
+    """
+    tcp: set[int] = set()
+    udp: set[int] = set()
+    for inode, path in _each_netns(netns):
+        try:
+            with open_netlink(NETLINK_SOCK_DIAG, path, expect_inode=inode if path else None) as sock:
+                for family, _ in _FAMILIES:
+                    _cookies_one(sock, family, IPPROTO_TCP, TCP_LIVE_STATES, tcp)
+                    _cookies_one(sock, family, IPPROTO_UDP, ALL_STATES, udp)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return tcp, udp
+
+
+def _cookies_one(sock: socket.socket, family: int, protocol: int, states: int, out: set[int]) -> None:
+    unpack, add = _COOKIE.unpack_from, out.add
+    for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, _REQ.pack(family, protocol, 0, states) + _REQ_ID):
+        c0, c1 = unpack(body, _COOKIE_OFFSET)
+        add(c0 | c1 << 32)
+
+
+def _each_netns(netns: dict[int, str]) -> Iterator[tuple[int, str | None]]:
+    """(inode, path) per netns; the caller's own netns with path None: it needs no thread and no setns."""
+    own = netns_inode()
+    for inode, path in netns.items():
+        yield inode, None if inode == own else path

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from ..protocol import (
     CONNECTION_EVENT,
@@ -75,6 +78,7 @@ class Conn:
         self.direction: str | None = None
         self.state = ""
         self.last_seen = 0.0
+        self.ts = 0  # CLOCK_MONOTONIC ns of the latest record (or sweep) applied
         # the container of `owner_pid`, resolved once: the process may be gone by the close
         self.owner_pid = -1
         self.container: CgroupOwner | None = None
@@ -129,11 +133,24 @@ class Tracker:
         self._closes: list[tuple] = []
         self._next_idle_check = 0.0
         self._owner_memo: dict[tuple[int, bytes], tuple[str, str]] = {}  # (pid, raw comm) -> (comm, exe), per flush
+        self._folded_names: dict[int, tuple[str, ...]] = {}
+        # (local, remote, family) as the kernel has them -> (family, local text, remote text); cleared when full
+        self._pair_text: dict[tuple[bytes, bytes, int], tuple[int, str, str]] = {}
+        # per flush: (pid, netns, cgroup id) -> (owner fields, container, attributed?); remote IP -> fields, name
+        self._fields_memo: dict[tuple[int, int, int], tuple[Event, CgroupOwner | None, bool]] = {}
+        self._remote_memo: dict[str, Event | None] = {}
+        self._names_memo: dict[str, str | None] = {}
+        # per flush, for _short_tcp_event: (pid, comm, cgroup id, netns) -> (owner fields, attributed?);
+        # (local IP, remote IP) -> remote pod fields and names
+        self._short_owner_memo: dict[tuple, tuple[str, bool | None]] = {}
+        self._short_remote_memo: dict[tuple[str, str], str] = {}
+        self._states_json: dict[tuple[str, ...], str] = {}  # state names -> their JSON list, cleared when full
+        self._node_json = orjson.dumps(node_name).decode()
         # Sockets closed while a seed scan runs: the scan may still list them.
         self._closed_while_seeding: set[int] | None = None
         self._scans = 0  # scans between begin_seed() and their seed()/add_listeners()
         # metrics, read at scrape time
-        self.record_counts: dict[int, int] = {}  # kind << 16 | family << 8 | newstate -> records
+        self.record_counts: Counter[int] = Counter()  # kind | family << 8 | oldstate << 16 | newstate << 24 -> records
         self.opened = {"TCP": 0, "UDP": 0}
         self.closed = {"TCP": 0, "UDP": 0}
         self.unattributed = 0
@@ -151,7 +168,8 @@ class Tracker:
         each connection is decoded in full, at the flush.
         """
         pending = self._pending
-        counts = self.record_counts
+        # metrics by kind/family/states, counted for the whole chunk at once
+        self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
         attribution = self.attribution
         processes = self.processes
         names = ev.TCP_STATE_NAMES
@@ -159,7 +177,8 @@ class Tracker:
         size = ev.RECORD_SIZE
         last_pid = 0
         off = -size
-        for cookie, pid, kind, family, old, new in ev.RECORD_BRIEF.iter_unpack(chunk):
+        folded_names = self._folded_names
+        for cookie, pid, kind, _family, old, new, folded in ev.RECORD_BRIEF.iter_unpack(chunk):
             off += size
             if pid != last_pid:
                 # Read /proc/PID/exe now, milliseconds after the event, not at
@@ -169,8 +188,6 @@ class Tracker:
                     processes.lookup(pid, ev.comm_str(full(chunk, off)[ev.COMM]))
                     if attribution is not None:
                         attribution.container_of(pid)  # its cgroup too, while it is alive
-            ckey = kind << 16 | family << 8 | new
-            counts[ckey] = counts.get(ckey, 0) + 1
             if kind == ev.EV_TCP_STATE:
                 if old == ev.TCP_LISTEN and new == ev.TCP_CLOSE:
                     self._closes.append(full(chunk, off))  # a listener closed
@@ -195,19 +212,35 @@ class Tracker:
                 self._opens.append(full(chunk, off))
                 continue
             p = pending.get(key)
-            if p is None:
+            if folded:
+                # states the kernel folded into this record come before its own
+                passed = folded_names.get(folded)
+                if passed is None:
+                    passed = self._folded(folded)
+                if p is None:
+                    pending[key] = [first, chunk, off, [*passed, names[new]], None]
+                    continue
+                p[3].extend(passed)
+            elif p is None:
                 pending[key] = [first, chunk, off, [names[new]], None]
-            else:
-                p[1] = chunk
-                p[2] = off
-                p[3].append(names[new])
+                continue
+            p[1] = chunk
+            p[2] = off
+            p[3].append(names[new])
         return off // size + 1
+
+    def _folded(self, folded: int) -> tuple[str, ...]:
+        """event.folded as state names, cached (a few sequences recur: FIN_WAIT1+FIN_WAIT2, ...)."""
+        if len(self._folded_names) >= 1024:
+            self._folded_names.clear()
+        passed = self._folded_names[folded] = tuple(ev.TCP_STATE_NAMES[s] for s in ev.folded_states(folded))
+        return passed
 
     # -- flush --------------------------------------------------------------
     def flush(self) -> list[Event]:
         """Turn everything pending into events (called every flush period)."""
         self.clock.refresh()
-        self._owner_memo.clear()
+        self._new_period()
         out: list[Event] = []
         pending, self._pending = self._pending, {}
         opens, self._opens = self._opens, []
@@ -215,9 +248,13 @@ class Tracker:
         for rec in opens:
             self._apply_control(rec, out)
         full = ev.RECORD.unpack_from
+        tcp = self.tcp
         for key, (first, chunk, off, states, accept) in pending.items():
             if type(key) is int:
-                self._apply_tcp(key, first, full(chunk, off), states, accept, out)
+                if states and states[-1] == "CLOSE" and key not in tcp and key not in self._reconciled_cookies:
+                    out.append(self._short_tcp_event(key, first, full(chunk, off), states, accept))
+                else:
+                    self._apply_tcp(key, first, full(chunk, off), states, accept, out)
             else:
                 self._apply_udp(key, first, full(chunk, off), out)
         for rec in closes:
@@ -228,14 +265,21 @@ class Tracker:
             self._expire_idle_udp(now, out)
         return out
 
+    def _pair(self, rec: tuple) -> tuple[int, str, str]:
+        """(family, local IP text, remote IP text) of a record; v4-mapped addresses as IPv4."""
+        key = (rec[ev.SADDR], rec[ev.DADDR], rec[ev.FAMILY])
+        texts = self._pair_text.get(key)
+        if texts is None:
+            saddr, daddr, family = key
+            if family == 6 and is_v4_mapped(daddr):
+                family, saddr, daddr = 4, unmap_v4(saddr), unmap_v4(daddr)
+            if len(self._pair_text) >= 65536:
+                self._pair_text.clear()
+            texts = self._pair_text[key] = (family, self.ip_text(saddr, family), self.ip_text(daddr, family))
+        return texts
+
     def _addresses(self, conn: Conn, rec: tuple) -> None:
-        family = rec[ev.FAMILY]
-        saddr, daddr = rec[ev.SADDR], rec[ev.DADDR]
-        if family == 6 and is_v4_mapped(daddr):
-            family, saddr, daddr = 4, unmap_v4(saddr), unmap_v4(daddr)
-        conn.family = family
-        conn.local_ip = self.ip_text(saddr, family)
-        conn.remote_ip = self.ip_text(daddr, family)
+        conn.family, conn.local_ip, conn.remote_ip = self._pair(rec)
         conn.local_port = rec[ev.SPORT]
         conn.remote_port = rec[ev.DPORT]
         conn.netns = rec[ev.NETNS]
@@ -276,11 +320,14 @@ class Tracker:
             self._owner_from_listener(conn)
         if conn.direction is None:
             conn.direction = INBOUND if self._listener_for(conn) else OUTBOUND
-        if states:
+        if last[ev.TS] < conn.ts and states[-1:] != ["CLOSE"]:
+            pass  # drained after a sweep that saw a newer state: keep that one
+        elif states:
             conn.state = states[-1]
+            conn.ts = last[ev.TS]
         else:  # only accept() was seen
             conn.state = conn.state or "ESTABLISHED"
-        conn.ts = last[ev.TS]
+            conn.ts = last[ev.TS]
         if conn.state == "CLOSE":
             self.tcp.pop(cookie, None)
             self.closed["TCP"] += 1
@@ -291,6 +338,112 @@ class Tracker:
             if len(self.tcp) > self.max_connections:
                 self._evict(self.tcp)
         out.append(self.connection_event(conn, states))
+
+    def _short_tcp_event(self, cookie: int, first_old: int, last: tuple, states: list[str], accept) -> Any:
+        """The event _apply_tcp() and connection_event() make for a connection that opened and closed
+        within one flush (most of them under churn), without a Conn and already encoded: its parts are
+        memoised per flush. tests/unit/test_tracker.py checks that both ways give the same event."""
+        self.opened["TCP"] += 1
+        self.closed["TCP"] += 1
+        if self._closed_while_seeding is not None:
+            self._closed_while_seeding.add(cookie)
+        family, local_ip, remote_ip = self._pair(last)
+        netns, local_port = last[ev.NETNS], last[ev.SPORT]
+        owner = accept if accept is not None else last
+        listener = None
+        if states[0] == "SYN_SENT":
+            direction = OUTBOUND
+        elif accept is not None or first_old == ev.TCP_LISTEN or "SYN_RECV" in states:
+            direction = INBOUND
+        else:
+            listener = self._listener_ports.get((netns, "TCP", local_port))
+            direction = INBOUND if listener is not None else OUTBOUND
+        if owner[ev.TGID]:
+            fields = self._short_owner(owner[ev.TGID], owner[ev.COMM], owner[ev.CGROUP], netns)
+        else:  # a passive socket of a listener older than us
+            if listener is None:
+                listener = self._listener_ports.get((netns, "TCP", local_port))
+            if listener is not None and listener.pid:
+                direction = INBOUND
+                fields = self._short_owner(listener.pid, listener.comm, 0, netns)
+            else:
+                self.unattributed += 1
+                fields = self._short_owner(0, b"", 0, netns)
+        names = tuple(states)
+        states_json = self._states_json.get(names)
+        if states_json is None:
+            if len(self._states_json) >= 1024:
+                self._states_json.clear()
+            states_json = self._states_json[names] = orjson.dumps(states).decode()
+        # Addresses are inet_ntop text and the rest numbers or our constants: nothing to escape here;
+        # exe, comm and the pod fields come JSON-encoded in `fields`.
+        return orjson.Fragment(
+            _SHORT_TCP_EVENT
+            % (
+                self.clock.from_kernel(last[ev.TS]),
+                self._node_json,
+                FAMILY_NAMES[family],
+                states_json,
+                local_ip,
+                local_port,
+                remote_ip,
+                last[ev.DPORT],
+                cookie,
+                direction,
+                fields,
+                self._short_remote(local_ip, remote_ip),
+            )
+        )
+
+    def _short_owner(self, pid: int, comm: bytes | str, cgroup_id: int, netns: int) -> str:
+        """ "pid", "exe", "comm", "netns" and the container/pod fields as JSON members, memoised per flush."""
+        key = (pid, comm, cgroup_id, netns)
+        memo = self._short_owner_memo.get(key)
+        a = self.attribution
+        if memo is None:
+            c = Conn()
+            c.pid, c.netns, c.cgroup_id = pid, netns, cgroup_id
+            if pid:
+                c.comm = comm if type(comm) is str else ev.comm_str(comm)
+                c.exe = self.processes.lookup(pid, c.comm).exe
+            fields = {"pid": pid, "exe": c.exe, "comm": c.comm, "netns": netns}
+            resolved = None
+            if a is not None:
+                before = a.resolved
+                fields.update(self._owner_fields(a, c))
+                resolved = a.resolved != before
+            memo = self._short_owner_memo[key] = (orjson.dumps(fields).decode()[1:-1], resolved)
+            return memo[0]
+        members, resolved = memo
+        if resolved is not None and a is not None:
+            if resolved:  # the counts stay per event
+                a.resolved += 1
+            else:
+                a.host += 1
+        return members
+
+    def _short_remote(self, local_ip: str, remote_ip: str) -> str:
+        """Remote pod fields and DNSTap names of an address pair as JSON members (with a leading
+        comma), memoised per flush."""
+        key = (local_ip, remote_ip)
+        members = self._short_remote_memo.get(key)
+        if members is None:
+            extra: Event = {}
+            a = self.attribution
+            if a is not None:
+                remote = self._remote_memo.get(remote_ip, _MISSING)
+                if remote is _MISSING:
+                    remote = self._remote_memo[remote_ip] = a.remote(remote_ip)
+                if remote is not None:
+                    extra.update(remote)
+            names = self.hostnames
+            if names is not None:
+                for field, ip in (("remoteHostname", remote_ip), ("localHostname", local_ip)):
+                    name = self._hostname(names, ip)
+                    if name is not None:
+                        extra[field] = name
+            members = self._short_remote_memo[key] = "," + orjson.dumps(extra).decode()[1:-1] if extra else ""
+        return members
 
     def _apply_udp(self, key: tuple[int, bytes, int], first_kind: int, last: tuple, out: list[Event]) -> None:
         conn = self.udp.get(key)
@@ -356,16 +509,15 @@ class Tracker:
                 lst.ts = rec[ev.TS]
                 out.append(self.port_event(lst, PORT_CLOSED))
 
-    def reconcile(self, sockets: Iterable, before_ns: int) -> list[Event]:
-        """Close what the kernel no longer has: state left behind by a kernel gap.
+    def reconcile(self, tcp: set[int], udp: set[int], before_ns: int) -> list[Event]:
+        """Close what the kernel no longer has: state left behind by a kernel gap, or by a socket
+        the kernel closed without a traced transition.
 
-        sockets: a sock_diag dump of every netns that started after before_ns
-        (CLOCK_MONOTONIC). An entry whose last record is older than that and
-        whose socket is not in the dump closed without us seeing it; its
-        close is delivered now with closeReason "gone".
+        tcp, udp: the cookies sock_diag lists in every netns (sockdiag.live_cookies: TCP
+        connections and listeners, every UDP socket), from a dump that started after before_ns
+        (CLOCK_MONOTONIC). An entry whose last record is older than that and whose socket is not
+        in the dump closed without us seeing it; its close is delivered now with closeReason "gone".
         """
-        tcp = {s.cookie for s in sockets if s.protocol == 6 and s.state not in _TCP_NOT_CONNECTIONS}
-        udp = {s.cookie for s in sockets if s.protocol == 17}
         now = time.monotonic_ns()
         out: list[Event] = []
         for cookie, conn in list(self.tcp.items()):
@@ -495,14 +647,15 @@ class Tracker:
             out.append(self.port_event(lst, PORT_LISTENING))
         return out
 
-    def seed(self, sockets: Iterable, owners: dict[int, int], include_loopback: bool) -> list[Event]:
+    def seed(self, sockets: Iterable, owners: dict[int, int], include_loopback: bool) -> list[Conn | Listener]:
         """Sockets that existed before the kernel probes: sources.sockdiag.DiagSocket records.
 
         owners maps socket inode -> pid. Sockets already known from live
         records, or closed since begin_seed(), are left alone. Returns the
-        added state as events, so clients that connected meanwhile get it too.
+        added state (events_for() makes its events for clients that connected meanwhile: a
+        host with 100k sockets need not hold 100k events at once).
         """
-        out: list[Event] = []
+        out: list[Conn | Listener] = []
         gone = self._end_scan()
         deferred = []
         for s in sockets:
@@ -517,7 +670,7 @@ class Tracker:
                     continue
                 lst = self._seeded_listener(s, pid, info)
                 self._add_listener(lst)
-                out.append(self.port_event(lst, PORT_LISTENING))
+                out.append(lst)
             elif (s.protocol == 6 and s.state not in _TCP_NOT_CONNECTIONS) or (s.protocol == 17 and s.state == 1):
                 deferred.append((s, pid, info))  # a TCP connection, or a connected UDP socket
         # Connections after listeners, so direction and owner can use them.
@@ -548,8 +701,14 @@ class Tracker:
                 key = (s.cookie, s.daddr, s.dport)  # as live records key it
                 self.udp[key] = conn
                 self._udp_by_cookie.setdefault(s.cookie, set()).add(key)
-            out.append(self.connection_event(conn, [conn.state]))
+            out.append(conn)
         return out
+
+    def events_for(self, added: Iterable[Conn | Listener]) -> Iterator[Event]:
+        """Events for state that seed() added, made one at a time."""
+        self._new_period()
+        for item in added:
+            yield self._listening_event(item) if type(item) is Listener else self._state_event(item)
 
     def _seeded_listener(self, s: Any, pid: int, info: Any) -> Listener:
         lst = Listener()
@@ -584,23 +743,59 @@ class Tracker:
         }
         a = self.attribution
         if a is not None:
-            if c.owner_pid != c.pid:
-                c.owner_pid, c.container = c.pid, a.container_of(c.pid)
-            event.update(a.fields(c.container, c.netns, c.cgroup_id))
-            remote = a.remote(c.remote_ip)
+            event.update(self._owner_fields(a, c))
+            remote = self._remote_memo.get(c.remote_ip, _MISSING)
+            if remote is _MISSING:
+                remote = self._remote_memo[c.remote_ip] = a.remote(c.remote_ip)
             if remote is not None:
                 event.update(remote)
         names = self.hostnames
         if names is not None:
             if c.remote_hostname is None:
-                c.remote_hostname = names.lookup(c.remote_ip)
+                c.remote_hostname = self._hostname(names, c.remote_ip)
             if c.local_hostname is None:
-                c.local_hostname = names.lookup(c.local_ip)
+                c.local_hostname = self._hostname(names, c.local_ip)
         if c.remote_hostname is not None:
             event["remoteHostname"] = c.remote_hostname
         if c.local_hostname is not None:
             event["localHostname"] = c.local_hostname
         return event
+
+    def _owner_fields(self, a: Attribution, c: Conn) -> Event:
+        """Container/pod fields of c's owner; memoised per flush: most events of a burst share an owner."""
+        key = (c.pid, c.netns, c.cgroup_id)
+        memo = self._fields_memo.get(key)
+        if memo is None:
+            if c.owner_pid != c.pid:
+                c.owner_pid, c.container = c.pid, a.container_of(c.pid)
+            before = a.resolved
+            fields = a.fields(c.container, c.netns, c.cgroup_id)
+            memo = self._fields_memo[key] = (fields, c.container, a.resolved != before)
+            return fields
+        fields, container, resolved = memo
+        if c.owner_pid != c.pid:
+            c.owner_pid, c.container = c.pid, container
+        # the counts stay per event, as without the memo
+        if resolved:
+            a.resolved += 1
+        else:
+            a.host += 1
+        return fields
+
+    def _hostname(self, names: Hostnames, ip: str) -> str | None:
+        name = self._names_memo.get(ip, _MISSING)
+        if name is _MISSING:
+            name = self._names_memo[ip] = names.lookup(ip)
+        return name
+
+    def _new_period(self) -> None:
+        """Memos live for one flush (or snapshot): containers, pods and names change between them."""
+        self._owner_memo.clear()
+        self._fields_memo.clear()
+        self._remote_memo.clear()
+        self._names_memo.clear()
+        self._short_owner_memo.clear()
+        self._short_remote_memo.clear()
 
     def port_event(self, lst: Listener, kind: str) -> Event:
         event = {
@@ -624,12 +819,36 @@ class Tracker:
 
     def snapshot(self) -> list[Event]:
         """Current state as events: every listening port, then every live connection."""
-        out = [self.port_event(lst, PORT_LISTENING) for lst in self.listeners.values()]
-        out.extend(self.connection_event(c, [c.state]) for c in self.tcp.values())
-        out.extend(self.connection_event(c, [c.state]) for c in self.udp.values())
-        return out
+        return list(self.iter_snapshot())
+
+    def iter_snapshot(self) -> Iterator[Event]:
+        """snapshot() one event at a time. The hub encodes it a frame at a time while the state keeps
+        changing, so it walks a copy of the keys and skips what has gone meanwhile."""
+        self._new_period()
+        for table, make in (
+            (self.listeners, self._listening_event),
+            (self.tcp, self._state_event),
+            (self.udp, self._state_event),
+        ):
+            for key in list(table):
+                item = table.get(key)
+                if item is not None:
+                    yield make(item)
+
+    def _listening_event(self, lst: Listener) -> Event:
+        return self.port_event(lst, PORT_LISTENING)
+
+    def _state_event(self, c: Conn) -> Event:
+        return self.connection_event(c, [c.state])
 
 
+_MISSING = object()
+# connection.event of _short_tcp_event(), with the fields of connection_event() (in another order)
+_SHORT_TCP_EVENT = (
+    '{"type":"' + CONNECTION_EVENT + '","timestamp":"%s","nodeName":%s,"protocol":"TCP","family":"%s",'
+    '"state":"CLOSE","states":%s,"localIP":"%s","localPort":%d,"remoteIP":"%s","remotePort":%d,'
+    '"sockCookie":%d,"direction":"%s",%s%s}'
+)
 _TCP_NOT_CONNECTIONS = (ev.TCP_CLOSE, 6, 12)  # CLOSE, TIME_WAIT, NEW_SYN_RECV
 
 

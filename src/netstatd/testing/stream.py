@@ -17,11 +17,16 @@ Event = dict[str, Any]
 class StreamClient:
     """Connects to ws_url and appends every received event to .events (with arrival time in .arrivals)."""
 
-    def __init__(self, ws_url: str) -> None:
+    def __init__(self, ws_url: str, *, defer_live: bool = False) -> None:
+        """defer_live: after the first snapshot, keep frames as received and parse them only in
+        parse_deferred(), so a benchmark's client costs the machine as little as it can."""
         self.ws_url = ws_url
         self.events: list[Event] = []
         self.arrivals: list[float] = []
         self.frames = 0
+        self.defer_live = defer_live
+        self._deferred: list[tuple[float, bytes | str]] = []
+        self._snapshot_seen = False
         self.closed = threading.Event()
         self._connected = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -43,13 +48,27 @@ class StreamClient:
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         break
                     now = time.time()
-                    data = orjson.loads(msg.data)
-                    batch = data if isinstance(data, list) else [data]
                     self.frames += 1
-                    self.events.extend(batch)
-                    self.arrivals.extend([now] * len(batch))
+                    if self._snapshot_seen and self.defer_live:
+                        self._deferred.append((now, msg.data))
+                        continue
+                    self._add(now, msg.data)
         finally:
             self.closed.set()
+
+    def _add(self, now: float, frame: bytes | str) -> None:
+        data = orjson.loads(frame)
+        batch = data if isinstance(data, list) else [data]
+        self.events.extend(batch)
+        self.arrivals.extend([now] * len(batch))
+        if not self._snapshot_seen:
+            self._snapshot_seen = any(e.get("type") == "snapshot.complete" for e in batch)
+
+    def parse_deferred(self) -> None:
+        """Parse the frames defer_live kept (after stop())."""
+        for now, frame in self._deferred:
+            self._add(now, frame)
+        self._deferred.clear()
 
     def wait_for(self, pred: Callable[[Event], bool], timeout: float = 10) -> Event:
         """The first recorded event matching pred, waiting up to timeout seconds."""

@@ -40,7 +40,14 @@ struct netstat_event {
 	__u8 flags;      /* EVF_* */
 	__u8 _pad[7];
 	char comm[NETSTATD_COMM_LEN]; /* owner's comm */
+	/* EV_TCP_STATE: states the socket passed through since its previous
+	 * record, before newstate; FOLDED_BITS bits each, the oldest lowest,
+	 * 0 ends the list (no TCP state is 0). */
+	__u64 folded;
 };
+
+#define FOLDED_BITS 4
+#define FOLDED_MAX 16 /* states a u64 holds; one more forces a record */
 
 /* Rewritten by the loader in .rodata before load. */
 struct agent_settings {
@@ -55,7 +62,9 @@ struct agent_settings {
 #define CNT_EMITTED 0
 #define CNT_LOST 1 /* ring buffer reserve failed */
 #define CNT_UDP_DEDUPED 2
-#define CNT_NESTED 3 /* state transitions the nested program took over */
-#define CNT_MAX 4
+#define CNT_NESTED 3 /* state transitions the second program took */
+#define CNT_FOLDED 4 /* state transitions folded into a later record */
+#define CNT_PASSED 5 /* runs of the first program that found the transition taken by the second */
+#define CNT_MAX 6
 
 #endif

@@ -24,7 +24,12 @@ CNT_EMITTED = 0
 CNT_LOST = 1
 CNT_UDP_DEDUPED = 2
 CNT_NESTED = 3
-CNT_MAX = 4
+CNT_FOLDED = 4
+CNT_PASSED = 5
+CNT_MAX = 6
+
+FOLDED_BITS = 4
+FOLDED_MAX = 16
 
 # struct netstat_event, field by field (name, struct code).
 EVENT_FIELDS: tuple[tuple[str, str], ...] = (
@@ -44,26 +49,33 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("flags", "B"),
     ("_pad", "7x"),
     ("comm", "16s"),
+    ("folded", "Q"),
 )
 EVENT_FORMAT = "<" + "".join(code for _, code in EVENT_FIELDS)
-EVENT_SIZE = struct.calcsize(EVENT_FORMAT)  # 96
+EVENT_SIZE = struct.calcsize(EVENT_FORMAT)  # 104
 
 # Tuple positions of a decoded record (the ring header comes first, see RECORD).
 _names = [n for n, c in EVENT_FIELDS if not c.endswith("x")]
-(TS, COOKIE, CGROUP, TGID, NETNS, SADDR, DADDR, SPORT, DPORT, KIND, FAMILY, OLDSTATE, NEWSTATE, FLAGS, COMM) = (
+(TS, COOKIE, CGROUP, TGID, NETNS, SADDR, DADDR, SPORT, DPORT, KIND, FAMILY, OLDSTATE, NEWSTATE, FLAGS, COMM, FOLDED) = (
     i + 2 for i in range(len(_names))
 )
 
 # A ring buffer record: u32 len (+ BUSY/DISCARD bits), u32 page offset, the event.
 RING_HEADER = 8
 RECORD = struct.Struct("<II" + EVENT_FORMAT[1:])
-RECORD_SIZE = RECORD.size  # 104, already 8-byte aligned as the ring requires
+RECORD_SIZE = RECORD.size  # 112, already 8-byte aligned as the ring requires
 
 # The same record, decoding only what every record needs (no bytes objects):
-# cookie, tgid, kind, family, oldstate, newstate. The tracker decodes the full
-# record only for the ones it keeps (the latest per connection).
-RECORD_BRIEF = struct.Struct("<16xQ8xI4x32x4xBBBB24x")
+# cookie, tgid, kind, family, oldstate, newstate, folded. The tracker decodes
+# the full record only for the ones it keeps (the latest per connection).
+RECORD_BRIEF = struct.Struct("<16xQ8xI4x32x4xBBBB24xQ")
 assert RECORD_BRIEF.size == RECORD_SIZE
+
+# kind, family, oldstate, newstate read together as one little-endian u32 (kind in the low byte):
+# memoryview(chunk).cast("I")[KIND_WORD::RECORD_WORDS] lists them for a whole chunk at C speed.
+KIND_OFFSET = RING_HEADER + struct.calcsize("<" + "".join(c for n, c in EVENT_FIELDS[: _names.index("kind")]))
+assert KIND_OFFSET % 4 == 0 and RECORD_SIZE % 4 == 0
+KIND_WORD, RECORD_WORDS = KIND_OFFSET // 4, RECORD_SIZE // 4
 
 # struct agent_settings
 SETTINGS = struct.Struct("<BBB5xQ")
@@ -86,6 +98,15 @@ TCP_STATES = {
 TCP_STATE_NAMES = [TCP_STATES.get(i, str(i)) for i in range(256)]
 TCP_CLOSE = 7
 TCP_LISTEN = 10
+
+
+def folded_states(folded: int) -> tuple[int, ...]:
+    """event.folded as state numbers, oldest first."""
+    out = []
+    while folded:
+        out.append(folded & 0xF)
+        folded >>= FOLDED_BITS
+    return tuple(out)
 
 
 def comm_str(raw: bytes) -> str:

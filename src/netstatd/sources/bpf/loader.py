@@ -249,9 +249,11 @@ class KernelProbes:
                 continue
         return out
 
-    def skipped_state_events(self, nested_handled: int) -> int:
-        """TCP transitions lost to re-entry: skips of the main program that the nested one did not take."""
-        return max(0, self.program_misses().get("on_inet_sock_set_state", 0) - nested_handled)
+    def skipped_state_events(self, counters: list[int]) -> int:
+        """TCP transitions lost to re-entry: those the first program did not take (skipped by the kernel,
+        or left to the second) minus those the second took (netstatd.bpf.c, "Two programs")."""
+        not_taken = self.program_misses().get("on_inet_sock_set_state", 0) + counters[events.CNT_PASSED]
+        return max(0, not_taken - counters[events.CNT_NESTED])
 
     def counters(self) -> list[int]:
         """Kernel counters (events.CNT_*), summed over CPUs."""

@@ -32,12 +32,17 @@ const volatile struct agent_settings settings = {
  * where tests/unit/test_bpf_abi.py checks it against events.py. */
 struct netstat_event *netstat_event_btf_anchor __attribute__((unused));
 
+/* Per-socket storage: the owner, and the TCP states not sent yet. */
 struct owner {
 	__u64 cookie;    /* socket the owner was recorded for; differs after a clone */
 	__u64 cgroup_id;
 	__u32 tgid;
 	__u32 udp_flags; /* UDPF_*: what a UDP socket has announced */
 	char comm[NETSTATD_COMM_LEN];
+	__u64 folded;    /* states passed through since the last record (see event.folded) */
+	__u32 nfolded;
+	__u16 last_step; /* oldstate << 8 | newstate of the last transition taken */
+	__u16 _pad;
 };
 
 #define UDPF_FLOW 0x1
@@ -221,36 +226,78 @@ static __always_inline void event_owner_stored(struct netstat_event *e, const st
 
 /* ---- TCP ---------------------------------------------------------------- */
 
-static __always_inline int handle_state(struct sock *sk, const int oldstate, const int newstate)
+/* Which transitions become a record of their own. The rest are folded into
+ * the socket's next record (event.folded), in order: a short connection costs
+ * three records on the connecting side and two on the accepting side instead
+ * of five each, and no state is lost. Folded states a socket stays in (a
+ * CLOSE_WAIT the application never closes) reach user space through its
+ * sock_diag sweep, which runs while CNT_FOLDED moves (docs/kernel.md).
+ *   SYN_SENT: the attempt, in the connecting process's context;
+ *   ESTABLISHED: the connection is up, with both ports;
+ *   CLOSE: gone, with every state it passed through.
+ */
+static __always_inline bool foldable(int newstate)
+{
+	return newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE;
+}
+
+/* second: called by the second of the two programs (see "Two programs"). */
+static __always_inline int handle_state(struct sock *sk, const int oldstate, const int newstate, bool second)
 {
 	struct netstat_event e = {};
 	struct owner *o;
 
 	if (!settings.capture_tcp || sk->sk_protocol != IPPROTO_TCP)
 		return 0;
+	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o) {
+		if (second)
+			return 0; /* cannot tell whether the first took it: it is counted as skipped if not */
+	} else {
+		/* Consecutive transitions of a socket always differ (the old state of one is the new
+		 * state of the previous), so an equal step means the other program took this one. */
+		__u16 step = oldstate << 8 | newstate;
+
+		if (o->last_step == step) {
+			if (!second)
+				count(CNT_PASSED);
+			return 0;
+		}
+		o->last_step = step;
+	}
+	if (second)
+		count(CNT_NESTED);
 	/* also makes the cookie exist, so accept/listen tracepoints can read it */
 	__u64 cookie = bpf_get_socket_cookie(sk);
 
-	if (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN) {
+	if (o && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN)) {
 		/* process context: connect() or listen() */
-		o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (o)
-			owner_from_current(o, cookie);
-		/* the listen() syscall exit reports listeners with their real port */
-		if (newstate == TCP_LISTEN)
-			return 0;
-	} else {
-		o = bpf_sk_storage_get(&owners, sk, 0, 0);
-		if (o && o->cookie != cookie) {
-			/* cloned from the listener: take the acceptor once known */
-			struct owner *acc = bpf_map_lookup_elem(&accept_owners, &cookie);
+		owner_from_current(o, cookie);
+	} else if (o && !o->cookie) {
+		o->cookie = cookie; /* a socket older than us: owner unknown (user space seeds it) */
+	} else if (o && o->cookie != cookie) {
+		/* cloned from the listener: take the acceptor once known */
+		struct owner *acc = bpf_map_lookup_elem(&accept_owners, &cookie);
 
-			if (acc) {
-				*o = *acc;
-				bpf_map_delete_elem(&accept_owners, &cookie);
-				e.flags |= EVF_OWNER_ACCEPT;
-			}
+		if (acc) {
+			/* the owner only: the states folded so far stay */
+			o->cookie = acc->cookie;
+			o->cgroup_id = acc->cgroup_id;
+			o->tgid = acc->tgid;
+			__builtin_memcpy(o->comm, acc->comm, sizeof(o->comm));
+			bpf_map_delete_elem(&accept_owners, &cookie);
+			e.flags |= EVF_OWNER_ACCEPT;
 		}
+	}
+	/* the listen() syscall exit reports listeners with their real port */
+	if (newstate == TCP_LISTEN)
+		return 0;
+
+	if (o && foldable(newstate) && o->nfolded < FOLDED_MAX) {
+		o->folded |= (__u64)newstate << (FOLDED_BITS * o->nfolded);
+		o->nfolded++;
+		count(CNT_FOLDED);
+		return 0;
 	}
 
 	if (!fill_sock(&e, sk))
@@ -261,51 +308,42 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 	e.cookie = cookie;
 	e.oldstate = oldstate;
 	e.newstate = newstate;
-	if (o)
+	if (o) {
 		event_owner_stored(&e, o);
+		e.folded = o->folded;
+		o->folded = 0;
+		o->nfolded = 0;
+	}
 	emit(&e);
 	return 0;
 }
 
-/* Per-CPU "on_inet_sock_set_state is running" flag.
+/* Two programs on one tracepoint, so that no transition is skipped.
  *
  * The kernel runs a tp_btf program at most once per CPU at a time: a softirq
- * transition that interrupts the program's own run (a process closing a
- * socket while an ACK arrives) is skipped and only counted in
- * recursion_misses. A second program on the same tracepoint picks up exactly
- * those: it runs only while the first one is busy on this CPU, which is when
- * the kernel skips the first. Either order of the two works.
+ * transition that interrupts the program's run (a process closing a socket
+ * while an ACK arrives), even in the trampoline's few instructions before or
+ * after it, is skipped and only counted in its recursion_misses. So two
+ * identical programs run for every transition, one after the other. Whichever
+ * runs first takes the transition and marks it in the socket's storage
+ * (owner.last_step); the other sees the mark and does nothing. A transition
+ * is lost only if both are busy on that CPU at once, which needs the first to
+ * be preempted mid-run and the second interrupted.
+ *
+ * Accounting, in user space: skipped = the first's recursion_misses +
+ * CNT_PASSED (runs of the first that found the transition taken) -
+ * CNT_NESTED (transitions the second took).
  */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} state_busy SEC(".maps");
-
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_inet_sock_set_state, const struct sock *csk, const int oldstate, const int newstate)
 {
-	__u32 zero = 0, *busy = bpf_map_lookup_elem(&state_busy, &zero);
-
-	if (!busy)
-		return 0;
-	*busy = 1;
-	handle_state((struct sock *)csk, oldstate, newstate);
-	*busy = 0;
-	return 0;
+	return handle_state((struct sock *)csk, oldstate, newstate, false);
 }
 
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_inet_sock_set_state_nested, const struct sock *csk, const int oldstate, const int newstate)
 {
-	__u32 zero = 0, *busy = bpf_map_lookup_elem(&state_busy, &zero);
-
-	if (busy && *busy) {
-		count(CNT_NESTED);
-		handle_state((struct sock *)csk, oldstate, newstate);
-	}
-	return 0;
+	return handle_state((struct sock *)csk, oldstate, newstate, true);
 }
 
 static __always_inline struct sock *sock_from_fd(long fd)

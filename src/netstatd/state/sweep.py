@@ -1,0 +1,43 @@
+"""The folded-state sweep: TCP states the kernel did not send on their own, read from sock_diag.
+
+The kernel sends a record only for SYN_SENT, ESTABLISHED and CLOSE; the other
+states are folded into the socket's next record (docs/kernel.md). A socket that
+stays in a folded state (an application that never closes: CLOSE_WAIT; a peer
+that never closes: FIN_WAIT2) would have no next record for a long time, so it
+would show its last sent state. The agent dumps the sockets in those states
+while the kernel's fold counter moves, and this applies the dump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..sources.bpf import events as ev
+from ..sources.sockdiag import IPPROTO_TCP, DiagSocket
+from .tracker import Event, Tracker
+
+# The states handle_state() folds (netstatd.bpf.c foldable()): the only ones that can be stale.
+FOLDED_STATES = (3, 4, 5, 8, 9, 11)  # SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING
+
+
+def sweep_folded(tracker: Tracker, sockets: Iterable[DiagSocket], before_ns: int) -> list[Event]:
+    """Set the state of tracked TCP connections whose dumped state differs; one event each.
+
+    before_ns: CLOCK_MONOTONIC taken before the dump. A connection whose last
+    record is newer than that is left alone: the record is newer than the dump.
+    Unknown cookies are left to the seed and reconcile paths. Call
+    tracker.flush() first, so records already read are applied before this.
+    """
+    tracker.clock.refresh()
+    out: list[Event] = []
+    for s in sockets:
+        # only folded states: the others (CLOSE, TIME_WAIT: the kernel's CLOSE record) always have a record
+        if s.protocol != IPPROTO_TCP or s.state not in FOLDED_STATES:
+            continue
+        conn = tracker.tcp.get(s.cookie)
+        state = ev.TCP_STATES[s.state]
+        if conn is None or conn.ts >= before_ns or conn.state == state:
+            continue
+        conn.state, conn.ts = state, before_ns
+        out.append(tracker.connection_event(conn, [state]))
+    return out
