@@ -43,7 +43,7 @@ log = logging.getLogger("netstatd")
 
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
 # A sock_diag check of the state even when the kernel reports no gap: at full churn a few client
-# sockets in 100k leave FIN_WAIT1 with no traced transition (bpftrace sees the same; docs/kernel.md).
+# sockets in 100k end with no CLOSE record (docs/kernel.md, "Closes that never arrive").
 RECONCILE_EVERY_S = 30.0
 FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
 MAX_NETNS_SCANS = 64  # netns scans queued at once (container starts); more are dropped and counted
@@ -317,11 +317,7 @@ class Agent:
         Counted in netstatd_state_swept_total.
         """
         loop = asyncio.get_running_loop()
-        dump = functools.partial(
-            sockdiag.dump_all_netns,
-            protocols=(sockdiag.IPPROTO_TCP,),
-            states=sockdiag.state_mask(FOLDED_STATES),
-        )
+        dump = functools.partial(sockdiag.tcp_states, states=sockdiag.state_mask(FOLDED_STATES))
         seen = 0
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
@@ -332,7 +328,7 @@ class Agent:
             before = time.monotonic_ns()
             try:
                 netns = await loop.run_in_executor(None, procfs.list_netns)
-                sockets = await loop.run_in_executor(None, dump, netns)
+                states = await loop.run_in_executor(None, dump, netns)
             except OSError as e:
                 if not self._sweep_failing:  # once per failure streak, not every 2 s
                     log.warning(
@@ -347,7 +343,7 @@ class Agent:
             # records emitted before the dump are drained and applied first: they are older than it
             await asyncio.sleep(SCAN_SETTLE_S)
             self.hub.publish(self.tracker.flush())
-            events = sweep_folded(self.tracker, sockets, before)
+            events = sweep_folded(self.tracker, states, before)
             self.swept += len(events)
             self.hub.publish(events)
 

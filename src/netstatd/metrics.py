@@ -36,6 +36,13 @@ def _escape(v: str) -> str:
     return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+def _number(value: float) -> str:
+    """Exact: counters pass 1e6 within seconds at full churn, and "%g" would round them to 6 digits."""
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def render(metrics: Iterable[Metric]) -> str:
     lines = []
     for m in metrics:
@@ -44,9 +51,9 @@ def render(metrics: Iterable[Metric]) -> str:
         for labels, value in m.samples:
             if labels:
                 lbl = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                lines.append(f"{m.name}{{{lbl}}} {value:g}")
+                lines.append(f"{m.name}{{{lbl}}} {_number(value)}")
             else:
-                lines.append(f"{m.name} {value:g}")
+                lines.append(f"{m.name} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 

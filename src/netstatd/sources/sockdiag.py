@@ -27,7 +27,6 @@ TCP_CLOSE = 7
 TCP_LISTEN = 10
 TCP_NEW_SYN_RECV = 12
 ALL_STATES = 0xFFFFFFFF
-PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)
 
 # struct inet_diag_req_v2 without its inet_diag_sockid (48 zero bytes: no filter).
 _REQ = struct.Struct("=BBBxI")
@@ -65,12 +64,10 @@ def state_mask(states: Iterable[int]) -> int:
     return mask
 
 
-def _dump_one(
-    sock: socket.socket, family: int, fam: int, protocol: int, netns: int, states: int, out: list[DiagSocket]
-) -> None:
-    req = _REQ.pack(family, protocol, 0, states) + _REQ_ID
+def _dump_one(sock: socket.socket, family: int, fam: int, protocol: int, netns: int, out: list[DiagSocket]) -> None:
+    req = _REQ.pack(family, protocol, 0, ALL_STATES) + _REQ_ID
     unpack, unpack_ports = _MSG.unpack_from, _PORTS.unpack_from
-    append = out.append
+    append, shared = out.append, {}.setdefault
     for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, req):
         # Trailing INET_DIAG_* attributes (shutdown, cgroup id, ...) are not needed.
         _, state, src, dst, _if, c0, c1, _exp, _rq, _wq, uid, inode = unpack(body)
@@ -78,34 +75,27 @@ def _dump_one(
         if fam == 4:
             # The kernel fills only src[0]/dst[0] for IPv4; normalise the rest to zero.
             src, dst = src[:4] + _V4_PAD, dst[:4] + _V4_PAD
+        # one bytes object per distinct address: a dump of 100k connections holds a few of them
+        src, dst = shared(src, src), shared(dst, dst)
         append(DiagSocket(protocol, fam, state, src, sport, dst, dport, inode, c0 | c1 << 32, uid, netns))
 
 
-def dump_sockets(
-    netns_inode: int,
-    netns_path: str | None = None,
-    *,
-    protocols: tuple[int, ...] = PROTOCOLS,
-    states: int = ALL_STATES,
-) -> list[DiagSocket]:
-    """The v4+v6 sockets of one netns (default: TCP+UDP, every state). netns_path None = the caller's netns.
+def dump_sockets(netns_inode: int, netns_path: str | None = None) -> list[DiagSocket]:
+    """All TCP+UDP v4+v6 sockets of one netns, every state. netns_path None = the caller's netns.
 
-    states is an idiag_states bitmask (state_mask()).
     netns_inode labels the results; with a netns_path it is also checked against
     what the path opens (FileNotFoundError if the netns behind it changed).
     """
     out: list[DiagSocket] = []
     with open_netlink(NETLINK_SOCK_DIAG, netns_path, expect_inode=netns_inode if netns_path else None) as sock:
-        for protocol in protocols:
+        for protocol in (IPPROTO_TCP, IPPROTO_UDP):
             for family, fam in _FAMILIES:
-                _dump_one(sock, family, fam, protocol, netns_inode, states, out)
+                _dump_one(sock, family, fam, protocol, netns_inode, out)
     return out
 
 
-def dump_all_netns(
-    netns: dict[int, str], *, protocols: tuple[int, ...] = PROTOCOLS, states: int = ALL_STATES
-) -> list[DiagSocket]:
-    """netns maps inode -> a path that opens it; dumps each one (protocols, states: see dump_sockets).
+def dump_all_netns(netns: dict[int, str]) -> list[DiagSocket]:
+    """netns maps inode -> a path that opens it; dumps each one.
 
     A netns that vanished meanwhile is skipped with a debug log; any other
     failure for one netns (e.g. EPERM) is logged as a warning and skipped, so one
@@ -114,7 +104,7 @@ def dump_all_netns(
     out: list[DiagSocket] = []
     for inode, path in _each_netns(netns):
         try:
-            out.extend(dump_sockets(inode, path, protocols=protocols, states=states))
+            out.extend(dump_sockets(inode, path))
         except (FileNotFoundError, ProcessLookupError) as e:
             log.debug("netns %d vanished before its sockets were read: %s", inode, e)
         except OSError as e:
@@ -144,6 +134,25 @@ def live_cookies(netns: dict[int, str]) -> tuple[set[int], set[int]]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return tcp, udp
+
+
+def tcp_states(netns: dict[int, str], states: int) -> dict[int, int]:
+    """cookie -> state of the TCP sockets in the given states (an idiag_states mask), in every netns.
+
+    As lean as live_cookies(); a netns that cannot be read raises OSError.
+    """
+    out: dict[int, int] = {}
+    for inode, path in _each_netns(netns):
+        try:
+            with open_netlink(NETLINK_SOCK_DIAG, path, expect_inode=inode if path else None) as sock:
+                for family, _ in _FAMILIES:
+                    req = _REQ.pack(family, IPPROTO_TCP, 0, states) + _REQ_ID
+                    for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, req):
+                        c0, c1 = _COOKIE.unpack_from(body, _COOKIE_OFFSET)
+                        out[c0 | c1 << 32] = body[1]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
 
 
 def _cookies_one(sock: socket.socket, family: int, protocol: int, states: int, out: set[int]) -> None:

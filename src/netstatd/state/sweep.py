@@ -10,32 +10,29 @@ while the kernel's fold counter moves, and this applies the dump.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from ..sources.bpf import events as ev
-from ..sources.sockdiag import IPPROTO_TCP, DiagSocket
 from .tracker import Event, Tracker
 
 # The states handle_state() folds (netstatd.bpf.c foldable()): the only ones that can be stale.
 FOLDED_STATES = (3, 4, 5, 8, 9, 11)  # SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING
 
 
-def sweep_folded(tracker: Tracker, sockets: Iterable[DiagSocket], before_ns: int) -> list[Event]:
+def sweep_folded(tracker: Tracker, states: dict[int, int], before_ns: int) -> list[Event]:
     """Set the state of tracked TCP connections whose dumped state differs; one event each.
 
-    before_ns: CLOCK_MONOTONIC taken before the dump. A connection whose last
-    record is newer than that is left alone: the record is newer than the dump.
-    Unknown cookies are left to the seed and reconcile paths. Call
-    tracker.flush() first, so records already read are applied before this.
+    states: cookie -> kernel state of TCP sockets (sockdiag.tcp_states), from a dump started at
+    before_ns (CLOCK_MONOTONIC). A connection whose last record is newer than that is left alone:
+    the record is newer than the dump. Unknown cookies are left to the seed and reconcile paths.
+    Call tracker.flush() first, so records already read are applied before this.
     """
     tracker.clock.refresh()
     out: list[Event] = []
-    for s in sockets:
+    for cookie, number in states.items():
         # only folded states: the others (CLOSE, TIME_WAIT: the kernel's CLOSE record) always have a record
-        if s.protocol != IPPROTO_TCP or s.state not in FOLDED_STATES:
+        if number not in FOLDED_STATES:
             continue
-        conn = tracker.tcp.get(s.cookie)
-        state = ev.TCP_STATES[s.state]
+        conn = tracker.tcp.get(cookie)
+        state = ev.TCP_STATES[number]
         if conn is None or conn.ts >= before_ns or conn.state == state:
             continue
         conn.state, conn.ts = state, before_ns

@@ -396,7 +396,7 @@ class Tracker:
         )
 
     def _short_owner(self, pid: int, comm: bytes | str, cgroup_id: int, netns: int) -> str:
-        """ "pid", "exe", "comm", "netns" and the container/pod fields as JSON members, memoised per flush."""
+        """The JSON members pid, exe, comm, netns and the container/pod fields, memoised per flush."""
         key = (pid, comm, cgroup_id, netns)
         memo = self._short_owner_memo.get(key)
         a = self.attribution
@@ -674,6 +674,8 @@ class Tracker:
             elif (s.protocol == 6 and s.state not in _TCP_NOT_CONNECTIONS) or (s.protocol == 17 and s.state == 1):
                 deferred.append((s, pid, info))  # a TCP connection, or a connected UDP socket
         # Connections after listeners, so direction and owner can use them.
+        now = time.monotonic_ns()
+        shared = {}.setdefault
         for s, pid, info in deferred:
             if s.protocol == 6 and s.cookie in self.tcp:
                 continue
@@ -684,9 +686,10 @@ class Tracker:
                 family, saddr, daddr = 4, unmap_v4(saddr), unmap_v4(daddr)
             conn.family = family
             conn.local_ip, conn.remote_ip = self.ip_text(saddr, family), self.ip_text(daddr, family)
-            conn.local_port, conn.remote_port = s.sport, s.dport
-            conn.netns, conn.cookie = s.netns, s.cookie
-            conn.ts = time.monotonic_ns()
+            # one int object per distinct value: 100k seeded connections share a few ports and netns
+            conn.local_port, conn.remote_port = shared(s.sport, s.sport), shared(s.dport, s.dport)
+            conn.netns, conn.cookie = shared(s.netns, s.netns), s.cookie
+            conn.ts = now
             if info is not None:
                 conn.pid, conn.comm, conn.exe = pid, info.comm, info.exe
             conn.direction = INBOUND if self._listener_for(conn) else OUTBOUND

@@ -51,7 +51,9 @@ class KernelSettings:
     capture_udp: bool = True
     include_loopback: bool = False
     udp_refresh_s: float = 5.0
-    ring_bytes: int = 16 << 20
+    # Its pages count twice in the agent's RSS (the data area is mapped twice). 8 MiB holds ~0.3 s of
+    # full churn, 4x the high water measured there (docs/benchmarks.md).
+    ring_bytes: int = 8 << 20
 
 
 def find_cgroup2_root(mounts: str = "/proc/mounts") -> str:

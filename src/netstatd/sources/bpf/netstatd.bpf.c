@@ -50,7 +50,7 @@ struct owner {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 16 << 20); /* the loader may resize */
+	__uint(max_entries, 8 << 20); /* the loader sets the size (loader.py ring_bytes) */
 } events SEC(".maps");
 
 /* BPF_F_CLONE: an accepted socket starts with its listener's owner. */
