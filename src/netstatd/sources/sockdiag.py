@@ -125,41 +125,41 @@ def live_cookies(netns: dict[int, str]) -> tuple[set[int], set[int]]:
     """
     tcp: set[int] = set()
     udp: set[int] = set()
-    for inode, path in _each_netns(netns):
-        try:
-            with open_netlink(NETLINK_SOCK_DIAG, path, expect_inode=inode if path else None) as sock:
-                for family, _ in _FAMILIES:
-                    _cookies_one(sock, family, IPPROTO_TCP, TCP_LIVE_STATES, tcp)
-                    _cookies_one(sock, family, IPPROTO_UDP, ALL_STATES, udp)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+    for sock in _diag_sockets(netns):
+        for family, _ in _FAMILIES:
+            tcp.update(cookie for cookie, _ in _cookie_states(sock, family, IPPROTO_TCP, TCP_LIVE_STATES))
+            udp.update(cookie for cookie, _ in _cookie_states(sock, family, IPPROTO_UDP, ALL_STATES))
     return tcp, udp
 
 
 def tcp_states(netns: dict[int, str], states: int) -> dict[int, int]:
     """cookie -> state of the TCP sockets in the given states (an idiag_states mask), in every netns.
 
-    As lean as live_cookies(); a netns that cannot be read raises OSError.
+    As lean as live_cookies(), and like it, a netns that cannot be read raises OSError.
     """
     out: dict[int, int] = {}
-    for inode, path in _each_netns(netns):
-        try:
-            with open_netlink(NETLINK_SOCK_DIAG, path, expect_inode=inode if path else None) as sock:
-                for family, _ in _FAMILIES:
-                    req = _REQ.pack(family, IPPROTO_TCP, 0, states) + _REQ_ID
-                    for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, req):
-                        c0, c1 = _COOKIE.unpack_from(body, _COOKIE_OFFSET)
-                        out[c0 | c1 << 32] = body[1]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+    for sock in _diag_sockets(netns):
+        for family, _ in _FAMILIES:
+            out.update(_cookie_states(sock, family, IPPROTO_TCP, states))
     return out
 
 
-def _cookies_one(sock: socket.socket, family: int, protocol: int, states: int, out: set[int]) -> None:
-    unpack, add = _COOKIE.unpack_from, out.add
+def _cookie_states(sock: socket.socket, family: int, protocol: int, states: int) -> Iterator[tuple[int, int]]:
+    unpack = _COOKIE.unpack_from
     for _, body in dump(sock, SOCK_DIAG_BY_FAMILY, _REQ.pack(family, protocol, 0, states) + _REQ_ID):
         c0, c1 = unpack(body, _COOKIE_OFFSET)
-        add(c0 | c1 << 32)
+        yield c0 | c1 << 32, body[1]
+
+
+def _diag_sockets(netns: dict[int, str]) -> Iterator[socket.socket]:
+    """An open sock_diag socket in each netns in turn; a netns that vanished meanwhile is skipped."""
+    for inode, path in _each_netns(netns):
+        try:
+            sock = open_netlink(NETLINK_SOCK_DIAG, path, expect_inode=inode if path else None)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        with sock:
+            yield sock
 
 
 def _each_netns(netns: dict[int, str]) -> Iterator[tuple[int, str | None]]:
