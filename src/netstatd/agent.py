@@ -442,7 +442,7 @@ class Agent:
             single(
                 "netstatd_kernel_nested_events_total",
                 "counter",
-                "TCP transitions the second state program took (interrupt context, or the first was busy).",
+                "TCP transitions the second state program took because the first was already running on that CPU.",
                 nested,
             ),
             Metric(

@@ -104,7 +104,7 @@ def folded_states(folded: int) -> tuple[int, ...]:
     """event.folded as state numbers, oldest first."""
     out = []
     while folded:
-        out.append(folded & 0xF)
+        out.append(folded & ((1 << FOLDED_BITS) - 1))
         folded >>= FOLDED_BITS
     return tuple(out)
 
