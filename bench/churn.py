@@ -52,6 +52,7 @@ MAX_BATCH = 64  # connections between clock reads at max rate
 # complete or close (retransmissions), which would blur what the agent shows.
 LISTEN_BACKLOG = 65535
 SETTLE_TIMEOUT_S = 60.0
+CLOSES_TIMEOUT_S = 70.0  # > the agent's longest sock_diag check interval (agent.RECONCILE_MAX_S)
 WS_MODE = "separate process (multiprocessing spawn, GC off); frames kept as received, parsed after the run"
 
 # Targets of the issue (docs/benchmarks.md)
@@ -566,6 +567,17 @@ def wait_caught_up(agent: AgentProcess, timeout: float = 300) -> float:
     return time.monotonic() - t0
 
 
+def wait_closes(agent: AgentProcess, baseline: float, timeout: float = CLOSES_TIMEOUT_S) -> float:
+    """Wait until the agent holds no more open connections than before the run: every socket of the
+    run closed, which the agent learns from a CLOSE record or, for the few the kernel frees without
+    one, from its periodic sock_diag check (closeReason "gone", counted in state_reconciled).
+    Returns the seconds waited."""
+    t0 = time.monotonic()
+    while scrape(agent)["connections_left"] > baseline and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
 def tune(pair: HostPair) -> None:
     # No TIME_WAIT in the test namespaces: at ~30k conn/s it exhausts the
     # ephemeral ports and connect() slows down searching them. TIME_WAIT
@@ -658,6 +670,7 @@ def run_phase(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         if agent and stream:
             out["agent_catch_up_s"] = round(wait_caught_up(agent), 2)
             time.sleep(FLUSH_WAIT_S)
+            out["agent_closes_wait_s"] = round(wait_closes(agent, before["connections_left"]), 2)
             after = counters(agent)
             out["agent"] = {k: after[k] - before[k] for k in after}
             out["agent"]["cpu_during_churn"] = cpu_at_stop - before["cpu"]
@@ -755,6 +768,7 @@ def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) ->
         "connections_opened_without_agent": without["generator"]["connections"],
         "agent_cpu_s": round(agent["cpu"], 2),
         "agent_catch_up_s": with_["agent_catch_up_s"],
+        "agent_closes_wait_s": with_["agent_closes_wait_s"],
         "agent_cpu_cores": round(cores, 3),
         "agent_cpu_s_per_100k_events": round(agent["cpu"] / emitted * 1e5, 3) if emitted else None,
         "agent_rss_mib": round(with_["agent_rss_bytes"] / 2**20, 1),

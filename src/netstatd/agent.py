@@ -42,14 +42,29 @@ from .state.tracker import Tracker
 log = logging.getLogger("netstatd")
 
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
-# A sock_diag check of the state even when the kernel reports no gap: at full churn a few client
-# sockets in 100k end with no CLOSE record (docs/kernel.md, "Closes that never arrive").
-RECONCILE_EVERY_S = 30.0
+# A sock_diag check of the state even when the kernel reports no gap: a few client sockets per 100k
+# end with no CLOSE record (docs/kernel.md, "Closes that never arrive"). It runs every
+# RECONCILE_MIN_S, or less often when a check is slow, so that it takes at most RECONCILE_CPU_SHARE
+# of the time: a check of 100k connections takes ~0.25 s, so it then runs every ~12 s.
+RECONCILE_MIN_S = 5.0
+RECONCILE_MAX_S = 60.0
+RECONCILE_CPU_SHARE = 0.02
 FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
 MAX_NETNS_SCANS = 64  # netns scans queued at once (container starts); more are dropped and counted
 IP_REFRESH_S = 30.0  # host addresses change without a container event (DHCP, an admin): re-read this often
 SCAN_SETTLE_S = 0.06  # after a netns dump: ring records of listens before it are drained and flushed first
 SWEEP_EVERY_S = 2.0  # a socket staying in a folded TCP state (CLOSE_WAIT, ...) is shown within this
+
+
+async def records_taken_in(tracker: Tracker, emitted: int, timeout_s: float = 10.0) -> bool:
+    """Wait until the tracker has taken in `emitted` kernel records. Bounded, so that a stalled
+    loop cannot stop a sock_diag check; False if it timed out."""
+    deadline = time.monotonic() + timeout_s
+    while tracker.records_ingested < emitted:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 class StartupError(RuntimeError):
@@ -278,33 +293,38 @@ class Agent:
         return counters[ev.CNT_LOST] + self.kernel.skipped_state_events(counters)
 
     async def _reconcile_loop(self) -> None:
-        """After a kernel gap (and every RECONCILE_EVERY_S), compare the state with sock_diag.
+        """After a kernel gap, and periodically (RECONCILE_MIN_S), compare the state with sock_diag.
 
         A gap can hide a close; without this the connection would stay
         "open" forever. Counted in netstatd_state_reconciled_total.
         """
         loop = asyncio.get_running_loop()
         seen_gaps, last = self._kernel_gaps(), time.monotonic()
+        interval = RECONCILE_MIN_S
         while True:
             await asyncio.sleep(1.0)
             gaps = self._kernel_gaps()
-            if gaps == seen_gaps and time.monotonic() - last < RECONCILE_EVERY_S:
+            if gaps == seen_gaps and time.monotonic() - last < interval:
                 continue
             if gaps != seen_gaps:
                 log.warning(
                     "the kernel skipped or lost %d events; checking the state against sock_diag", gaps - seen_gaps
                 )
             seen_gaps, last = gaps, time.monotonic()
-            await asyncio.sleep(0.5)  # let records already in the ring arrive first
             before = time.monotonic_ns()
             try:
                 netns = await loop.run_in_executor(None, procfs.list_netns)
                 tcp, udp = await loop.run_in_executor(None, sockdiag.live_cookies, netns)
             except OSError as e:
-                log.warning("reconcile: cannot dump sockets (%s); retrying in %.0f s", e, RECONCILE_EVERY_S)
+                log.warning("reconcile: cannot dump sockets (%s); retrying in %.0f s", e, interval)
                 continue
+            # A socket that closed before or during the dump is not in it, and its CLOSE record may
+            # still be in the ring: take in every record written so far, or it would look "gone".
+            await records_taken_in(self.tracker, self.kernel.counters()[ev.CNT_EMITTED])
             self.hub.publish(self.tracker.flush())
             self.hub.publish(self.tracker.reconcile(tcp, udp, before))
+            took = (time.monotonic_ns() - before) / 1e9
+            interval = min(max(took / RECONCILE_CPU_SHARE, RECONCILE_MIN_S), RECONCILE_MAX_S)
 
     def _kernel_folded(self) -> int:
         return self.kernel.counters()[ev.CNT_FOLDED]
@@ -538,7 +558,8 @@ class Agent:
             single(
                 "netstatd_state_reconciled_total",
                 "counter",
-                "Connections, flows and ports closed by a sock_diag check after a kernel gap (closeReason gone).",
+                "Connections, flows and ports closed by a sock_diag check (closeReason gone): "
+                "after a kernel gap, or freed without a traced CLOSE.",
                 t.reconciled,
             ),
             single(

@@ -150,6 +150,7 @@ class Tracker:
         self._closed_while_seeding: set[int] | None = None
         self._scans = 0  # scans between begin_seed() and their seed()/add_listeners()
         # metrics, read at scrape time
+        self.records_ingested = 0  # kernel records taken in, to compare with the kernel's CNT_EMITTED
         self.record_counts: Counter[int] = Counter()  # kind | family << 8 | oldstate << 16 | newstate << 24 -> records
         self.opened = {"TCP": 0, "UDP": 0}
         self.closed = {"TCP": 0, "UDP": 0}
@@ -168,6 +169,7 @@ class Tracker:
         each connection is decoded in full, at the flush.
         """
         pending = self._pending
+        self.records_ingested += len(chunk) // ev.RECORD_SIZE
         # metrics by kind/family/states, counted for the whole chunk at once
         self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
         attribution = self.attribution
