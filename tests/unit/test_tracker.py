@@ -355,3 +355,41 @@ def test_a_connection_within_one_flush_gives_the_same_event_as_one_across_flushe
     assert long["states"] == ["CLOSE_WAIT", "LAST_ACK", "CLOSE"]
     assert {**short, "states": None, "sockCookie": None} == {**long, "states": None, "sockCookie": None}
     assert (short["pid"], short["direction"]) == ((200, "inbound") if accepted else (100, "inbound"))
+
+
+def test_short_connections_of_one_owner_share_a_template_but_count_and_encode_each(tmp_path):
+    """Within a flush, short connections of one owner reuse one encoded template (_short_tcp_event):
+    each still gets its own ports, cookie and timestamp, counts in the attribution metrics, and a
+    "%" in a name is not taken for a format."""
+    from netstatd.enrich.attribution import Attribution
+    from netstatd.enrich.cgroups import PidContainers
+    from netstatd.state.containers import ContainerIndex
+
+    t = tracker(tmp_path)
+    t.attribution = Attribution(ContainerIndex("node-1", t.clock.now), t.processes, PidContainers(str(tmp_path)))
+
+    def client(cookie: int, port: int, tgid: int, ts: int) -> list[bytes]:
+        common = {"cookie": cookie, "tgid": tgid, "comm": b"50%cpu", "sport": port, "dport": 80}
+        return [
+            rec(old=ev.TCP_CLOSE, new=2, ts=ts, **common),
+            rec(old=2, new=1, ts=ts + 1, **common),
+            rec(old=5, new=ev.TCP_CLOSE, folded=(4, 5), ts=ts + 2_000, **common),
+        ]
+
+    for r in (
+        client(11, 40001, 100, 1_000)
+        + client(12, 40002, 100, 5_000)
+        + client(13, 40003, 0, 9_000)
+        + client(14, 40004, 0, 13_000)
+    ):
+        t.ingest(r)
+    events = {e["sockCookie"]: e for e in conn_events(t.flush())}
+    assert [(events[c]["localPort"], events[c]["pid"], events[c]["comm"]) for c in (11, 12, 13, 14)] == [
+        (40001, 100, "50%cpu"),
+        (40002, 100, "50%cpu"),
+        (40003, 0, ""),
+        (40004, 0, ""),
+    ]
+    assert len({events[c]["timestamp"] for c in (11, 12, 13, 14)}) == 4
+    assert t.unattributed == 2
+    assert t.attribution.host == 4  # each event counts, as on the Conn path

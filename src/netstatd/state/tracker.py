@@ -144,6 +144,7 @@ class Tracker:
         # (local IP, remote IP) -> remote pod fields and names
         self._short_owner_memo: dict[tuple, tuple[str, bool | None]] = {}
         self._short_remote_memo: dict[tuple[str, str], str] = {}
+        self._short_memo: dict[tuple, tuple[str, tuple[bool, bool | None]]] = {}  # _short_tcp_event's templates
         self._states_json: dict[tuple[str, ...], str] = {}  # state names -> their JSON list, cleared when full
         self._node_json = orjson.dumps(node_name).decode()
         # Sockets closed while a seed scan runs: the scan may still list them.
@@ -343,59 +344,102 @@ class Tracker:
 
     def _short_tcp_event(self, cookie: int, first_old: int, last: tuple, states: list[str], accept) -> Any:
         """The event _apply_tcp() and connection_event() make for a connection that opened and closed
-        within one flush (most of them under churn), without a Conn and already encoded: its parts are
-        memoised per flush. tests/unit/test_tracker.py checks that both ways give the same event."""
+        within one flush (most of them under churn), without a Conn and already encoded.
+        tests/unit/test_tracker.py checks that both ways give the same event.
+
+        Events of one flush that share addresses, owner and states differ only in timestamp, ports and
+        cookie: their text is memoised per flush with those four left open. A connecting socket's
+        local port is not in the key (its event never depends on it); an accepted socket's is, since
+        its direction or owner may come from the listener on that port."""
         self.opened["TCP"] += 1
         self.closed["TCP"] += 1
         if self._closed_while_seeding is not None:
             self._closed_while_seeding.add(cookie)
+        owner = accept if accept is not None else last
+        outbound = states[0] == "SYN_SENT"
+        key = (
+            last[ev.SADDR],
+            last[ev.DADDR],
+            last[ev.FAMILY],
+            last[ev.NETNS],
+            0 if outbound else last[ev.SPORT],
+            owner[ev.TGID],
+            owner[ev.COMM],
+            owner[ev.CGROUP],
+            first_old,
+            accept is not None,
+            *states,
+        )
+        memo = self._short_memo.get(key)
+        if memo is None:
+            memo = self._short_memo[key] = self._short_template(first_old, last, owner, states, accept is not None)
+        else:
+            self._count_short_owner(memo[1])
+        return orjson.Fragment(memo[0] % (self.clock.from_kernel(last[ev.TS]), last[ev.SPORT], last[ev.DPORT], cookie))
+
+    def _short_template(
+        self, first_old: int, last: tuple, owner: tuple, states: list[str], accepted: bool
+    ) -> tuple[str, tuple[bool, bool | None]]:
+        """_SHORT_TCP_EVENT with all but timestamp, ports and cookie filled in (the rest escaped for
+        a second % format), and how the owner counts in the attribution metrics (_count_short_owner)."""
         family, local_ip, remote_ip = self._pair(last)
         netns, local_port = last[ev.NETNS], last[ev.SPORT]
-        owner = accept if accept is not None else last
         listener = None
         if states[0] == "SYN_SENT":
             direction = OUTBOUND
-        elif accept is not None or first_old == ev.TCP_LISTEN or "SYN_RECV" in states:
+        elif accepted or first_old == ev.TCP_LISTEN or "SYN_RECV" in states:
             direction = INBOUND
         else:
             listener = self._listener_ports.get((netns, "TCP", local_port))
             direction = INBOUND if listener is not None else OUTBOUND
         if owner[ev.TGID]:
-            fields = self._short_owner(owner[ev.TGID], owner[ev.COMM], owner[ev.CGROUP], netns)
+            key: tuple = (owner[ev.TGID], owner[ev.COMM], owner[ev.CGROUP], netns)
         else:  # a passive socket of a listener older than us
             if listener is None:
                 listener = self._listener_ports.get((netns, "TCP", local_port))
             if listener is not None and listener.pid:
                 direction = INBOUND
-                fields = self._short_owner(listener.pid, listener.comm, 0, netns)
+                key = (listener.pid, listener.comm, 0, netns)
             else:
                 self.unattributed += 1
-                fields = self._short_owner(0, b"", 0, netns)
+                key = (0, b"", 0, netns)
+        fields = self._short_owner(*key)
+        counts = (not key[0], self._short_owner_memo[key][1])
         names = tuple(states)
         states_json = self._states_json.get(names)
         if states_json is None:
             if len(self._states_json) >= 1024:
                 self._states_json.clear()
             states_json = self._states_json[names] = orjson.dumps(states).decode()
-        # Addresses are inet_ntop text and the rest numbers or our constants: nothing to escape here;
-        # exe, comm and the pod fields come JSON-encoded in `fields`.
-        return orjson.Fragment(
-            _SHORT_TCP_EVENT
-            % (
-                self.clock.from_kernel(last[ev.TS]),
-                self._node_json,
-                FAMILY_NAMES[family],
-                states_json,
-                local_ip,
-                local_port,
-                remote_ip,
-                last[ev.DPORT],
-                cookie,
-                direction,
-                fields,
-                self._short_remote(local_ip, remote_ip),
-            )
+        # Addresses are inet_ntop text and the rest numbers or our constants: nothing to escape for
+        # JSON here; exe, comm and the pod fields come JSON-encoded in `fields`.
+        template = _SHORT_TCP_EVENT % (
+            "%s",
+            _escape_percent(self._node_json),
+            FAMILY_NAMES[family],
+            states_json,
+            local_ip,
+            "%s",
+            remote_ip,
+            "%s",
+            "%s",
+            direction,
+            _escape_percent(fields),
+            _escape_percent(self._short_remote(local_ip, remote_ip)),
         )
+        return template, counts
+
+    def _count_short_owner(self, counts: tuple[bool, bool | None]) -> None:
+        """The metrics one more event with a memoised owner counts in (as _short_template did)."""
+        unattributed, resolved = counts
+        if unattributed:
+            self.unattributed += 1
+        a = self.attribution
+        if resolved is not None and a is not None:
+            if resolved:
+                a.resolved += 1
+            else:
+                a.host += 1
 
     def _short_owner(self, pid: int, comm: bytes | str, cgroup_id: int, netns: int) -> str:
         """The JSON members pid, exe, comm, netns and the container/pod fields, memoised per flush."""
@@ -801,6 +845,7 @@ class Tracker:
         self._names_memo.clear()
         self._short_owner_memo.clear()
         self._short_remote_memo.clear()
+        self._short_memo.clear()
 
     def port_event(self, lst: Listener, kind: str) -> Event:
         event = {
@@ -851,9 +896,15 @@ _MISSING = object()
 # connection.event of _short_tcp_event(), with the fields of connection_event() (in another order)
 _SHORT_TCP_EVENT = (
     '{"type":"' + CONNECTION_EVENT + '","timestamp":"%s","nodeName":%s,"protocol":"TCP","family":"%s",'
-    '"state":"CLOSE","states":%s,"localIP":"%s","localPort":%d,"remoteIP":"%s","remotePort":%d,'
-    '"sockCookie":%d,"direction":"%s",%s%s}'
+    '"state":"CLOSE","states":%s,"localIP":"%s","localPort":%s,"remoteIP":"%s","remotePort":%s,'
+    '"sockCookie":%s,"direction":"%s",%s%s}'
 )
+
+
+def _escape_percent(text: str) -> str:
+    return text.replace("%", "%%")
+
+
 _TCP_NOT_CONNECTIONS = (ev.TCP_CLOSE, 6, 12)  # CLOSE, TIME_WAIT, NEW_SYN_RECV
 
 
