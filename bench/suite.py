@@ -47,6 +47,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("connections_opened", "connections opened (generator)", "{:,.0f}"),
     ("connections_delivered", "connections delivered to the WebSocket client", "{:,.0f}"),
     ("connections_delivered_ratio", "share delivered (target 1)", "{:.4f}"),
+    ("state_reconciled", "of those, closed by the periodic sock_diag check (no CLOSE from the kernel)", "{:,.0f}"),
     ("agent_cpu_cores", "netstatd CPU, cores (target ≤ 0.25 at 10k)", "{:.3f}"),
     ("latency_ms_p50", "latency kernel → WebSocket p50, ms", "{:,.1f}"),
     ("latency_ms_p99", "latency kernel → WebSocket p99, ms (target ≤ 100 at 10k)", "{:,.1f}"),
