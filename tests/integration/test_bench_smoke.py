@@ -117,6 +117,10 @@ def test_churn_values_are_sane(churn_report):
     for k in ("agent_cpu_cores", "bpftrace_cpu_cores"):
         assert 0 <= r[k] <= cpus, (k, r[k])
     assert 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
+    # Closes delivered by the agent's sock_diag check are part of the delivered ones, and the bench
+    # waited for them no longer than its bound.
+    assert isinstance(r["state_reconciled"], int) and 0 <= r["state_reconciled"] <= r["connections_delivered"]
+    assert 0 <= r["agent_closes_wait_s"] <= 70
     assert r["date"] and len(r["commit"]) == 40
     assert set(r["targets"]) and all(v in (True, False, None) for v in r["targets"].values())
 

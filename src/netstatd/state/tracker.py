@@ -349,8 +349,8 @@ class Tracker:
 
         Events of one flush that share addresses, owner and states differ only in timestamp, ports and
         cookie: their text is memoised per flush with those four left open. A connecting socket's
-        local port is not in the key (its event never depends on it); an accepted socket's is, since
-        its direction or owner may come from the listener on that port."""
+        local port is not in the key (its event does not depend on it); any other's is, since its
+        direction or owner may come from the listener on that port."""
         self.opened["TCP"] += 1
         self.closed["TCP"] += 1
         if self._closed_while_seeding is not None:
@@ -362,7 +362,7 @@ class Tracker:
             last[ev.DADDR],
             last[ev.FAMILY],
             last[ev.NETNS],
-            0 if outbound else last[ev.SPORT],
+            0 if outbound and owner[ev.TGID] else last[ev.SPORT],
             owner[ev.TGID],
             owner[ev.COMM],
             owner[ev.CGROUP],
@@ -900,12 +900,11 @@ _SHORT_TCP_EVENT = (
     '"sockCookie":%s,"direction":"%s",%s%s}'
 )
 
+_TCP_NOT_CONNECTIONS = (ev.TCP_CLOSE, 6, 12)  # CLOSE, TIME_WAIT, NEW_SYN_RECV
+
 
 def _escape_percent(text: str) -> str:
     return text.replace("%", "%%")
-
-
-_TCP_NOT_CONNECTIONS = (ev.TCP_CLOSE, 6, 12)  # CLOSE, TIME_WAIT, NEW_SYN_RECV
 
 
 def _loopback(addr: bytes, family: int) -> bool:
