@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -169,53 +170,82 @@ def git(*argv: str) -> str:
     return subprocess.run(["git", "-C", str(HERE.parent), *argv], capture_output=True, text=True).stdout.strip()
 
 
-def run(n: int) -> dict[str, Any]:
+@dataclasses.dataclass
+class LiveConnections:
+    """n TCP connections from pair.a to pair.b, held open by worker pairs (see open_live)."""
+
+    pair: HostPair
+    workers: int
+    clients: list[subprocess.Popen]
+    servers: list[subprocess.Popen]
+    client_pids: list[int]
+    server_pids: list[int]
+    opened: dict[str, Any]
+    accepted: int
+
+    def stop(self) -> None:
+        """Ask the workers to close their connections."""
+        for w in self.clients + self.servers:
+            with contextlib.suppress(OSError):
+                w.stdin.write("stop\n")  # type: ignore[union-attr]
+                w.stdin.flush()  # type: ignore[union-attr]
+
+
+def open_live(stack: contextlib.ExitStack, n: int) -> LiveConnections:
+    """Opens n connections between two new namespaces; stack removes them (and the workers)."""
     workers = max(1, -(-n // PER_WORKER))
     procs: list[subprocess.Popen] = []
+    pair = HostPair()
+    stack.callback(pair.close)
+    pair.open()
+    for h in (pair.a, pair.b):
+        h.run("sysctl", "-q", "-w", f"net.core.somaxconn={BACKLOG}", f"net.ipv4.tcp_max_syn_backlog={BACKLOG}")
+
+    def kill_workers() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    stack.callback(kill_workers)
+    servers, clients, server_pids, client_pids = [], [], [], []
+    for i in range(workers):
+        share = n // workers + (1 if i < n % workers else 0)
+        server = _spawn(pair.b, "server", pair.b.ipv4, PORT + i, share)
+        procs.append(server)
+        servers.append(server)
+        server_pids.append(_read(server)["pid"])
+        client = _spawn(pair.a, "client", pair.b.ipv4, PORT + i, share)
+        procs.append(client)
+        clients.append(client)
+        client_pids.append(_read(client)["pid"])
+    print(f"  opening {n:,} connections ({workers} client and server processes)...", flush=True)
+    results = [_read(c) for c in clients]
+    opened = {
+        "connected": sum(r["connected"] for r in results),
+        "failed": sum(r["failed"] for r in results),
+        "elapsed": max(r["elapsed"] for r in results),
+    }
+    deadline = time.monotonic() + 120
+    accepted = 0
+    while time.monotonic() < deadline:
+        for srv in servers:
+            assert srv.stdin is not None
+            srv.stdin.write("count\n")
+            srv.stdin.flush()
+        accepted = sum(_read(srv)["accepted"] for srv in servers)
+        if accepted >= opened["connected"]:
+            break
+        time.sleep(0.2)
+    print(f"  {opened['connected']:,} connected ({opened['elapsed']:.1f} s), {accepted:,} accepted", flush=True)
+    return LiveConnections(pair, workers, clients, servers, client_pids, server_pids, opened, accepted)
+
+
+def run(n: int) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
-        pair = HostPair()
-        stack.callback(pair.close)
-        pair.open()
-        for h in (pair.a, pair.b):
-            h.run("sysctl", "-q", "-w", f"net.core.somaxconn={BACKLOG}", f"net.ipv4.tcp_max_syn_backlog={BACKLOG}")
-
-        def kill_workers() -> None:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-
-        stack.callback(kill_workers)
-        servers, clients, server_pids, client_pids = [], [], [], []
-        for i in range(workers):
-            share = n // workers + (1 if i < n % workers else 0)
-            server = _spawn(pair.b, "server", pair.b.ipv4, PORT + i, share)
-            procs.append(server)
-            servers.append(server)
-            server_pids.append(_read(server)["pid"])
-            client = _spawn(pair.a, "client", pair.b.ipv4, PORT + i, share)
-            procs.append(client)
-            clients.append(client)
-            client_pids.append(_read(client)["pid"])
-        print(f"  opening {n:,} connections ({workers} client and server processes)...", flush=True)
-        results = [_read(c) for c in clients]
-        opened = {
-            "connected": sum(r["connected"] for r in results),
-            "failed": sum(r["failed"] for r in results),
-            "elapsed": max(r["elapsed"] for r in results),
-        }
-        deadline = time.monotonic() + 120
-        accepted = 0
-        while time.monotonic() < deadline:
-            for srv in servers:
-                assert srv.stdin is not None
-                srv.stdin.write("count\n")
-                srv.stdin.flush()
-            accepted = sum(_read(srv)["accepted"] for srv in servers)
-            if accepted >= opened["connected"]:
-                break
-            time.sleep(0.2)
-        print(f"  {opened['connected']:,} connected ({opened['elapsed']:.1f} s), {accepted:,} accepted", flush=True)
+        live = open_live(stack, n)
+        pair, workers, opened, accepted = live.pair, live.workers, live.opened, live.accepted
+        client_pids, server_pids = live.client_pids, live.server_pids
 
         log = OUT / "agent-live.log"
         agent = AgentProcess(log_path=log)
@@ -250,10 +280,7 @@ def run(n: int) -> dict[str, Any]:
             owned[e["netns"]] += e["pid"] == side[1][e[side[0]] - PORT]
         time.sleep(2)
         rss_idle = _status_kib(agent.proc.pid, "VmRSS")
-        for w in clients + servers:
-            with contextlib.suppress(OSError):
-                w.stdin.write("stop\n")  # type: ignore[union-attr]
-                w.stdin.flush()  # type: ignore[union-attr]
+        live.stop()
         expected = opened["connected"] + accepted
         return {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import aiohttp
+import orjson
 import pytest
 
 from netstatd.mux.discovery import Discovery
@@ -394,9 +395,12 @@ def test_merged_state_keeps_tables_per_node_and_shares_names():
     assert len(a.connections) == 3 and not b.connections
     state.apply(a, [conn("a", 1, "CLOSE"), conn("a", 2, "CLOSE", "UDP", rport=53)])
     assert list(a.connections) == [(2, "10.0.0.9", 80)]
-    snap = state.snapshot()
+    snap = orjson.loads(orjson.dumps(state.snapshot()))  # connections are kept encoded
     assert [e["type"] for e in snap] == ["dns.resolved", "connection.event"]
-    assert snap[-1]["states"] == ["ACTIVE"]
+    assert snap[-1]["states"] == ["ACTIVE"] and snap[-1]["remoteHostname"] == "web"
     state.remove("b")  # b's names go with it
     state.apply(a, [conn("a", 3, "SYN_SENT")])
-    assert "remoteHostname" not in a.connections[(3,)] and set(state.nodes) == {"a"}
+    assert a.connections[(3,)].remote_hostname is None and set(state.nodes) == {"a"}
+    # a name, once given, stays with the connection: a later event without it gets it back
+    state.apply(a, [conn("a", 2, "ACTIVE", "UDP")])
+    assert a.connections[(2, "10.0.0.9", 80)].remote_hostname == "web"

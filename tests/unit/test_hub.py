@@ -2,7 +2,7 @@
 
 import orjson
 
-from netstatd.hub import Hub
+from netstatd.hub import Hub, encode_frames
 
 
 def make_hub(max_events=10) -> Hub:
@@ -103,3 +103,16 @@ def test_lazy_publish_makes_no_events_without_clients_and_all_with_one():
     take_all(sub)
     hub.publish_lazily(5000, events(5000))
     assert [e["sockCookie"] for e in decode(take_all(sub))] == list(range(5000))
+
+
+def test_small_frames_take_the_memory_their_size_says():
+    """A queue's byte bound counts len(frame): a small frame must not hold orjson's ~8 KiB buffer."""
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0])
+
+    event = {"type": "connection.event", "sockCookie": 1, "state": "ESTABLISHED"}
+    before = rss_kib()
+    frames = [encode_frames([event])[0][0] for _ in range(20_000)]
+    grown_per_frame = (rss_kib() - before) * 1024 / len(frames)
+    assert grown_per_frame < 1024, f"{grown_per_frame:.0f} bytes per {len(frames[0])}-byte frame"
