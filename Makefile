@@ -58,11 +58,13 @@ lint: setup
 # make bench-churn SECONDS=20 RATE=max|N: one churn run, writes bench/out/churn.json.
 # make bench-live CONNECTIONS=100000: agent started beside live connections, writes bench/out/live.json.
 # make bench-soak [SECONDS=600 RATE=10000]: RSS every 30 s under churn, writes bench/out/soak.json.
+# make bench-mux [NODES=3 CONNECTIONS=100000]: the multiplexer with large nodes, writes bench/out/mux.json.
 BENCH_PACKAGES := bpftrace
 SECONDS ?= 20
 RATE ?= max
 CONNECTIONS ?= 100000
-.PHONY: bench-churn bench-live bench-soak bench-packages
+NODES ?= 3
+.PHONY: bench-churn bench-live bench-soak bench-mux bench-packages
 
 bench-packages:
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
@@ -75,6 +77,10 @@ bench-churn: setup bench-packages
 
 bench-live: setup
 	$(SUDO) $(VENV)/bin/python bench/live.py --connections $(CONNECTIONS) $(ARGS)
+
+bench-mux: setup
+	@scripts/ensure-packages.sh unbound
+	$(SUDO) $(VENV)/bin/python bench/mux.py --nodes $(NODES) --connections $(CONNECTIONS) $(ARGS)
 
 bench-soak: setup
 	$(SUDO) $(VENV)/bin/python bench/soak.py --seconds $(if $(filter command line,$(origin SECONDS)),$(SECONDS),600) --rate $(if $(filter command line,$(origin RATE)),$(RATE),10000) $(ARGS)
