@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bpftracer import COUNTER_SCRIPT, PRINTER_SCRIPT, Bpftrace, analyse_printer, read_counts
+from harness import interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
@@ -931,22 +932,12 @@ def main() -> int:
     p.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
     p.add_argument("--no-bpftrace", action="store_true", help="skip the bpftrace printer phase")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        p.error("run as root (network namespaces, eBPF)")
-    OUT.mkdir(parents=True, exist_ok=True)
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # so every cleanup below runs
-
-    signal.signal(signal.SIGTERM, on_term)
-    # Also when started in the background, where the shell leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    prepare(p)
     try:
         print(f"WebSocket client: {WS_MODE}", flush=True)
         phases = {mode: run_phase(args, mode) for mode in PHASES if mode != "bpftrace" or not args.no_bpftrace}
     except KeyboardInterrupt:
-        print("interrupted; namespaces and processes removed", file=sys.stderr)
-        return 130
+        return interrupted()
     report = build_report(args, phases)
     print(summary(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import interrupted, prepare
+
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
 from netstatd.testing.stream import StreamClient
@@ -318,20 +320,11 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=100_000, help="live connections (default 100000)")
     p.add_argument("--json", type=Path, default=OUT / "live.json")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        p.error("run as root (network namespaces, eBPF)")
-    OUT.mkdir(parents=True, exist_ok=True)
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    prepare(p)
     try:
         report = run(args.connections)
     except KeyboardInterrupt:
-        print("interrupted; namespaces and processes removed", file=sys.stderr)
-        return 130
+        return interrupted()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -19,20 +19,18 @@ import contextlib
 import datetime
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harness import OUT, interrupted, prepare
 from live import LiveConnections, git, open_live
 
 from netstatd.testing.cluster import Cluster, in_netns
 from netstatd.testing.stream import StreamClient
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 MERGE_TIMEOUT_S = 600.0
 
 
@@ -115,15 +113,11 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=30_000, help="live connections (each node sees both ends)")
     p.add_argument("--json", type=Path, default=OUT / "mux.json")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        p.error("run as root (network namespaces, eBPF)")
-    OUT.mkdir(parents=True, exist_ok=True)
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    report = run(args.nodes, args.connections)
+    prepare(p)
+    try:
+        report = run(args.nodes, args.connections)
+    except KeyboardInterrupt:
+        return interrupted()
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "commit"}, indent=2))
     return 0 if report["all_merged"] else 1

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from churn import Generator, counters, tune, wait_caught_up
+from harness import interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import HostPair
@@ -161,20 +162,11 @@ def main() -> int:
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--json", type=Path, default=OUT / "soak.json")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        p.error("run as root (network namespaces, eBPF)")
-    OUT.mkdir(parents=True, exist_ok=True)
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    prepare(p)
     try:
         report = run(args)
     except KeyboardInterrupt:
-        print("interrupted; namespaces and processes removed", file=sys.stderr)
-        return 130
+        return interrupted()
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "rss_samples_mib"}, indent=2))
     return 0

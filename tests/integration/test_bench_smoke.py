@@ -201,3 +201,20 @@ def test_suite_aggregates_and_renders_a_churn_report(churn_report, live_report, 
     assert suite.write_docs(table, doc)
     text = doc.read_text()
     assert "old" not in text and table in text and text.endswith("after\n")
+
+
+def test_mux_json_has_every_node_merged_and_the_memory_figures(tmp_path):
+    require_root()
+    out = tmp_path / "mux.json"
+    cmd = [sys.executable, str(BENCH / "mux.py"), "--nodes", "2", "--connections", "300", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(out.read_text())
+    # every node reports both ends of every live connection, and the mux's client got them all
+    assert m["all_merged"] is True and m["rows_per_node_expected"] == 600
+    assert set(m["rows_per_node"]) == {"node-0", "node-1"} and all(v >= 600 for v in m["rows_per_node"].values())
+    assert m["rows_merged"] >= 1200
+    assert len(m["rss_after_mib"]) == len(m["rss_peak_mib"]) == 2
+    assert all(0 < a <= p for a, p in zip(m["rss_after_mib"], m["rss_peak_mib"], strict=True))
+    assert m["agents_ready_s"] > 0 and m["merge_s"] >= 0 and _number(m["mux_extra_rss_mib"])

@@ -107,6 +107,7 @@ def test_lazy_publish_makes_no_events_without_clients_and_all_with_one():
 
 def test_small_frames_take_the_memory_their_size_says():
     """A queue's byte bound counts len(frame): a small frame must not hold orjson's ~8 KiB buffer."""
+
     def rss_kib() -> int:
         with open("/proc/self/status") as f:
             return int(f.read().split("VmRSS:")[1].split()[0])
