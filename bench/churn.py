@@ -38,14 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from bpftracer import COUNTER_SCRIPT, PRINTER_SCRIPT, Bpftrace, analyse_printer, read_counts
-from harness import interrupted, prepare
+from harness import OUT, interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
 from netstatd.testing.stream import Event, StreamClient
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 PORT = 7100
 FLUSH_WAIT_S = 3.0  # after the generator stops: 50 ms coalescing, and a sock_diag repair (~1.5 s) after a kernel gap
 MAX_BATCH = 64  # connections between clock reads at max rate

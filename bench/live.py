@@ -30,14 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import interrupted, prepare
+from harness import OUT, interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
 from netstatd.testing.stream import StreamClient
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 PORT = 7200
 # Connections per worker pair (one client process, one server process on its own port): the hard
 # RLIMIT_NOFILE here is 20000 and cannot be raised (no CAP_SYS_RESOURCE), so N is spread over pairs.
@@ -161,7 +160,7 @@ def _spawn(host: Host, role: str, addr: str, port: int, n: int) -> subprocess.Po
     )
 
 
-def _status_kib(pid: int, field: str) -> int:
+def status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -261,8 +260,8 @@ def run(n: int) -> dict[str, Any]:
         stack.callback(client_ws.stop)
         client_ws.wait_snapshot(timeout=600)
         snapshot_s = time.monotonic() - t0
-        rss = _status_kib(agent.proc.pid, "VmRSS")
-        hwm = _status_kib(agent.proc.pid, "VmHWM")
+        rss = status_kib(agent.proc.pid, "VmRSS")
+        hwm = status_kib(agent.proc.pid, "VmHWM")
         cpu = agent.cpu_seconds()
 
         ns_a, ns_b = pair.a.netns_inode, pair.b.netns_inode
@@ -281,7 +280,7 @@ def run(n: int) -> dict[str, Any]:
             seen[e["netns"]] += 1
             owned[e["netns"]] += e["pid"] == side[1][e[side[0]] - PORT]
         time.sleep(2)
-        rss_idle = _status_kib(agent.proc.pid, "VmRSS")
+        rss_idle = status_kib(agent.proc.pid, "VmRSS")
         live.stop()
         expected = opened["connected"] + accepted
         return {

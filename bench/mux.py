@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import OUT, interrupted, prepare
-from live import LiveConnections, git, open_live
+from live import LiveConnections, git, open_live, status_kib
 
 from netstatd.testing.cluster import Cluster, in_netns
 from netstatd.testing.stream import StreamClient
@@ -35,10 +35,7 @@ MERGE_TIMEOUT_S = 600.0
 
 
 def status_mib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+    return round(status_kib(pid, field) / 1024, 1)
 
 
 def rows_per_node(client: StreamClient, live: LiveConnections) -> Counter[str]:

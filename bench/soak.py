@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from churn import Generator, counters, tune, wait_caught_up
-from harness import interrupted, prepare
+from harness import OUT, interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import HostPair
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 # "Flat": the fitted growth over the whole soak stays within this many MiB.
 FLAT_MIB = 10.0
 

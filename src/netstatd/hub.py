@@ -40,8 +40,9 @@ def encode_frames(events: list[Event]) -> list[tuple[bytes, int]]:
 
 
 def exact(data: bytes) -> bytes:
-    """data in memory of its own size. orjson's output of under ~4 KiB keeps its ~8 KiB buffer: a
-    queue of small frames would hold 20 times what its byte bound counts."""
+    """data in memory of its own size, for orjson output that is kept: under ~4 KiB it holds its
+    ~8 KiB buffer (a queue of small frames would hold 20 times what its byte bound counts; the mux's
+    encoded rows, 16 times their size)."""
     return memoryview(data).tobytes() if len(data) < 8192 else data
 
 

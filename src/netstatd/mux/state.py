@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..hub import exact
 from ..protocol import (
     CONNECTION_EVENT,
     CONTAINER_ADDED,
@@ -63,8 +64,7 @@ class NodeTables:
                     if old.local_hostname is not None and "localHostname" not in e:
                         e["localHostname"] = old.local_hostname
                 self.connections[key] = ConnectionRow(
-                    # as str: orjson's bytes keep its whole ~8 KiB output buffer, str is exact
-                    orjson.Fragment(orjson.dumps({**e, "states": [e.get("state")]}).decode()),
+                    orjson.Fragment(exact(orjson.dumps({**e, "states": [e.get("state")]}))),
                     e.get("remoteHostname"),
                     e.get("localHostname"),
                 )
