@@ -5,14 +5,14 @@
 # -- builder: the BPF objects (same Makefile rule as `make setup`) and a venv with the pinned deps --
 FROM debian:bookworm-slim AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends clang llvm libbpf-dev make python3 python3-venv \
+    && apt-get install -y --no-install-recommends clang llvm libbpf-dev make python3 python3-venv gcc libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # CO-RE: vmlinux.h (made by the Makefile from a build host's /sys/kernel/btf/vmlinux) only declares
 # kernel types; libbpf relocates every field access against the node's own BTF at load time, so the
 # object runs on any x86_64 kernel with BTF and the hooks of docs/kernel.md, not just the build host's.
 COPY build/vmlinux.h build/vmlinux.h
-COPY Makefile pyproject.toml requirements.lock ./
+COPY Makefile pyproject.toml setup.py requirements.lock ./
 COPY src src
 RUN touch build/vmlinux.h \
     && make src/netstatd/sources/bpf/netstatd.bpf.o src/netstatd/sources/bpf/probe_fentry.bpf.o
@@ -20,7 +20,8 @@ RUN touch build/vmlinux.h \
 # so the test tools it also pins are not installed); the package carries the objects and manifests.
 RUN python3 -m venv /opt/netstatd \
     && /opt/netstatd/bin/pip install --no-cache-dir --disable-pip-version-check -c requirements.lock . \
-    && test -f /opt/netstatd/lib/python3.11/site-packages/netstatd/sources/bpf/netstatd.bpf.o
+    && test -f /opt/netstatd/lib/python3.11/site-packages/netstatd/sources/bpf/netstatd.bpf.o \
+    && /opt/netstatd/bin/python -c "import netstatd.state._shortconn"
 
 # -- runtime: the same Debian and Python (the venv points at /usr/bin/python3), libbpf1 for ctypes --
 FROM debian:bookworm-slim

@@ -9,10 +9,12 @@ BUILD   := build
 SUDO    := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo -E)
 ARGS    ?=
 
-RUN_PACKAGES  := clang llvm libbpf-dev bpftool iproute2 python3-venv
+RUN_PACKAGES  := clang llvm libbpf-dev bpftool iproute2 python3-venv gcc python3-dev
 TEST_PACKAGES := prometheus containerd runc busybox-static containernetworking-plugins \
 	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium bpftrace $(if $(shell command -v kubectl),,kubernetes-client)
 BPF_OBJS := $(BPF_DIR)/netstatd.bpf.o $(BPF_DIR)/probe_fentry.bpf.o
+# the native helper for short TCP connections (setup.py): built in place, beside the tracker
+NATIVE := src/netstatd/state/_shortconn$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 PROTO_DIR := src/netstatd/sources/containerd/protos
 DNSTAP_PROTO_DIR := src/netstatd/sources/dnstap/protos
 GRPCIO_TOOLS := grpcio-tools==1.85.1
@@ -20,7 +22,7 @@ GRPCIO_TOOLS := grpcio-tools==1.85.1
 .PHONY: setup run test lint bench clean packages test-packages protos
 .DEFAULT_GOAL := setup
 
-setup: packages $(VENV)/.installed $(BPF_OBJS)
+setup: packages $(VENV)/.installed $(BPF_OBJS) $(NATIVE)
 
 packages:
 	@scripts/ensure-packages.sh $(RUN_PACKAGES)
@@ -33,6 +35,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
+
+$(NATIVE): src/netstatd/state/shortconn.c $(BPF_DIR)/events.h setup.py $(VENV)/.installed
+	$(VENV)/bin/python setup.py -q build_ext --inplace
 
 # CO-RE: types come from the running kernel's BTF; the object relocates at load.
 $(BUILD)/vmlinux.h:
@@ -103,4 +108,4 @@ protos: $(VENV)/.installed
 	$(VENV)/bin/ruff format -q $(PROTO_DIR) $(DNSTAP_PROTO_DIR)
 
 clean:
-	rm -rf $(BUILD) $(BPF_OBJS)
+	rm -rf $(BUILD) $(BPF_OBJS) $(NATIVE)

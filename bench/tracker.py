@@ -88,9 +88,9 @@ def connection_records(i: int, ts: int) -> list[bytes]:
     return out
 
 
-def run(connections: int, rate: int) -> float:
+def run(connections: int, rate: int, native: bool) -> float:
     processes = ProcessCache()
-    tracker = Tracker("bench", processes)
+    tracker = Tracker("bench", processes, native=native)
     tracker.attribution = Attribution(ContainerIndex("bench", tracker.clock.now), processes, PidContainers())
     tracker.hostnames = Hostnames("bench", tracker.clock, 10_000)  # as the agent has them: no names known
     per_chunk = max(1, rate // 100)  # the drainer reads every 10 ms
@@ -126,11 +126,13 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=200_000)
     p.add_argument("--rate", type=int, default=40_000, help="connections/s the chunking and flushing mimic")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--python", action="store_true", help="without the native helper for short connections")
     args = p.parse_args()
-    results = [run(args.connections, args.rate) for _ in range(args.runs)]
+    results = [run(args.connections, args.rate, not args.python) for _ in range(args.runs)]
     med = statistics.median(results)
     print(
-        f"user-space cost per connection (both sides): median {med:.2f} us "
+        f"user-space cost per connection (both sides, {'Python' if args.python else 'native'} short path): "
+        f"median {med:.2f} us "
         f"(range {min(results):.2f}-{max(results):.2f}, {args.runs} runs of {args.connections:,}); "
         f"at {args.rate:,} conn/s that is {med * args.rate / 1e6:.2f} core"
     )

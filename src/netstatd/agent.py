@@ -137,6 +137,11 @@ class Agent:
     # -- lifecycle: every start has its stop --------------------------------
     async def start(self) -> None:
         tune_gc()
+        if not self.tracker.native:
+            log.warning(
+                "the native helper for short connections is not built (make setup builds it): "
+                "they take the Python path, at about 5 times the CPU"
+            )
         await self._start_http()
         await self._start_mux()
         try:

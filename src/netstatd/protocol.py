@@ -85,6 +85,11 @@ class WallClock:
             self._offset_ns = time.time_ns() - time.monotonic_ns()
             self._offset_at = now
 
+    @property
+    def offset_ns(self) -> int:
+        """Wall-clock minus CLOCK_MONOTONIC nanoseconds, as from_kernel() adds it."""
+        return self._offset_ns
+
     def text(self, wall_ns: int) -> str:
         sec, frac = divmod(wall_ns, 1_000_000_000)
         if sec != self._sec:

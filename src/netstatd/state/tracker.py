@@ -32,6 +32,11 @@ from ..protocol import (
 from ..sources.bpf import events as ev
 from ..sources.procfs import ProcessCache
 
+try:
+    from . import _shortconn  # built by `make setup` (setup.py); without it short connections take the Python path
+except ImportError:
+    _shortconn = None
+
 if TYPE_CHECKING:
     from ..enrich.attribution import Attribution
     from ..enrich.cgroups import CgroupOwner
@@ -108,8 +113,11 @@ class Tracker:
         max_udp_flows: int = 200_000,
         max_listeners: int = 65_536,
         udp_idle_s: float = 60.0,
+        native: bool = True,
     ) -> None:
         self.node_name = node_name
+        # short TCP connections through the native helper (shortconn.c), when it is built
+        self.native = native and _shortconn is not None
         self.processes = processes
         # container/pod fields for events; None leaves events without them
         self.attribution: Attribution | None = None
@@ -145,6 +153,8 @@ class Tracker:
         self._short_owner_memo: dict[tuple, tuple[str, bool | None]] = {}
         self._short_remote_memo: dict[tuple[str, str], str] = {}
         self._short_memo: dict[tuple, tuple[str, tuple[bool, bool | None]]] = {}  # _short_tcp_event's templates
+        self._shorts: list[bytes] = []  # short connections _shortconn.split() took out, until the flush
+        self._native_memo: dict[bytes, list] = {}  # _shortconn.render()'s templates (_native_template), per flush
         self._states_json: dict[tuple[str, ...], str] = {}  # state names -> their JSON list, cleared when full
         self._node_json = orjson.dumps(node_name).decode()
         # Sockets closed while a seed scan runs: the scan may still list them.
@@ -168,11 +178,30 @@ class Tracker:
         Pending entry: [first (TCP: old state, UDP: kind), chunk, offset of the
         latest record, state names, accept record]. Only the latest record of
         each connection is decoded in full, at the flush.
+
+        With the native helper, connections that open and close within the chunk are taken out
+        first (_shortconn.split) and rendered at the flush; the rest is folded here. While a seed
+        scan runs everything is folded here: the scan needs every closed cookie.
         """
-        pending = self._pending
-        self.records_ingested += len(chunk) // ev.RECORD_SIZE
+        count = len(chunk) // ev.RECORD_SIZE
+        self.records_ingested += count
         # metrics by kind/family/states, counted for the whole chunk at once
         self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
+        if self.native and self._closed_while_seeding is None:
+            chunk, shorts, owners = _shortconn.split(chunk, self._pending, self.tcp, self._reconciled_cookies)
+            if shorts:
+                self._shorts.append(shorts)
+                processes, attribution = self.processes, self.attribution
+                for pid, comm in owners:
+                    if pid not in processes:  # as the fold below: read /proc/PID/exe while it lives
+                        processes.lookup(pid, ev.comm_str(comm))
+                        if attribution is not None:
+                            attribution.container_of(pid)
+        self._fold(chunk)
+        return count
+
+    def _fold(self, chunk: bytes) -> None:
+        pending = self._pending
         attribution = self.attribution
         processes = self.processes
         names = ev.TCP_STATE_NAMES
@@ -230,7 +259,6 @@ class Tracker:
             p[1] = chunk
             p[2] = off
             p[3].append(names[new])
-        return off // size + 1
 
     def _folded(self, folded: int) -> tuple[str, ...]:
         """event.folded as state names, cached (a few sequences recur: FIN_WAIT1+FIN_WAIT2, ...)."""
@@ -250,6 +278,8 @@ class Tracker:
         closes, self._closes = self._closes, []
         for rec in opens:
             self._apply_control(rec, out)
+        if self._shorts:
+            out += self._render_shorts()
         full = ev.RECORD.unpack_from
         tcp = self.tcp
         for key, (first, chunk, off, states, accept) in pending.items():
@@ -372,16 +402,40 @@ class Tracker:
         )
         memo = self._short_memo.get(key)
         if memo is None:
-            memo = self._short_memo[key] = self._short_template(first_old, last, owner, states, accept is not None)
+            pieces, counts = self._short_template(first_old, last, owner, states, accept is not None)
+            memo = self._short_memo[key] = ("%s".join(map(_escape_percent, pieces)), counts)
         else:
             self._count_short_owner(memo[1])
         return orjson.Fragment(memo[0] % (self.clock.from_kernel(last[ev.TS]), last[ev.SPORT], last[ev.DPORT], cookie))
 
+    def _render_shorts(self) -> list[Any]:
+        """The events of the connections _shortconn.split() took out since the last flush."""
+        shorts, self._shorts = self._shorts, []
+        memo = self._native_memo
+        events = _shortconn.render(shorts, memo, self._native_template, orjson.Fragment, self.clock.offset_ns)
+        for template in memo.values():
+            for _ in range(template[5]):  # events after the first that reused it: they count as it did
+                self._count_short_owner(template[6])
+            template[5] = 0
+        self.opened["TCP"] += len(events)
+        self.closed["TCP"] += len(events)
+        return events
+
+    def _native_template(self, last: bytes, owner: bytes, first_old: int, accepted: int, states: bytes) -> list:
+        """_shortconn.render()'s template for a connection: the five pieces of its event text around
+        timestamp, ports and cookie (bytes), the count of events that reused it, and how it counts."""
+        names = ev.TCP_STATE_NAMES
+        pieces, counts = self._short_template(
+            first_old, ev.RECORD.unpack(last), ev.RECORD.unpack(owner), [names[s] for s in states], bool(accepted)
+        )
+        return [*(p.encode() for p in pieces), 0, counts]
+
     def _short_template(
         self, first_old: int, last: tuple, owner: tuple, states: list[str], accepted: bool
-    ) -> tuple[str, tuple[bool, bool | None]]:
-        """_SHORT_TCP_EVENT with all but timestamp, ports and cookie filled in (the rest escaped for
-        a second % format), and how the owner counts in the attribution metrics (_count_short_owner)."""
+    ) -> tuple[tuple[str, ...], tuple[bool, bool | None]]:
+        """The event's text around its timestamp, local port, remote port and cookie (the five
+        pieces of _SHORT_TCP_EVENT, filled in), and how the owner counts in the attribution metrics
+        (_count_short_owner)."""
         family, local_ip, remote_ip = self._pair(last)
         netns, local_port = last[ev.NETNS], last[ev.SPORT]
         listener = None
@@ -413,21 +467,15 @@ class Tracker:
             states_json = self._states_json[names] = orjson.dumps(states).decode()
         # Addresses are inet_ntop text and the rest numbers or our constants: nothing to escape for
         # JSON here; exe, comm and the pod fields come JSON-encoded in `fields`.
-        template = _SHORT_TCP_EVENT % (
-            "%s",
-            _escape_percent(self._node_json),
-            FAMILY_NAMES[family],
-            states_json,
-            local_ip,
-            "%s",
-            remote_ip,
-            "%s",
-            "%s",
-            direction,
-            _escape_percent(fields),
-            _escape_percent(self._short_remote(local_ip, remote_ip)),
+        start, middle, remote_port, cookie, end = _SHORT_TCP_EVENT
+        pieces = (
+            start,
+            middle % (self._node_json, FAMILY_NAMES[family], states_json, local_ip),
+            remote_port % remote_ip,
+            cookie,
+            end % (direction, fields, self._short_remote(local_ip, remote_ip)),
         )
-        return template, counts
+        return pieces, counts
 
     def _count_short_owner(self, counts: tuple[bool, bool | None]) -> None:
         """The metrics one more event with a memoised owner counts in (as _short_template did)."""
@@ -846,6 +894,7 @@ class Tracker:
         self._short_owner_memo.clear()
         self._short_remote_memo.clear()
         self._short_memo.clear()
+        self._native_memo.clear()
 
     def port_event(self, lst: Listener, kind: str) -> Event:
         event = {
@@ -893,11 +942,14 @@ class Tracker:
 
 
 _MISSING = object()
-# connection.event of _short_tcp_event(), with the fields of connection_event() (in another order)
+# connection.event of _short_tcp_event() and shortconn.c, with the fields of connection_event() (in another
+# order), in five pieces: its timestamp, local port, remote port and cookie go between them
 _SHORT_TCP_EVENT = (
-    '{"type":"' + CONNECTION_EVENT + '","timestamp":"%s","nodeName":%s,"protocol":"TCP","family":"%s",'
-    '"state":"CLOSE","states":%s,"localIP":"%s","localPort":%s,"remoteIP":"%s","remotePort":%s,'
-    '"sockCookie":%s,"direction":"%s",%s%s}'
+    '{"type":"' + CONNECTION_EVENT + '","timestamp":"',
+    '","nodeName":%s,"protocol":"TCP","family":"%s","state":"CLOSE","states":%s,"localIP":"%s","localPort":',
+    ',"remoteIP":"%s","remotePort":',
+    ',"sockCookie":',
+    ',"direction":"%s",%s%s}',
 )
 
 _TCP_NOT_CONNECTIONS = (ev.TCP_CLOSE, 6, 12)  # CLOSE, TIME_WAIT, NEW_SYN_RECV

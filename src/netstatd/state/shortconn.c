@@ -1,0 +1,423 @@
+/* netstatd.state._shortconn: the native path for short TCP connections.
+ *
+ * Under churn most connections open and close within one ring chunk (10 ms). The tracker's pure
+ * Python path costs ~4 us per side of such a connection (tuples per record, a dict entry, a
+ * formatted event); this module does the same work in C:
+ *
+ *   split()  takes a chunk of ring records and removes the connections whose every record in the
+ *            chunk ends in CLOSE and that the tracker does not know yet (not pending, live or
+ *            reconciled). They come back packed (struct short_conn); the rest of the chunk comes
+ *            back as records, in order, for the Python fold.
+ *   render() turns packed connections into their connection.event JSON (orjson.Fragment): the
+ *            text per addresses, owner and states is a template the tracker makes in Python
+ *            (Tracker._native_template), memoised per flush; only timestamp, ports and cookie are
+ *            written here.
+ *
+ * Tracker._short_tcp_event is the same thing in Python (used without this module);
+ * tests/unit/test_shortconn.py checks that both give the same events and metrics.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <linux/types.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "../sources/bpf/events.h"
+
+#define TCP_SYN_SENT 2
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
+#define MAX_STATES 32 /* more than any real connection passes through; longer ones take the Python path */
+
+/* A ring buffer record as the chunk holds it: the ring's 8-byte header, then the event. */
+struct record {
+	__u32 len;
+	__u32 page_off;
+	struct netstat_event e;
+};
+_Static_assert(sizeof(struct record) == 112, "events.py's RECORD_SIZE");
+
+/* One short connection, packed by split() for render(). */
+struct short_conn {
+	struct record last;  /* its latest state record: addresses, ports, timestamp */
+	struct record owner; /* its accept record if any, else `last` */
+	__u8 first_old;      /* old state of its first record (0 when that was the accept) */
+	__u8 accepted;
+	__u8 nstates;
+	__u8 _pad[5];
+	__u8 states[MAX_STATES]; /* every state it passed through, in order */
+};
+
+struct group {
+	__u64 cookie;
+	Py_ssize_t last_state; /* index of its latest state record, -1 before one */
+	Py_ssize_t accept;     /* index of its latest accept record, -1 without */
+	Py_ssize_t records;
+	Py_ssize_t slot; /* index in the packed output, -1 when it stays in the chunk */
+	unsigned nstates;
+	__u8 first_old;
+};
+
+static unsigned folded_count(__u64 folded)
+{
+	unsigned n = 0;
+	for (; folded; folded >>= FOLDED_BITS)
+		n++;
+	return n;
+}
+
+static const struct record *record_at(const char *chunk, Py_ssize_t i)
+{
+	return (const struct record *)(chunk + i * (Py_ssize_t)sizeof(struct record));
+}
+
+/* Open addressing, cookie -> group index; the table is at least twice the records. */
+static Py_ssize_t *find_slot(Py_ssize_t *table, size_t mask, const struct group *groups, __u64 cookie)
+{
+	size_t h = (size_t)(cookie * 0x9E3779B97F4A7C15ull) & mask;
+	while (table[h] >= 0 && groups[table[h]].cookie != cookie)
+		h = (h + 1) & mask;
+	return &table[h];
+}
+
+/* 1 when cookie is a key of any of the dicts, 0 when of none, -1 on error. */
+static int known(__u64 cookie, PyObject **dicts, int ndicts)
+{
+	PyObject *key = PyLong_FromUnsignedLongLong(cookie);
+	if (!key)
+		return -1;
+	int found = 0;
+	for (int d = 0; d < ndicts && !found; d++)
+		found = PyDict_Contains(dicts[d], key);
+	Py_DECREF(key);
+	return found;
+}
+
+static PyObject *split(PyObject *self, PyObject *args)
+{
+	Py_buffer chunk;
+	PyObject *dicts[3];
+	if (!PyArg_ParseTuple(args, "y*O!O!O!:split", &chunk, &PyDict_Type, &dicts[0], &PyDict_Type, &dicts[1],
+			      &PyDict_Type, &dicts[2]))
+		return NULL;
+	PyObject *result = NULL, *rest = NULL, *packed = NULL, *owners = NULL;
+	const char *data = chunk.buf;
+	Py_ssize_t n = chunk.len / (Py_ssize_t)sizeof(struct record);
+	size_t cap = 16;
+	while (cap < 2 * (size_t)n)
+		cap <<= 1;
+	struct group *groups = PyMem_Malloc((n ? n : 1) * sizeof(*groups));
+	Py_ssize_t *group_of = PyMem_Malloc((n ? n : 1) * sizeof(*group_of));
+	Py_ssize_t *table = PyMem_Malloc(cap * sizeof(*table));
+	__u32 *pids = NULL;
+	if (!groups || !group_of || !table) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	if (chunk.len % (Py_ssize_t)sizeof(struct record)) {
+		PyErr_Format(PyExc_ValueError, "chunk of %zd bytes is not whole records", chunk.len);
+		goto out;
+	}
+	memset(table, 0xff, cap * sizeof(*table));
+
+	/* Group the records of TCP connections by cookie, in order of first appearance. */
+	Py_ssize_t ngroups = 0;
+	for (Py_ssize_t i = 0; i < n; i++) {
+		const struct netstat_event *e = &record_at(data, i)->e;
+		int state = e->kind == EV_TCP_STATE && !(e->oldstate == TCP_LISTEN && e->newstate == TCP_CLOSE);
+		if (!state && e->kind != EV_TCP_ACCEPT) {
+			group_of[i] = -1;
+			continue;
+		}
+		Py_ssize_t *slot = find_slot(table, cap - 1, groups, e->cookie);
+		if (*slot < 0) {
+			struct group *g = &groups[ngroups];
+			g->cookie = e->cookie;
+			g->last_state = g->accept = g->slot = -1;
+			g->records = 0;
+			g->nstates = 0;
+			g->first_old = state ? e->oldstate : 0; /* as Tracker.ingest's pending entry has it */
+			*slot = ngroups++;
+		}
+		struct group *g = &groups[*slot];
+		group_of[i] = *slot;
+		g->records++;
+		if (state) {
+			g->last_state = i;
+			g->nstates += folded_count(e->folded) + 1;
+		} else {
+			g->accept = i;
+		}
+	}
+
+	/* Short: its latest state in the chunk is CLOSE and the tracker has nothing on it. */
+	Py_ssize_t nshort = 0, removed = 0;
+	for (Py_ssize_t gi = 0; gi < ngroups; gi++) {
+		struct group *g = &groups[gi];
+		if (g->last_state < 0 || g->nstates > MAX_STATES || record_at(data, g->last_state)->e.newstate != TCP_CLOSE)
+			continue;
+		int k = known(g->cookie, dicts, 3);
+		if (k < 0)
+			goto out;
+		if (!k) {
+			g->slot = nshort++;
+			removed += g->records;
+		}
+	}
+
+	rest = PyBytes_FromStringAndSize(NULL, (n - removed) * (Py_ssize_t)sizeof(struct record));
+	packed = PyBytes_FromStringAndSize(NULL, nshort * (Py_ssize_t)sizeof(struct short_conn));
+	owners = PyList_New(0);
+	pids = PyMem_Malloc((nshort ? nshort : 1) * sizeof(*pids));
+	if (!pids)
+		PyErr_NoMemory();
+	if (!rest || !packed || !owners || !pids)
+		goto out;
+	char *rest_out = PyBytes_AS_STRING(rest);
+	struct short_conn *conns = (struct short_conn *)PyBytes_AS_STRING(packed);
+	memset(conns, 0, nshort * sizeof(*conns));
+	for (Py_ssize_t i = 0; i < n; i++) {
+		const struct record *r = record_at(data, i);
+		Py_ssize_t gi = group_of[i];
+		if (gi < 0 || groups[gi].slot < 0) {
+			memcpy(rest_out, r, sizeof(*r));
+			rest_out += sizeof(*r);
+			continue;
+		}
+		struct group *g = &groups[gi];
+		struct short_conn *c = &conns[g->slot];
+		if (i == g->accept) {
+			c->owner = *r;
+			c->accepted = 1;
+		} else if (r->e.kind == EV_TCP_STATE) {
+			for (__u64 f = r->e.folded; f; f >>= FOLDED_BITS)
+				c->states[c->nstates++] = f & ((1u << FOLDED_BITS) - 1);
+			c->states[c->nstates++] = r->e.newstate;
+			if (i == g->last_state)
+				c->last = *r;
+		}
+	}
+
+	/* Their owners, once per process: the tracker reads /proc/PID/exe while the process lives. */
+	Py_ssize_t npids = 0;
+	for (Py_ssize_t gi = 0; gi < ngroups; gi++) {
+		struct group *g = &groups[gi];
+		if (g->slot < 0)
+			continue;
+		struct short_conn *c = &conns[g->slot];
+		c->first_old = g->first_old;
+		if (!c->accepted)
+			c->owner = c->last;
+		__u32 pid = c->owner.e.tgid;
+		int seen = pid == 0;
+		for (Py_ssize_t p = npids - 1; !seen && p >= 0 && p >= npids - 8; p--)
+			seen = pids[p] == pid; /* a short look back: a chunk's owners repeat in runs */
+		if (seen)
+			continue;
+		pids[npids++] = pid;
+		PyObject *owner = Py_BuildValue("(Iy#)", pid, c->owner.e.comm, (Py_ssize_t)NETSTATD_COMM_LEN);
+		if (!owner || PyList_Append(owners, owner) < 0) {
+			Py_XDECREF(owner);
+			goto out;
+		}
+		Py_DECREF(owner);
+	}
+	result = PyTuple_Pack(3, rest, packed, owners);
+out:
+	Py_XDECREF(rest);
+	Py_XDECREF(packed);
+	Py_XDECREF(owners);
+	PyMem_Free(pids);
+	PyMem_Free(groups);
+	PyMem_Free(group_of);
+	PyMem_Free(table);
+	PyBuffer_Release(&chunk);
+	return result;
+}
+
+/* The memo key of a short connection: what its event text depends on besides timestamp, ports and
+ * cookie (Tracker._short_tcp_event's key, packed). */
+struct template_key {
+	__u8 saddr[16], daddr[16];
+	__u64 cgroup_id;
+	__u32 netns, tgid;
+	__u16 sport; /* 0 for a connecting socket with an owner: its event does not depend on it */
+	__u8 family, first_old, accepted, nstates;
+	char comm[NETSTATD_COMM_LEN];
+	__u8 states[MAX_STATES];
+};
+
+static char *put_uint(char *p, unsigned long long v)
+{
+	char digits[20];
+	int n = 0;
+	do {
+		digits[n++] = '0' + v % 10;
+		v /= 10;
+	} while (v);
+	while (n)
+		*p++ = digits[--n];
+	return p;
+}
+
+#define TS_LEN 27 /* 2026-11-27T05:30:00.123456Z, as protocol.WallClock writes it */
+
+struct wall_text {
+	long long sec;
+	char prefix[20];
+};
+
+static void put_timestamp(char *p, struct wall_text *w, long long wall_ns)
+{
+	long long sec = wall_ns / 1000000000LL, us = wall_ns % 1000000000LL / 1000;
+	if (sec != w->sec) {
+		time_t t = (time_t)sec;
+		struct tm tm;
+		gmtime_r(&t, &tm);
+		strftime(w->prefix, sizeof(w->prefix), "%Y-%m-%dT%H:%M:%S", &tm);
+		w->sec = sec;
+	}
+	memcpy(p, w->prefix, 19);
+	p[19] = '.';
+	for (int i = 25; i >= 20; i--, us /= 10)
+		p[i] = '0' + us % 10;
+	p[26] = 'Z';
+}
+
+#define PIECES 5 /* the template's text around timestamp, local port, remote port and cookie */
+
+static PyObject *render_one(const struct short_conn *c, PyObject *memo, PyObject *make, PyObject *fragment,
+			    struct wall_text *wall, long long offset_ns)
+{
+	struct template_key k;
+	memset(&k, 0, sizeof(k));
+	memcpy(k.saddr, c->last.e.saddr, 16);
+	memcpy(k.daddr, c->last.e.daddr, 16);
+	k.cgroup_id = c->owner.e.cgroup_id;
+	k.netns = c->last.e.netns;
+	k.tgid = c->owner.e.tgid;
+	k.sport = c->states[0] == TCP_SYN_SENT && c->owner.e.tgid ? 0 : c->last.e.sport;
+	k.family = c->last.e.family;
+	k.first_old = c->first_old;
+	k.accepted = c->accepted;
+	k.nstates = c->nstates;
+	memcpy(k.comm, c->owner.e.comm, NETSTATD_COMM_LEN);
+	memcpy(k.states, c->states, c->nstates);
+	PyObject *key = PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
+	if (!key)
+		return NULL;
+	PyObject *template = PyDict_GetItemWithError(memo, key); /* borrowed */
+	if (template) {
+		/* template[PIECES] counts the events that reused it (the tracker adds them to its metrics) */
+		Py_ssize_t reused = PyLong_AsSsize_t(PyList_GET_ITEM(template, PIECES));
+		PyObject *hits = reused < 0 ? NULL : PyLong_FromSsize_t(reused + 1);
+		if (!hits) {
+			Py_DECREF(key);
+			return NULL;
+		}
+		PyList_SetItem(template, PIECES, hits);
+	} else if (!PyErr_Occurred()) {
+		template = PyObject_CallFunction(make, "y#y#iiy#", (const char *)&c->last, (Py_ssize_t)sizeof(c->last),
+						 (const char *)&c->owner, (Py_ssize_t)sizeof(c->owner), c->first_old,
+						 c->accepted, (const char *)c->states, (Py_ssize_t)c->nstates);
+		if (template && (!PyList_Check(template) || PyList_GET_SIZE(template) <= PIECES)) {
+			PyErr_SetString(PyExc_TypeError, "a template is a list: 5 bytes pieces, then the hit count");
+			Py_CLEAR(template);
+		}
+		if (template && PyDict_SetItem(memo, key, template) < 0)
+			Py_CLEAR(template);
+		Py_XDECREF(template); /* the memo holds it */
+	}
+	Py_DECREF(key);
+	if (!template)
+		return NULL;
+
+	Py_ssize_t len = TS_LEN + 5 + 5 + 20;
+	for (int i = 0; i < PIECES; i++) {
+		PyObject *piece = PyList_GET_ITEM(template, i);
+		if (!PyBytes_Check(piece)) {
+			PyErr_SetString(PyExc_TypeError, "template pieces are bytes");
+			return NULL;
+		}
+		len += PyBytes_GET_SIZE(piece);
+	}
+	PyObject *text = PyBytes_FromStringAndSize(NULL, len);
+	if (!text)
+		return NULL;
+	char *p = PyBytes_AS_STRING(text);
+	unsigned long long fields[PIECES - 1] = {0, c->last.e.sport, c->last.e.dport, c->last.e.cookie};
+	for (int i = 0; i < PIECES; i++) {
+		PyObject *piece = PyList_GET_ITEM(template, i);
+		memcpy(p, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece));
+		p += PyBytes_GET_SIZE(piece);
+		if (i == 0) {
+			put_timestamp(p, wall, (long long)c->last.e.ts_ns + offset_ns);
+			p += TS_LEN;
+		} else if (i < PIECES - 1) {
+			p = put_uint(p, fields[i]);
+		}
+	}
+	if (_PyBytes_Resize(&text, p - PyBytes_AS_STRING(text)) < 0)
+		return NULL;
+	PyObject *event = PyObject_CallOneArg(fragment, text);
+	Py_DECREF(text);
+	return event;
+}
+
+static PyObject *render(PyObject *self, PyObject *args)
+{
+	PyObject *batches, *memo, *make, *fragment;
+	long long offset_ns;
+	if (!PyArg_ParseTuple(args, "O!O!OOL:render", &PyList_Type, &batches, &PyDict_Type, &memo, &make, &fragment,
+			      &offset_ns))
+		return NULL;
+	PyObject *events = PyList_New(0);
+	if (!events)
+		return NULL;
+	struct wall_text wall = {.sec = -1};
+	for (Py_ssize_t b = 0; b < PyList_GET_SIZE(batches); b++) {
+		PyObject *batch = PyList_GET_ITEM(batches, b);
+		if (!PyBytes_Check(batch) || PyBytes_GET_SIZE(batch) % sizeof(struct short_conn)) {
+			PyErr_SetString(PyExc_ValueError, "render() takes what split() packed");
+			goto fail;
+		}
+		const struct short_conn *conns = (const struct short_conn *)PyBytes_AS_STRING(batch);
+		Py_ssize_t count = PyBytes_GET_SIZE(batch) / sizeof(struct short_conn);
+		for (Py_ssize_t i = 0; i < count; i++) {
+			PyObject *event = render_one(&conns[i], memo, make, fragment, &wall, offset_ns);
+			if (!event || PyList_Append(events, event) < 0) {
+				Py_XDECREF(event);
+				goto fail;
+			}
+			Py_DECREF(event);
+		}
+	}
+	return events;
+fail:
+	Py_DECREF(events);
+	return NULL;
+}
+
+static PyMethodDef methods[] = {
+	{"split", split, METH_VARARGS,
+	 "split(chunk, pending, live, reconciled) -> (rest, packed, owners): take out the short TCP connections"},
+	{"render", render, METH_VARARGS,
+	 "render(packed_list, memo, make_template, fragment, offset_ns) -> events of the packed connections"},
+	{NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+	PyModuleDef_HEAD_INIT, "_shortconn", "Native path for short TCP connections (see shortconn.c)", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__shortconn(void)
+{
+	PyObject *m = PyModule_Create(&module);
+	if (m && (PyModule_AddIntConstant(m, "SHORT_CONN_SIZE", sizeof(struct short_conn)) < 0 ||
+		  PyModule_AddIntConstant(m, "MAX_STATES", MAX_STATES) < 0)) {
+		Py_DECREF(m);
+		return NULL;
+	}
+	return m;
+}

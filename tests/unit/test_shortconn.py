@@ -1,0 +1,213 @@
+"""The native path for short TCP connections (state/shortconn.c) against the Python path.
+
+Both trackers take the same records in the same chunks and flushes; they must send the same events
+and count the same metrics. The Python path (Tracker(native=False)) is the reference: its events are
+the Conn path's (tests/unit/test_tracker.py).
+"""
+
+import random
+import socket
+import struct
+
+import orjson
+import pytest
+
+from netstatd.enrich.attribution import Attribution
+from netstatd.enrich.cgroups import PidContainers
+from netstatd.sources.bpf import events as ev
+from netstatd.sources.dnstap.decode import Resolution
+from netstatd.sources.procfs import ProcessCache
+from netstatd.state import tracker as tracker_module
+from netstatd.state.containers import ContainerIndex
+from netstatd.state.hostnames import Hostnames
+from netstatd.state.tracker import Tracker
+
+NETNS = 4026532000
+CLOSE, SYN_SENT, SYN_RECV, ESTABLISHED = ev.TCP_CLOSE, 2, 3, 1
+FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN = 4, 5, 8, 9, ev.TCP_LISTEN
+# (family, local, remote): IPv4, IPv6, and IPv4 on an IPv6 socket (reported as IPv4)
+ADDRESSES = [
+    (4, socket.inet_aton("10.0.0.1") + bytes(12), socket.inet_aton("10.0.0.2") + bytes(12)),
+    (6, socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")),
+    (6, socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1"), socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.3")),
+]
+OWNERS = [(100, b"curl"), (101, b'50%"cpu\xc3\xa9'), (0, b"")]  # 0: the kernel did not know the owner
+
+
+def record(kind, cookie, old, new, *, ts, tgid=100, comm=b"curl", address=0, sport=80, dport=5000, folded=()):
+    family, saddr, daddr = ADDRESSES[address]
+    body = struct.pack(
+        ev.EVENT_FORMAT,
+        ts,
+        cookie,
+        7 if tgid else 0,
+        tgid,
+        NETNS,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        kind,
+        family,
+        old,
+        new,
+        ev.EVF_OWNER_STORED,
+        comm.ljust(16, b"\0"),
+        sum(state << (ev.FOLDED_BITS * i) for i, state in enumerate(folded)),
+    )
+    return struct.pack("<II", ev.EVENT_SIZE, 0) + body
+
+
+def connection(rng: random.Random, cookie: int, ts: int) -> list[bytes]:
+    """The records of one connection, as the kernel sends them (folded), of a random kind."""
+    tgid, comm = rng.choice(OWNERS)
+    at = {"tgid": tgid, "comm": comm, "address": rng.randrange(len(ADDRESSES))}
+    port = 30000 + rng.randrange(20000)
+    shape = rng.randrange(6)
+    if shape == 0:  # outbound: the local port is 0 until it connects
+        return [
+            record(ev.EV_TCP_STATE, cookie, CLOSE, SYN_SENT, ts=ts, sport=0, dport=80, **at),
+            record(ev.EV_TCP_STATE, cookie, SYN_SENT, ESTABLISHED, ts=ts + 1, sport=port, dport=80, **at),
+            record(ev.EV_TCP_STATE, cookie, FIN_WAIT2, CLOSE, ts=ts + 9, sport=port, dport=80, folded=(4, 5), **at),
+        ]
+    if shape in (1, 2):  # inbound on the listener's port 80, accepted (1) or not seen accepted (2)
+        out = [record(ev.EV_TCP_STATE, cookie, SYN_RECV, ESTABLISHED, ts=ts, dport=port, folded=(3,), **at)]
+        if shape == 1:
+            out.append(record(ev.EV_TCP_ACCEPT, cookie, 0, ESTABLISHED, ts=ts + 1, tgid=200, comm=b"worker"))
+        last = record(ev.EV_TCP_STATE, cookie, LAST_ACK, CLOSE, ts=ts + 9, dport=port, folded=(8, 9), **at)
+        return [*out, last]
+    if shape == 3:  # a socket the kernel saw only closing (opened before the agent): its port decides
+        sport = rng.choice((80, 8080))
+        return [record(ev.EV_TCP_STATE, cookie, ESTABLISHED, CLOSE, ts=ts, sport=sport, dport=port, **at)]
+    if shape == 4:  # more states than the native path packs: the Python path takes it
+        cycle = (SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2) * 4
+        return [
+            record(ev.EV_TCP_STATE, cookie, CLOSE, SYN_SENT, ts=ts, sport=port, folded=cycle[:15], **at),
+            record(ev.EV_TCP_STATE, cookie, SYN_SENT, ESTABLISHED, ts=ts + 1, sport=port, folded=cycle[:15], **at),
+            record(ev.EV_TCP_STATE, cookie, FIN_WAIT2, CLOSE, ts=ts + 2, sport=port, folded=cycle[:15], **at),
+        ]
+    # a long connection: opens now, closes some chunks later (or never)
+    out = [record(ev.EV_TCP_STATE, cookie, CLOSE, SYN_SENT, ts=ts, sport=0, **at)]
+    out.append(record(ev.EV_TCP_STATE, cookie, SYN_SENT, ESTABLISHED, ts=ts + 1, sport=port, **at))
+    return out
+
+
+def stream(seed: int, connections: int = 400) -> list[bytes]:
+    """Connections interleaved as several CPUs deliver them, with listener and UDP records between."""
+    rng = random.Random(seed)
+    records = [record(ev.EV_TCP_LISTEN, 1, 0, LISTEN, ts=1, tgid=55, comm=b"nginx", dport=0)]
+    live: list[list[bytes]] = []
+    ts = 1000
+    for cookie in range(10, 10 + connections):
+        ts += 100
+        live.append(connection(rng, cookie, ts))
+        if rng.random() < 0.05:
+            records.append(record(ev.EV_UDP_SEND, 5000 + cookie, 0, 0, ts=ts, dport=53))
+        while live and (len(live) > 3 or rng.random() < 0.5):
+            steps = live[rng.randrange(len(live))]
+            records.append(steps.pop(0))
+            if not steps:
+                live.remove(steps)
+    records += [r for steps in live for r in steps]
+    records.append(record(ev.EV_TCP_STATE, 1, LISTEN, CLOSE, ts=ts + 1000, tgid=55, comm=b"nginx", dport=0))
+    return records
+
+
+def make_tracker(tmp_path, native: bool, clock=None) -> Tracker:
+    t = Tracker("node-1", ProcessCache(proc_root=str(tmp_path)), native=native)
+    if clock is not None:
+        t.clock = clock  # one wall-clock offset for both: timestamps compare exactly
+    t.attribution = Attribution(ContainerIndex("node-1", t.clock.now), t.processes, PidContainers(str(tmp_path)))
+    t.hostnames = Hostnames("node-1", t.clock)
+    t.hostnames.learn([Resolution("10.0.0.2", "api.example.test", (), 300, "10.0.0.1")])
+    return t
+
+
+def run(t: Tracker, records: list[bytes], seed: int) -> list[dict]:
+    """Feeds records in random chunks, flushing every few chunks; returns every event sent."""
+    rng = random.Random(seed)
+    events = []
+    i = 0
+    while i < len(records):
+        n = rng.randrange(1, 40)
+        t.ingest(b"".join(records[i : i + n]))
+        i += n
+        if rng.random() < 0.3:
+            events += t.flush()
+    events += t.flush()
+    return [orjson.loads(orjson.dumps(e)) for e in events]
+
+
+def metrics(t: Tracker) -> dict:
+    a = t.attribution
+    return {
+        "opened": t.opened,
+        "closed": t.closed,
+        "unattributed": t.unattributed,
+        "attribution": (a.resolved, a.host),
+        "live": sorted(t.tcp),
+        "records": (t.records_ingested, dict(t.record_counts)),
+        "listeners": sorted(t.listeners),
+    }
+
+
+def test_the_native_helper_is_built():
+    assert tracker_module._shortconn is not None, "make setup builds it (setup.py); the agent runs slower without"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_and_python_paths_send_the_same_events_and_count_the_same(tmp_path, seed):
+    records = stream(seed)
+    python = make_tracker(tmp_path, native=False)
+    native = make_tracker(tmp_path, native=True, clock=python.clock)
+    python_events = run(python, records, seed)
+    native_events = run(native, records, seed)
+
+    def order(e: dict) -> tuple:
+        return (e.get("sockCookie", 0), e["timestamp"], orjson.dumps(e, option=orjson.OPT_SORT_KEYS))
+
+    assert sorted(native_events, key=order) == sorted(python_events, key=order)
+    assert metrics(native) == metrics(python)
+    assert len(python_events) > 300
+
+
+def test_native_path_takes_the_short_connections_out_of_the_chunk(tmp_path):
+    """The native path is really taken: a chunk of short connections leaves no pending entries."""
+    t = make_tracker(tmp_path, native=True)
+    chunk = b"".join(
+        record(ev.EV_TCP_STATE, cookie, CLOSE, SYN_SENT, ts=cookie, sport=0)
+        + record(ev.EV_TCP_STATE, cookie, SYN_SENT, CLOSE, ts=cookie + 1, sport=0)
+        for cookie in range(10, 20)
+    )
+    t.ingest(chunk)
+    assert t._shorts and not t._pending
+    events = t.flush()
+    assert all(isinstance(e, orjson.Fragment) for e in events) and len(events) == 10
+
+
+def test_a_socket_reused_within_a_chunk_stays_one_connection(tmp_path):
+    """connect() failed, then succeeded on the same socket: its last state is not CLOSE, so the chunk's
+    records go to the Python fold and the connection stays live."""
+    t = make_tracker(tmp_path, native=True)
+    t.ingest(
+        record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=1, sport=0)
+        + record(ev.EV_TCP_STATE, 5, SYN_SENT, CLOSE, ts=2, sport=0)
+        + record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=3, sport=0)
+        + record(ev.EV_TCP_STATE, 5, SYN_SENT, ESTABLISHED, ts=4, sport=41000)
+    )
+    (event,) = t.flush()
+    assert (event["state"], event["states"]) == ("ESTABLISHED", ["SYN_SENT", "CLOSE", "SYN_SENT", "ESTABLISHED"])
+    assert 5 in t.tcp
+
+
+def test_a_reconciled_socket_gets_no_second_close(tmp_path):
+    """reconcile() delivered its close already ("gone"): a late kernel CLOSE is no new connection."""
+    t = make_tracker(tmp_path, native=True)
+    t._reconciled_cookies[5] = None
+    t.ingest(record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=1) + record(ev.EV_TCP_STATE, 5, SYN_SENT, CLOSE, ts=2))
+    assert t.flush() == []
+
+
+def test_split_refuses_a_chunk_of_partial_records():
+    with pytest.raises(ValueError, match="not whole records"):
+        tracker_module._shortconn.split(b"\0" * 100, {}, {}, {})
