@@ -185,6 +185,19 @@ def test_native_path_takes_the_short_connections_out_of_the_chunk(tmp_path):
     assert all(isinstance(e, orjson.Fragment) for e in events) and len(events) == 10
 
 
+def test_a_connection_across_chunks_of_one_flush_is_carried_and_still_open_at_the_flush_is_sent(tmp_path):
+    t = make_tracker(tmp_path, native=True)
+    t.ingest(
+        record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=1, sport=0) + record(ev.EV_TCP_STATE, 6, CLOSE, SYN_SENT, ts=2)
+    )
+    assert t._carry and not t._pending  # both still open: carried, not folded
+    t.ingest(record(ev.EV_TCP_STATE, 5, SYN_SENT, CLOSE, ts=3, sport=0))
+    assert len(t._shorts) == 1 and not t._pending
+    short, opened = (orjson.loads(orjson.dumps(e)) for e in t.flush())
+    assert (short["sockCookie"], short["states"]) == (5, ["SYN_SENT", "CLOSE"])
+    assert (opened["sockCookie"], opened["state"]) == (6, "SYN_SENT") and 6 in t.tcp and not t._carry
+
+
 def test_a_socket_reused_within_a_chunk_stays_one_connection(tmp_path):
     """connect() failed, then succeeded on the same socket: its last state is not CLOSE, so the chunk's
     records go to the Python fold and the connection stays live."""

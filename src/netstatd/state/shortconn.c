@@ -4,10 +4,12 @@
  * Python path costs ~4 us per side of such a connection (tuples per record, a dict entry, a
  * formatted event); this module does the same work in C:
  *
- *   split()  takes a chunk of ring records and removes the connections whose every record in the
- *            chunk ends in CLOSE and that the tracker does not know yet (not pending, live or
- *            reconciled). They come back packed (struct short_conn); the rest of the chunk comes
- *            back as records, in order, for the Python fold.
+ *   split()  takes a chunk of ring records and sorts the records of TCP connections the tracker
+ *            does not know yet (not pending, live or reconciled) by cookie. Those whose latest
+ *            state is CLOSE come back packed (struct short_conn); those still open come back as
+ *            records to carry into the next chunk, which the tracker passes in again before it
+ *            (and folds at the flush: a connection short within a flush period takes this path).
+ *            The other records come back in order, for the Python fold.
  *   render() turns packed connections into their connection.event JSON (orjson.Fragment): the
  *            text per addresses, owner and states is a template the tracker makes in Python
  *            (Tracker._native_template), memoised per flush; only timestamp, ports and cookie are
@@ -49,12 +51,14 @@ struct short_conn {
 	__u8 states[MAX_STATES]; /* every state it passed through, in order */
 };
 
+enum { REST = -1, CARRY = -2 };
+
 struct group {
 	__u64 cookie;
 	Py_ssize_t last_state; /* index of its latest state record, -1 before one */
 	Py_ssize_t accept;     /* index of its latest accept record, -1 without */
 	Py_ssize_t records;
-	Py_ssize_t slot; /* index in the packed output, -1 when it stays in the chunk */
+	Py_ssize_t slot; /* index in the packed output; REST or CARRY when not packed */
 	unsigned nstates;
 	__u8 first_old;
 };
@@ -101,7 +105,7 @@ static PyObject *split(PyObject *self, PyObject *args)
 	if (!PyArg_ParseTuple(args, "y*O!O!O!:split", &chunk, &PyDict_Type, &dicts[0], &PyDict_Type, &dicts[1],
 			      &PyDict_Type, &dicts[2]))
 		return NULL;
-	PyObject *result = NULL, *rest = NULL, *packed = NULL, *owners = NULL;
+	PyObject *result = NULL, *rest = NULL, *carry = NULL, *packed = NULL, *owners = NULL;
 	const char *data = chunk.buf;
 	Py_ssize_t n = chunk.len / (Py_ssize_t)sizeof(struct record);
 	size_t cap = 16;
@@ -134,7 +138,8 @@ static PyObject *split(PyObject *self, PyObject *args)
 		if (*slot < 0) {
 			struct group *g = &groups[ngroups];
 			g->cookie = e->cookie;
-			g->last_state = g->accept = g->slot = -1;
+			g->last_state = g->accept = -1;
+			g->slot = REST;
 			g->records = 0;
 			g->nstates = 0;
 			g->first_old = state ? e->oldstate : 0; /* as Tracker.ingest's pending entry has it */
@@ -151,38 +156,50 @@ static PyObject *split(PyObject *self, PyObject *args)
 		}
 	}
 
-	/* Short: its latest state in the chunk is CLOSE and the tracker has nothing on it. */
-	Py_ssize_t nshort = 0, removed = 0;
+	/* Of the connections the tracker has nothing on: short when the latest state is CLOSE, carried
+	 * while still open. */
+	Py_ssize_t nshort = 0, packed_records = 0, carried = 0;
 	for (Py_ssize_t gi = 0; gi < ngroups; gi++) {
 		struct group *g = &groups[gi];
-		if (g->last_state < 0 || g->nstates > MAX_STATES || record_at(data, g->last_state)->e.newstate != TCP_CLOSE)
+		if (g->nstates > MAX_STATES)
 			continue;
 		int k = known(g->cookie, dicts, 3);
 		if (k < 0)
 			goto out;
-		if (!k) {
+		if (k)
+			continue;
+		if (g->last_state >= 0 && record_at(data, g->last_state)->e.newstate == TCP_CLOSE) {
 			g->slot = nshort++;
-			removed += g->records;
+			packed_records += g->records;
+		} else {
+			g->slot = CARRY;
+			carried += g->records;
 		}
 	}
 
-	rest = PyBytes_FromStringAndSize(NULL, (n - removed) * (Py_ssize_t)sizeof(struct record));
+	rest = PyBytes_FromStringAndSize(NULL, (n - packed_records - carried) * (Py_ssize_t)sizeof(struct record));
+	carry = PyBytes_FromStringAndSize(NULL, carried * (Py_ssize_t)sizeof(struct record));
 	packed = PyBytes_FromStringAndSize(NULL, nshort * (Py_ssize_t)sizeof(struct short_conn));
 	owners = PyList_New(0);
 	pids = PyMem_Malloc((nshort ? nshort : 1) * sizeof(*pids));
 	if (!pids)
 		PyErr_NoMemory();
-	if (!rest || !packed || !owners || !pids)
+	if (!rest || !carry || !packed || !owners || !pids)
 		goto out;
-	char *rest_out = PyBytes_AS_STRING(rest);
+	char *rest_out = PyBytes_AS_STRING(rest), *carry_out = PyBytes_AS_STRING(carry);
 	struct short_conn *conns = (struct short_conn *)PyBytes_AS_STRING(packed);
 	memset(conns, 0, nshort * sizeof(*conns));
 	for (Py_ssize_t i = 0; i < n; i++) {
 		const struct record *r = record_at(data, i);
 		Py_ssize_t gi = group_of[i];
-		if (gi < 0 || groups[gi].slot < 0) {
+		if (gi < 0 || groups[gi].slot == REST) {
 			memcpy(rest_out, r, sizeof(*r));
 			rest_out += sizeof(*r);
+			continue;
+		}
+		if (groups[gi].slot == CARRY) {
+			memcpy(carry_out, r, sizeof(*r));
+			carry_out += sizeof(*r);
 			continue;
 		}
 		struct group *g = &groups[gi];
@@ -223,9 +240,10 @@ static PyObject *split(PyObject *self, PyObject *args)
 		}
 		Py_DECREF(owner);
 	}
-	result = PyTuple_Pack(3, rest, packed, owners);
+	result = PyTuple_Pack(4, rest, packed, owners, carry);
 out:
 	Py_XDECREF(rest);
+	Py_XDECREF(carry);
 	Py_XDECREF(packed);
 	Py_XDECREF(owners);
 	PyMem_Free(pids);
@@ -401,7 +419,7 @@ fail:
 
 static PyMethodDef methods[] = {
 	{"split", split, METH_VARARGS,
-	 "split(chunk, pending, live, reconciled) -> (rest, packed, owners): take out the short TCP connections"},
+	 "split(chunk, pending, live, reconciled) -> (rest, packed, owners, carry): take out the short TCP connections"},
 	{"render", render, METH_VARARGS,
 	 "render(packed_list, memo, make_template, fragment, offset_ns) -> events of the packed connections"},
 	{NULL, NULL, 0, NULL},

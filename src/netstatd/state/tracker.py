@@ -154,6 +154,7 @@ class Tracker:
         self._short_remote_memo: dict[tuple[str, str], str] = {}
         self._short_memo: dict[tuple, tuple[str, tuple[bool, bool | None]]] = {}  # _short_tcp_event's templates
         self._shorts: list[bytes] = []  # short connections _shortconn.split() took out, until the flush
+        self._carry = b""  # records of new connections still open, for split() again with the next chunk
         self._native_memo: dict[bytes, list] = {}  # _shortconn.render()'s templates (_native_template), per flush
         self._states_json: dict[tuple[str, ...], str] = {}  # state names -> their JSON list, cleared when full
         self._node_json = orjson.dumps(node_name).decode()
@@ -179,16 +180,19 @@ class Tracker:
         latest record, state names, accept record]. Only the latest record of
         each connection is decoded in full, at the flush.
 
-        With the native helper, connections that open and close within the chunk are taken out
-        first (_shortconn.split) and rendered at the flush; the rest is folded here. While a seed
-        scan runs everything is folded here: the scan needs every closed cookie.
+        With the native helper, connections that open and close within a flush period are taken out
+        first (_shortconn.split) and rendered at the flush; the records of new connections still
+        open are carried into the next chunk (and folded at the flush); the rest is folded here.
+        While a seed scan runs everything is folded here: the scan needs every closed cookie.
         """
         count = len(chunk) // ev.RECORD_SIZE
         self.records_ingested += count
         # metrics by kind/family/states, counted for the whole chunk at once
         self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
         if self.native and self._closed_while_seeding is None:
-            chunk, shorts, owners = _shortconn.split(chunk, self._pending, self.tcp, self._reconciled_cookies)
+            chunk, shorts, owners, self._carry = _shortconn.split(
+                self._carry + chunk, self._pending, self.tcp, self._reconciled_cookies
+            )
             if shorts:
                 self._shorts.append(shorts)
                 processes, attribution = self.processes, self.attribution
@@ -197,6 +201,8 @@ class Tracker:
                         processes.lookup(pid, ev.comm_str(comm))
                         if attribution is not None:
                             attribution.container_of(pid)
+        elif self._carry:
+            chunk, self._carry = self._carry + chunk, b""
         self._fold(chunk)
         return count
 
@@ -273,6 +279,9 @@ class Tracker:
         self.clock.refresh()
         self._new_period()
         out: list[Event] = []
+        if self._carry:
+            self._fold(self._carry)
+            self._carry = b""
         pending, self._pending = self._pending, {}
         opens, self._opens = self._opens, []
         closes, self._closes = self._closes, []
