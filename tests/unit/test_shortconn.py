@@ -224,3 +224,13 @@ def test_a_reconciled_socket_gets_no_second_close(tmp_path):
 def test_split_refuses_a_chunk_of_partial_records():
     with pytest.raises(ValueError, match="not whole records"):
         tracker_module._shortconn.split(b"\0" * 100, {}, {}, {})
+
+
+def test_record_counts_match_the_python_count_with_many_distinct_kinds(tmp_path):
+    """count_kinds() empties its table into the dict when half full: 700 distinct words still add up."""
+    chunk = b"".join(record(ev.EV_TCP_STATE, 1, old, new, ts=1) for old in range(28) for new in range(25)) * 2
+    python, native = make_tracker(tmp_path, native=False), make_tracker(tmp_path, native=True)
+    for t in (python, native):
+        t.record_counts[ev.EV_UDP_SEND] = 5  # counts already there are added to
+        t.ingest(chunk)
+    assert native.record_counts == python.record_counts and len(python.record_counts) == 701

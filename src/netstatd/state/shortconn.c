@@ -417,9 +417,62 @@ fail:
 	return NULL;
 }
 
+/* count_kinds(chunk, counts): counts[kind | family << 8 | oldstate << 16 | newstate << 24] += records
+ * (Tracker.record_counts, as memoryview(chunk).cast("I")[KIND_WORD::RECORD_WORDS] lists them). */
+static PyObject *count_kinds(PyObject *self, PyObject *args)
+{
+	Py_buffer chunk;
+	PyObject *counts;
+	if (!PyArg_ParseTuple(args, "y*O!:count_kinds", &chunk, &PyDict_Type, &counts))
+		return NULL;
+	enum { SLOTS = 1024 }; /* distinct words of a chunk: a few dozen kinds and transitions */
+	__u32 words[SLOTS];
+	Py_ssize_t hits[SLOTS];
+	memset(hits, 0, sizeof(hits));
+	Py_ssize_t n = chunk.len / (Py_ssize_t)sizeof(struct record), used = 0;
+	PyObject *result = NULL;
+	for (Py_ssize_t i = 0; i <= n; i++) {
+		__u32 word = 0;
+		if (i < n) {
+			const struct netstat_event *e = &record_at(chunk.buf, i)->e;
+			word = e->kind | e->family << 8 | e->oldstate << 16 | (__u32)e->newstate << 24;
+			size_t h = (word * 2654435761u) & (SLOTS - 1);
+			while (hits[h] && words[h] != word)
+				h = (h + 1) & (SLOTS - 1);
+			used += !hits[h];
+			words[h] = word;
+			hits[h]++;
+		}
+		if (i < n && used < SLOTS / 2)
+			continue;
+		/* the end, or a table half full (records of no kind known): add to the dict, start again */
+		for (size_t h = 0; h < SLOTS; h++) {
+			if (!hits[h])
+				continue;
+			PyObject *key = PyLong_FromUnsignedLong(words[h]);
+			PyObject *old = key ? PyDict_GetItemWithError(counts, key) : NULL;
+			Py_ssize_t before = old ? PyLong_AsSsize_t(old) : 0;
+			PyObject *value = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(before + hits[h]);
+			int failed = !value || PyDict_SetItem(counts, key, value) < 0;
+			Py_XDECREF(key);
+			Py_XDECREF(value);
+			if (failed)
+				goto out;
+			hits[h] = 0;
+		}
+		used = 0;
+	}
+	result = Py_NewRef(Py_None);
+out:
+	PyBuffer_Release(&chunk);
+	return result;
+}
+
 static PyMethodDef methods[] = {
 	{"split", split, METH_VARARGS,
 	 "split(chunk, pending, live, reconciled) -> (rest, packed, owners, carry): take out the short TCP connections"},
+	{"count_kinds", count_kinds, METH_VARARGS,
+	 "count_kinds(chunk, counts): add the chunk's records to counts by kind, family and states"},
 	{"render", render, METH_VARARGS,
 	 "render(packed_list, memo, make_template, fragment, offset_ns) -> events of the packed connections"},
 	{NULL, NULL, 0, NULL},

@@ -188,7 +188,10 @@ class Tracker:
         count = len(chunk) // ev.RECORD_SIZE
         self.records_ingested += count
         # metrics by kind/family/states, counted for the whole chunk at once
-        self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
+        if self.native:
+            _shortconn.count_kinds(chunk, self.record_counts)
+        else:
+            self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
         if self.native and self._closed_while_seeding is None:
             chunk, shorts, owners, self._carry = _shortconn.split(
                 self._carry + chunk, self._pending, self.tcp, self._reconciled_cookies
