@@ -38,6 +38,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 $(NATIVE): src/netstatd/state/shortconn.c $(BPF_DIR)/events.h setup.py $(VENV)/.installed
 	$(VENV)/bin/python setup.py -q build_ext --inplace
+	touch $@
 
 # CO-RE: types come from the running kernel's BTF; the object relocates at load.
 $(BUILD)/vmlinux.h:

@@ -98,6 +98,28 @@ static int known(__u64 cookie, PyObject **dicts, int ndicts)
 	return found;
 }
 
+/* The owners split() reports: (pid, comm) once per process within a short look back. */
+struct owners {
+	__u32 *pids;
+	Py_ssize_t count;
+	PyObject *list;
+};
+
+static int add_owner(struct owners *o, const struct record *r)
+{
+	__u32 pid = r->e.tgid;
+	if (!pid)
+		return 0;
+	for (Py_ssize_t p = o->count - 1; p >= 0 && p >= o->count - 8; p--)
+		if (o->pids[p] == pid)
+			return 0; /* a chunk's owners repeat in runs */
+	o->pids[o->count++] = pid;
+	PyObject *owner = Py_BuildValue("(Iy#)", pid, r->e.comm, (Py_ssize_t)NETSTATD_COMM_LEN);
+	int failed = !owner || PyList_Append(o->list, owner) < 0;
+	Py_XDECREF(owner);
+	return failed ? -1 : 0;
+}
+
 static PyObject *split(PyObject *self, PyObject *args)
 {
 	Py_buffer chunk;
@@ -114,13 +136,13 @@ static PyObject *split(PyObject *self, PyObject *args)
 	struct group *groups = PyMem_Malloc((n ? n : 1) * sizeof(*groups));
 	Py_ssize_t *group_of = PyMem_Malloc((n ? n : 1) * sizeof(*group_of));
 	Py_ssize_t *table = PyMem_Malloc(cap * sizeof(*table));
-	__u32 *pids = NULL;
-	if (!groups || !group_of || !table) {
-		PyErr_NoMemory();
-		goto out;
-	}
+	struct owners seen = {.pids = PyMem_Malloc((2 * n + 1) * sizeof(__u32))};
 	if (chunk.len % (Py_ssize_t)sizeof(struct record)) {
 		PyErr_Format(PyExc_ValueError, "chunk of %zd bytes is not whole records", chunk.len);
+		goto out;
+	}
+	if (!groups || !group_of || !table || !seen.pids) {
+		PyErr_NoMemory();
 		goto out;
 	}
 	memset(table, 0xff, cap * sizeof(*table));
@@ -180,11 +202,8 @@ static PyObject *split(PyObject *self, PyObject *args)
 	rest = PyBytes_FromStringAndSize(NULL, (n - packed_records - carried) * (Py_ssize_t)sizeof(struct record));
 	carry = PyBytes_FromStringAndSize(NULL, carried * (Py_ssize_t)sizeof(struct record));
 	packed = PyBytes_FromStringAndSize(NULL, nshort * (Py_ssize_t)sizeof(struct short_conn));
-	owners = PyList_New(0);
-	pids = PyMem_Malloc((nshort ? nshort : 1) * sizeof(*pids));
-	if (!pids)
-		PyErr_NoMemory();
-	if (!rest || !carry || !packed || !owners || !pids)
+	seen.list = owners = PyList_New(0);
+	if (!rest || !carry || !packed || !owners)
 		goto out;
 	char *rest_out = PyBytes_AS_STRING(rest), *carry_out = PyBytes_AS_STRING(carry);
 	struct short_conn *conns = (struct short_conn *)PyBytes_AS_STRING(packed);
@@ -217,28 +236,21 @@ static PyObject *split(PyObject *self, PyObject *args)
 	}
 
 	/* Their owners, once per process: the tracker reads /proc/PID/exe while the process lives. */
-	Py_ssize_t npids = 0;
 	for (Py_ssize_t gi = 0; gi < ngroups; gi++) {
 		struct group *g = &groups[gi];
+		if (g->slot == CARRY) {
+			if ((g->accept >= 0 && add_owner(&seen, record_at(data, g->accept)) < 0) ||
+			    (g->last_state >= 0 && add_owner(&seen, record_at(data, g->last_state)) < 0))
+				goto out;
+		}
 		if (g->slot < 0)
 			continue;
 		struct short_conn *c = &conns[g->slot];
 		c->first_old = g->first_old;
 		if (!c->accepted)
 			c->owner = c->last;
-		__u32 pid = c->owner.e.tgid;
-		int seen = pid == 0;
-		for (Py_ssize_t p = npids - 1; !seen && p >= 0 && p >= npids - 8; p--)
-			seen = pids[p] == pid; /* a short look back: a chunk's owners repeat in runs */
-		if (seen)
-			continue;
-		pids[npids++] = pid;
-		PyObject *owner = Py_BuildValue("(Iy#)", pid, c->owner.e.comm, (Py_ssize_t)NETSTATD_COMM_LEN);
-		if (!owner || PyList_Append(owners, owner) < 0) {
-			Py_XDECREF(owner);
+		if (add_owner(&seen, &c->owner) < 0)
 			goto out;
-		}
-		Py_DECREF(owner);
 	}
 	result = PyTuple_Pack(4, rest, packed, owners, carry);
 out:
@@ -246,7 +258,7 @@ out:
 	Py_XDECREF(carry);
 	Py_XDECREF(packed);
 	Py_XDECREF(owners);
-	PyMem_Free(pids);
+	PyMem_Free(seen.pids);
 	PyMem_Free(groups);
 	PyMem_Free(group_of);
 	PyMem_Free(table);

@@ -198,12 +198,12 @@ class Tracker:
             )
             if shorts:
                 self._shorts.append(shorts)
-                processes, attribution = self.processes, self.attribution
-                for pid, comm in owners:
-                    if pid not in processes:  # as the fold below: read /proc/PID/exe while it lives
-                        processes.lookup(pid, ev.comm_str(comm))
-                        if attribution is not None:
-                            attribution.container_of(pid)
+            processes, attribution = self.processes, self.attribution
+            for pid, comm in owners:  # of packed and carried connections
+                if pid not in processes:  # as the fold below: read /proc/PID/exe while it lives
+                    processes.lookup(pid, ev.comm_str(comm))
+                    if attribution is not None:
+                        attribution.container_of(pid)
         elif self._carry:
             chunk, self._carry = self._carry + chunk, b""
         self._fold(chunk)
