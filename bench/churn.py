@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bpftracer import COUNTER_SCRIPT, PRINTER_SCRIPT, Bpftrace, analyse_printer, read_counts
-from harness import OUT, interrupted, prepare
+from harness import OUT, git, interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
@@ -605,8 +605,13 @@ def tcp_ext(host: Host, *names: str) -> dict[str, int]:
     return {n: int(values.get(n, 0)) for n in names}
 
 
-PHASES = ("none", "netstatd", "bpftrace")
-PHASE_LABELS = {"none": "no tracer", "netstatd": "netstatd + WebSocket client", "bpftrace": "bpftrace printer"}
+PHASES = ("none", "counter", "netstatd", "bpftrace")
+PHASE_LABELS = {
+    "none": "no tracer",
+    "counter": "the bpftrace counter alone",  # --counter-phase: what the harness's own counting costs
+    "netstatd": "netstatd + WebSocket client",
+    "bpftrace": "bpftrace printer",
+}
 
 
 def run_phase(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -706,11 +711,6 @@ def rss_bytes(pid: int) -> int:
 # -- report ------------------------------------------------------------------------
 
 
-def git(*argv: str) -> str:
-    r = subprocess.run(["git", "-C", str(HERE.parent), *argv], capture_output=True, text=True)
-    return r.stdout.strip()
-
-
 def _ratio(num: float, den: float, digits: int = 4) -> float | None:
     return round(num / den, digits) if den else None
 
@@ -783,6 +783,11 @@ def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) ->
         "attribution_netstatd": _ratio(attributed, transitions),
         "attribution_netstatd_transitions": transitions,
     }
+    counted = phases.get("counter")
+    if counted:
+        rate_counted = counted["generator"]["conn_per_s"]
+        report["conn_per_s_counter_only"] = round(rate_counted, 1)
+        report["rate_ratio_vs_counter_only"] = _ratio(rate_with, rate_counted, 3)
     bt = phases.get("bpftrace")
     if bt:
         b, bgen = bt["bpftrace"], bt["generator"]
@@ -901,6 +906,11 @@ def summary(r: dict[str, Any]) -> str:
             f"(ratio {r['bpftrace_connections_seen_ratio']}; open and close, any pid: "
             f"{r['bpftrace_connections_open_and_close_ratio']}); {r['bpftrace_cpu_cores']} cores",
         ]
+    if "conn_per_s_counter_only" in r:
+        lines.append(
+            f"  counter alone         {r['conn_per_s_counter_only']:,.0f} conn/s with the bpftrace counter only; "
+            f"netstatd's rate against it: {r['rate_ratio_vs_counter_only']}"
+        )
     lines += [
         f"  generator side        settle {ph['settle_s']} s, left sockets {ph['left_sockets']}, "
         f"server {ph['server_tcp_ext']} (with netstatd)",
@@ -930,11 +940,20 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
     p.add_argument("--no-bpftrace", action="store_true", help="skip the bpftrace printer phase")
+    p.add_argument(
+        "--counter-phase",
+        action="store_true",
+        help="add a phase with the bpftrace counter alone: the generator's rate without netstatd but with the "
+        "harness's kernel counting, which the netstatd phase has too",
+    )
     args = p.parse_args()
     prepare(p)
     try:
         print(f"WebSocket client: {WS_MODE}", flush=True)
-        phases = {mode: run_phase(args, mode) for mode in PHASES if mode != "bpftrace" or not args.no_bpftrace}
+        skip = {"bpftrace"} if args.no_bpftrace else set()
+        if not args.counter_phase:
+            skip.add("counter")
+        phases = {mode: run_phase(args, mode) for mode in PHASES if mode not in skip}
     except KeyboardInterrupt:
         return interrupted()
     report = build_report(args, phases)

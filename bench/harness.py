@@ -1,14 +1,20 @@
-"""What every root benchmark's main() does around its run (churn.py, live.py, soak.py, mux.py)."""
+"""What every root benchmark's main() does around its run (churn.py, live.py, soak.py, mux.py), and git."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
+
+
+def git(*argv: str) -> str:
+    """git's output in this repository (the reports' commit and work-tree changes)."""
+    return subprocess.run(["git", "-C", str(OUT.parent.parent), *argv], capture_output=True, text=True).stdout.strip()
 
 
 def prepare(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import OUT, interrupted, prepare
+from harness import OUT, git, interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
@@ -165,10 +165,6 @@ def status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
-
-
-def git(*argv: str) -> str:
-    return subprocess.run(["git", "-C", str(HERE.parent), *argv], capture_output=True, text=True).stdout.strip()
 
 
 @dataclasses.dataclass

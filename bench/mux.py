@@ -25,8 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from harness import OUT, interrupted, prepare
-from live import LiveConnections, git, open_live, status_kib
+from harness import OUT, git, interrupted, prepare
+from live import LiveConnections, open_live, status_kib
 
 from netstatd.testing.cluster import Cluster, in_netns
 from netstatd.testing.stream import StreamClient

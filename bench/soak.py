@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from churn import Generator, counters, tune, wait_caught_up
-from harness import OUT, interrupted, prepare
+from harness import OUT, git, interrupted, prepare
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import HostPair
@@ -129,9 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         growth = slope * args.seconds / 60
         return {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "commit": subprocess.run(
-                ["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
+            "commit": git("rev-parse", "HEAD"),
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
             "seconds": args.seconds,

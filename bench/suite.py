@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import git
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
@@ -68,10 +70,6 @@ LIVE_ROWS: list[tuple[str, str, str]] = [
     ("agent_rss_mib", "netstatd RSS after the snapshot, MiB (target ≤ 200)", "{:,.0f}"),
     ("agent_rss_peak_mib", "netstatd peak RSS (VmHWM), MiB", "{:,.0f}"),
 ]
-
-
-def git(*argv: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True, text=True).stdout.strip()
 
 
 def rate_name(rate: str) -> str:

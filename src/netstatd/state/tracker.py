@@ -426,9 +426,9 @@ class Tracker:
         memo = self._native_memo
         events = _shortconn.render(shorts, memo, self._native_template, orjson.Fragment, self.clock.offset_ns)
         for template in memo.values():
-            for _ in range(template[5]):  # events after the first that reused it: they count as it did
-                self._count_short_owner(template[6])
-            template[5] = 0
+            if template[5]:  # events after the first that reused it: they count as it did
+                self._count_short_owner(template[6], template[5])
+                template[5] = 0
         self.opened["TCP"] += len(events)
         self.closed["TCP"] += len(events)
         return events
@@ -489,17 +489,17 @@ class Tracker:
         )
         return pieces, counts
 
-    def _count_short_owner(self, counts: tuple[bool, bool | None]) -> None:
-        """The metrics one more event with a memoised owner counts in (as _short_template did)."""
+    def _count_short_owner(self, counts: tuple[bool, bool | None], events: int = 1) -> None:
+        """The metrics more events with a memoised owner count in (as _short_template did)."""
         unattributed, resolved = counts
         if unattributed:
-            self.unattributed += 1
+            self.unattributed += events
         a = self.attribution
         if resolved is not None and a is not None:
             if resolved:
-                a.resolved += 1
+                a.resolved += events
             else:
-                a.host += 1
+                a.host += events
 
     def _short_owner(self, pid: int, comm: bytes | str, cgroup_id: int, netns: int) -> str:
         """The JSON members pid, exe, comm, netns and the container/pod fields, memoised per flush."""
