@@ -49,8 +49,7 @@ def record(
     new: int,
     folded: tuple[int, ...] = (),
 ) -> bytes:
-    fields = {n: 0 for n, c in ev.EVENT_FIELDS if not c.endswith("x")}
-    fields.update(
+    return ev.pack_record(
         ts_ns=ts,
         cookie=cookie,
         cgroup_id=1,
@@ -68,7 +67,6 @@ def record(
         comm=b"python3",
         folded=sum(st << (ev.FOLDED_BITS * i) for i, st in enumerate(folded)),
     )
-    return ev.RECORD.pack(ev.RECORD_SIZE - ev.RING_HEADER, 0, *fields.values())
 
 
 def connection_records(i: int, ts: int) -> list[bytes]:

@@ -7,7 +7,6 @@ the Conn path's (tests/unit/test_tracker.py).
 
 import random
 import socket
-import struct
 
 import orjson
 import pytest
@@ -21,8 +20,8 @@ from netstatd.state import tracker as tracker_module
 from netstatd.state.containers import ContainerIndex
 from netstatd.state.hostnames import Hostnames
 from netstatd.state.tracker import Tracker
+from tests.unit.test_tracker import rec
 
-NETNS = 4026532000
 CLOSE, SYN_SENT, SYN_RECV, ESTABLISHED = ev.TCP_CLOSE, 2, 3, 1
 FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN = 4, 5, 8, 9, ev.TCP_LISTEN
 # (family, local, remote): IPv4, IPv6, and IPv4 on an IPv6 socket (reported as IPv4)
@@ -36,26 +35,22 @@ OWNERS = [(100, b"curl"), (101, b'50%"cpu\xc3\xa9'), (0, b"")]  # 0: the kernel 
 
 def record(kind, cookie, old, new, *, ts, tgid=100, comm=b"curl", address=0, sport=80, dport=5000, folded=()):
     family, saddr, daddr = ADDRESSES[address]
-    body = struct.pack(
-        ev.EVENT_FORMAT,
-        ts,
-        cookie,
-        7 if tgid else 0,
-        tgid,
-        NETNS,
-        saddr,
-        daddr,
-        sport,
-        dport,
+    return rec(
         kind,
-        family,
-        old,
-        new,
-        ev.EVF_OWNER_STORED,
-        comm.ljust(16, b"\0"),
-        sum(state << (ev.FOLDED_BITS * i) for i, state in enumerate(folded)),
+        cookie=cookie,
+        old=old,
+        new=new,
+        ts=ts,
+        tgid=tgid,
+        comm=comm,
+        cgroup_id=7 if tgid else 0,
+        family=family,
+        saddr=saddr,
+        daddr=daddr,
+        sport=sport,
+        dport=dport,
+        folded=folded,
     )
-    return struct.pack("<II", ev.EVENT_SIZE, 0) + body
 
 
 def connection(rng: random.Random, cookie: int, ts: int) -> list[bytes]:

@@ -1,7 +1,6 @@
 """Node state from kernel records: coalescing, ownership, listeners, UDP flows, seeding."""
 
 import socket
-import struct
 
 import orjson
 import pytest
@@ -26,36 +25,36 @@ def rec(
     comm=b"srv",
     old=0,
     new=0,
-    saddr="10.0.0.1",
+    saddr: str | bytes = "10.0.0.1",
     sport=80,
-    daddr="10.0.0.2",
+    daddr: str | bytes = "10.0.0.2",
     dport=5000,
     family=4,
     ts=1,
     netns=NETNS,
     flags=ev.EVF_OWNER_STORED,
+    cgroup_id=0,
     folded: tuple[int, ...] = (),
 ) -> bytes:
-    body = struct.pack(
-        ev.EVENT_FORMAT,
-        ts,
-        cookie,
-        0,
-        tgid,
-        netns,
-        v4(saddr),
-        v4(daddr),
-        sport,
-        dport,
-        kind,
-        family,
-        old,
-        new,
-        flags,
-        comm.ljust(16, b"\0"),
-        sum(state << (ev.FOLDED_BITS * i) for i, state in enumerate(folded)),
+    """A ring record; addresses as IPv4 text or as the kernel's 16 bytes."""
+    return ev.pack_record(
+        ts_ns=ts,
+        cookie=cookie,
+        cgroup_id=cgroup_id,
+        tgid=tgid,
+        netns=netns,
+        saddr=v4(saddr) if isinstance(saddr, str) else saddr,
+        daddr=v4(daddr) if isinstance(daddr, str) else daddr,
+        sport=sport,
+        dport=dport,
+        kind=kind,
+        family=family,
+        oldstate=old,
+        newstate=new,
+        flags=flags,
+        comm=comm,
+        folded=sum(state << (ev.FOLDED_BITS * i) for i, state in enumerate(folded)),
     )
-    return struct.pack("<II", ev.EVENT_SIZE, 0) + body
 
 
 def tracker(tmp_path) -> Tracker:
@@ -147,26 +146,23 @@ def test_udp_flows_are_keyed_by_peer_and_closed_with_their_socket(tmp_path):
 
 def test_v4_mapped_ipv6_socket_is_reported_as_ipv4(tmp_path):
     t = tracker(tmp_path)
-    mapped = struct.pack(
-        ev.EVENT_FORMAT,
-        1,
-        4,
-        0,
-        7,
-        NETNS,
-        bytes(10) + b"\xff\xff" + socket.inet_aton("10.0.0.1"),
-        bytes(10) + b"\xff\xff" + socket.inet_aton("10.0.0.2"),
-        80,
-        5000,
-        ev.EV_TCP_STATE,
-        6,
-        3,
-        1,
-        ev.EVF_OWNER_STORED,
-        b"srv".ljust(16, b"\0"),
-        0,
+    mapped = ev.pack_record(
+        ts_ns=1,
+        cookie=4,
+        tgid=7,
+        netns=NETNS,
+        saddr=bytes(10) + b"\xff\xff" + socket.inet_aton("10.0.0.1"),
+        daddr=bytes(10) + b"\xff\xff" + socket.inet_aton("10.0.0.2"),
+        sport=80,
+        dport=5000,
+        kind=ev.EV_TCP_STATE,
+        family=6,
+        oldstate=3,
+        newstate=1,
+        flags=ev.EVF_OWNER_STORED,
+        comm=b"srv",
     )
-    t.ingest(struct.pack("<II", ev.EVENT_SIZE, 0) + mapped)
+    t.ingest(mapped)
     (e,) = conn_events(t.flush())
     assert (e["family"], e["localIP"], e["remoteIP"]) == ("IPv4", "10.0.0.1", "10.0.0.2")
 

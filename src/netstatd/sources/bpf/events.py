@@ -65,6 +65,18 @@ RING_HEADER = 8
 RECORD = struct.Struct("<II" + EVENT_FORMAT[1:])
 RECORD_SIZE = RECORD.size  # 112, already 8-byte aligned as the ring requires
 
+
+def pack_record(**fields: int | bytes) -> bytes:
+    """A ring record as the kernel writes it, from event fields by name (the others 0): for tests and
+    benchmarks. `folded` takes the packed u64; addresses and comm are padded with zeros."""
+    values: dict[str, int | bytes] = {n: b"" if c.endswith("s") else 0 for n, c in EVENT_FIELDS if not c.endswith("x")}
+    unknown = fields.keys() - values.keys()
+    if unknown:
+        raise TypeError(f"no such event fields: {sorted(unknown)}")
+    values.update(fields)
+    return RECORD.pack(EVENT_SIZE, 0, *values.values())
+
+
 # The same record, decoding only what every record needs (no bytes objects):
 # cookie, tgid, kind, family, oldstate, newstate, folded. The tracker decodes
 # the full record only for the ones it keeps (the latest per connection).
