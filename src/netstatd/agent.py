@@ -140,7 +140,7 @@ class Agent:
         if not self.tracker.native:
             log.warning(
                 "the native helper for short connections is not built (make setup builds it): "
-                "they take the Python path, at about 5 times the CPU"
+                "they take the Python path, at about 3 times the agent's CPU under connection churn"
             )
         await self._start_http()
         await self._start_mux()

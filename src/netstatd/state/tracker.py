@@ -198,21 +198,23 @@ class Tracker:
             )
             if shorts:
                 self._shorts.append(shorts)
-            processes, attribution = self.processes, self.attribution
             for pid, comm in owners:  # of packed and carried connections
-                if pid not in processes:  # as the fold below: read /proc/PID/exe while it lives
-                    processes.lookup(pid, ev.comm_str(comm))
-                    if attribution is not None:
-                        attribution.container_of(pid)
+                self._see_process(pid, comm)
         elif self._carry:
             chunk, self._carry = self._carry + chunk, b""
         self._fold(chunk)
         return count
 
+    def _see_process(self, pid: int, raw_comm: bytes) -> None:
+        """Read /proc/PID/exe now, milliseconds after the event, not at the flush: short-lived
+        processes may be gone by then. Its cgroup too, while it is alive."""
+        if pid and pid not in self.processes:
+            self.processes.lookup(pid, ev.comm_str(raw_comm))
+            if self.attribution is not None:
+                self.attribution.container_of(pid)
+
     def _fold(self, chunk: bytes) -> None:
         pending = self._pending
-        attribution = self.attribution
-        processes = self.processes
         names = ev.TCP_STATE_NAMES
         full = ev.RECORD.unpack_from
         size = ev.RECORD_SIZE
@@ -222,13 +224,8 @@ class Tracker:
         for cookie, pid, kind, _family, old, new, folded in ev.RECORD_BRIEF.iter_unpack(chunk):
             off += size
             if pid != last_pid:
-                # Read /proc/PID/exe now, milliseconds after the event, not at
-                # the flush: short-lived processes may be gone by then.
                 last_pid = pid
-                if pid and pid not in processes:
-                    processes.lookup(pid, ev.comm_str(full(chunk, off)[ev.COMM]))
-                    if attribution is not None:
-                        attribution.container_of(pid)  # its cgroup too, while it is alive
+                self._see_process(pid, full(chunk, off)[ev.COMM])
             if kind == ev.EV_TCP_STATE:
                 if old == ev.TCP_LISTEN and new == ev.TCP_CLOSE:
                     self._closes.append(full(chunk, off))  # a listener closed
