@@ -518,11 +518,7 @@ class Tracker:
             memo = self._short_owner_memo[key] = (orjson.dumps(fields).decode()[1:-1], resolved)
             return memo[0]
         members, resolved = memo
-        if resolved is not None and a is not None:
-            if resolved:  # the counts stay per event
-                a.resolved += 1
-            else:
-                a.host += 1
+        self._count_short_owner((False, resolved))  # the counts stay per event
         return members
 
     def _short_remote(self, local_ip: str, remote_ip: str) -> str:
