@@ -16,10 +16,12 @@ COPY Makefile pyproject.toml setup.py requirements.lock ./
 COPY src src
 RUN touch build/vmlinux.h \
     && make src/netstatd/sources/bpf/netstatd.bpf.o src/netstatd/sources/bpf/probe_fentry.bpf.o
-# The runtime dependencies only, at the versions requirements.lock pins (it is a constraints file here,
-# so the test tools it also pins are not installed); the package carries the objects and manifests.
+# The runtime dependencies only, from requirements.lock with every file's hash checked (the test tools
+# are in requirements-dev.lock, not copied); then the package alone, which carries the objects and
+# manifests: a local folder has no hash to check, so it goes in by itself, with --no-deps.
 RUN python3 -m venv /opt/netstatd \
-    && /opt/netstatd/bin/pip install --no-cache-dir --disable-pip-version-check -c requirements.lock . \
+    && /opt/netstatd/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes -r requirements.lock \
+    && /opt/netstatd/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
     && test -f /opt/netstatd/lib/python3.11/site-packages/netstatd/sources/bpf/netstatd.bpf.o \
     && /opt/netstatd/bin/python -c "import netstatd.state._shortconn"
 

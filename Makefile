@@ -19,7 +19,7 @@ PROTO_DIR := src/netstatd/sources/containerd/protos
 DNSTAP_PROTO_DIR := src/netstatd/sources/dnstap/protos
 GRPCIO_TOOLS := grpcio-tools==1.85.1
 
-.PHONY: setup run test lint bench clean packages test-packages protos
+.PHONY: setup run test lint bench clean packages test-packages protos lock
 .DEFAULT_GOAL := setup
 
 setup: packages $(VENV)/.installed $(BPF_OBJS) $(NATIVE)
@@ -30,11 +30,40 @@ packages:
 test-packages:
 	@scripts/ensure-packages.sh $(TEST_PACKAGES)
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+# Every dependency from the hashed locks (requirements-dev.lock includes requirements.lock), then the
+# package itself: a local directory has no hash to check, so it goes in alone, with --no-deps.
+$(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# make lock: regenerate both hashed locks from pyproject.toml (docs/development.md). It keeps every pin
+# it can and resolves only what changed; make lock UPGRADE=1 moves everything to the newest versions.
+# pip-tools runs from a throwaway venv (it is in neither lock) and sees the indexes of pip's own
+# configuration; no index, find-links or host is written into the locks. requirements-dev.lock holds
+# the test extra's packages that requirements.lock does not, after a line `-r requirements.lock`.
+PIP_TOOLS  := pip-tools==7.7.0
+LOCK_VENV  := $(BUILD)/lock-venv
+LOCK_FLAGS := --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host $(if $(UPGRADE),--upgrade)
+LOCK_ENV   := CUSTOM_COMPILE_COMMAND="make lock"
+
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --disable-pip-version-check $(PIP_TOOLS)
+	$(LOCK_ENV) $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --output-file requirements.lock pyproject.toml
+	$(LOCK_ENV) $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --extra test --constraint requirements.lock \
+		--output-file requirements-dev.lock pyproject.toml
+	awk 'FNR == NR { if (sub(/==.*/, "")) runtime[$$0]; next } \
+		/^#/ { skip = 0 } \
+		/^[^ #]/ { if (!started++) print "-r requirements.lock"; \
+			name = $$0; sub(/==.*/, "", name); skip = name in runtime } \
+		!skip' requirements.lock requirements-dev.lock > requirements-dev.lock.tmp
+	mv requirements-dev.lock.tmp requirements-dev.lock
+	! grep -nE '^ *(-i|--index-url|--extra-index-url|-f|--find-links|--trusted-host)' requirements.lock requirements-dev.lock
+	rm -rf $(LOCK_VENV)
 
 $(NATIVE): src/netstatd/state/shortconn.c $(BPF_DIR)/events.h setup.py $(VENV)/.installed
 	$(VENV)/bin/python setup.py -q build_ext --inplace

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from . import __version__
-from .api.app import build_app
+from .api.front import RELOAD_EVERY_S, Front
 from .enrich.attribution import Attribution
 from .enrich.cgroups import PidContainers
 from .hub import Hub
+from .listen import exposure
 from .metrics import Metric, record_metrics, single
 from .mux.server import Mux
 from .protocol import HOST_INFO
@@ -31,13 +31,14 @@ from .sources.bpf.drainer import RingDrainer
 from .sources.bpf.loader import KernelProbes, KernelSettings, LoadError, find_cgroup2_root
 from .sources.bpf.ringbuf import RingReader
 from .sources.containerd.follower import ContainerdFollower
-from .sources.dnstap.collector import DnstapCollector
+from .sources.dnstap.collector import DnstapCollector, SenderAllowList
 from .sources.dnstap.framestream import REASONS as CLOSE_REASONS
 from .state.containers import ContainerIndex, Pod
 from .state.hostnames import Hostnames
 from .state.ips import IpInventory, build_inventory
 from .state.sweep import FOLDED_STATES, sweep_folded
 from .state.tracker import Tracker
+from .supervisor import Supervisor, failpoint
 
 log = logging.getLogger("netstatd")
 
@@ -88,6 +89,13 @@ class StartupError(RuntimeError):
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.supervisor = Supervisor()
+        self.supervisor.declare("ingest", "dnstap", "websocket")  # they report, with no loop of their own
+        try:
+            self.front = Front(settings, self.supervisor.report)  # HTTP listeners: addresses, TLS, access
+            self.dnstap_allow = SenderAllowList(settings.dnstap_allow)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
         self.processes = procfs.ProcessCache()
         self.tracker = Tracker(settings.node_name, self.processes)
         self.containers = ContainerIndex(settings.node_name, self.tracker.clock.now)
@@ -98,7 +106,11 @@ class Agent:
         self.tracker.attribution = Attribution(self.containers, self.processes, self.cgroup_pids)
         self.hostnames = Hostnames(settings.node_name, self.tracker.clock, settings.dns_max_names)
         self.tracker.hostnames = self.hostnames
-        self.dnstap = DnstapCollector(self.hostnames.learn)
+        self.dnstap = DnstapCollector(
+            self.hostnames.learn,
+            allow=self.dnstap_allow,
+            on_error=lambda e: self.supervisor.report("dnstap", e, "closing that sender"),
+        )
         self.hub = Hub(
             settings.node_name,
             self.snapshot,
@@ -114,11 +126,7 @@ class Agent:
         )
         self._reader: RingReader | None = None
         self._drainer: RingDrainer | None = None
-        self.flush_failures = 0  # flush periods lost to an internal error (logged with the traceback)
         self._runner: web.AppRunner | None = None
-        self._flusher: asyncio.Task | None = None
-        self._reconciler: asyncio.Task | None = None
-        self._sweeper: asyncio.Task | None = None
         self.swept = 0  # connection states set by the folded-state sweep
         self._sweep_failing = False
         self.follower = ContainerdFollower(
@@ -128,11 +136,12 @@ class Agent:
             cgroup_root=cgroup2_root(),
             on_task_start=self.scan_netns_soon,
         )
-        self._following: asyncio.Task | None = None
-        self._ip_refresher: asyncio.Task | None = None
         self._scans: dict[int, asyncio.Task] = {}  # netns inode -> its scan in progress (one per netns)
         self.netns_scans = {"done": 0, "failed": 0, "dropped": 0}
-        self.mux = Mux(settings, self.tracker.clock.now)  # cluster-wide view on --http-mux-port
+        try:  # cluster-wide view on --http-mux-port
+            self.mux = Mux(settings, self.tracker.clock.now, self.front, self.supervisor)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
 
     # -- lifecycle: every start has its stop --------------------------------
     async def start(self) -> None:
@@ -142,10 +151,18 @@ class Agent:
                 "the native helper for short connections is not built (make setup builds it): "
                 "they take the Python path, at about 3 times the agent's CPU under connection churn"
             )
+        warning = exposure(self.settings, self.front.addresses)
+        if warning:
+            log.warning("%s", warning)
+        self._set_own_addresses(host_addresses())  # before serving: requests may name us by any of them
         await self._start_http()
-        await self._start_mux()
         try:
-            await self.dnstap.start({"node": self.settings.dnstap_port, "mux": self.settings.dnstap_mux_port})
+            await self.mux.start(self.metrics)
+        except OSError as e:
+            raise StartupError(e.strerror or str(e)) from None
+        try:
+            ports = {"node": self.settings.dnstap_port, "mux": self.settings.dnstap_mux_port}
+            await self.dnstap.start(ports, self.front.addresses)
         except OSError as e:
             raise StartupError(f"cannot start the DNSTap collector: {e.strerror or e}") from None
         try:
@@ -153,42 +170,33 @@ class Agent:
         except LoadError as e:
             raise StartupError(str(e)) from None
         self._reader = RingReader(self.kernel.ring_fd, self.kernel.ring_size)
-        self._drainer = RingDrainer(self._reader, asyncio.get_running_loop(), self.tracker.ingest)
-        self._drainer.start()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
-        self._following = asyncio.create_task(self.follower.run(), name="containerd")
+        self._drainer = RingDrainer(
+            self._reader, asyncio.get_running_loop(), self.tracker.ingest, report=self.supervisor.report
+        )
+        spawn = self.supervisor.spawn
+        spawn("ring", self._drainer.run)
+        spawn("flush", self._flush_loop)
+        spawn("containerd", self.follower.run)
+        spawn("files", self._reload_loop)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.follower.first_attempt.wait(), FIRST_SYNC_WAIT_S)
         await self.refresh_ips()
-        self._ip_refresher = asyncio.create_task(self._ip_loop(), name="ips")
+        spawn("ips", self._ip_loop)
         # Probes are live before the scan, so nothing falls between the two.
         await self._seed()
-        self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconcile")
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="sweep")
+        spawn("reconcile", self._reconcile_loop)
+        spawn("sweep", self._sweep_loop)
         log.info(
-            "netstatd %s serving node %s on http://0.0.0.0:%d (WebSocket /netstat)",
+            "netstatd %s serving node %s on %s (WebSocket /netstat)",
             __version__,
             self.settings.node_name,
-            self.settings.http_port,
+            self.front.urls(self.settings.http_port),
         )
 
     async def stop(self) -> None:
-        for task in (
-            self._sweeper,
-            self._reconciler,
-            self._flusher,
-            self._following,
-            self._ip_refresher,
-            *self._scans.values(),
-        ):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.supervisor.stop()
         await self.mux.stop()
         await self.dnstap.stop()
-        if self._drainer:
-            self._drainer.stop()
         if self._reader:
             self._reader.close()
         self.kernel.close()
@@ -196,31 +204,25 @@ class Agent:
             await self._runner.cleanup()
 
     async def _start_http(self) -> None:
-        app = build_app(self.hub, self.host_info, self.metrics, pid_exe, self.containers.query)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
         port = self.settings.http_port
+        app = self.front.app(self.hub, self.host_info, self.metrics, pid_exe, self.containers.query, port)
         try:
-            await web.TCPSite(self._runner, port=port, reuse_address=True).start()
+            self._runner = await self.front.serve(app, port, "--http-port")
         except OSError as e:
-            await self._runner.cleanup()
-            self._runner = None
-            if e.errno == errno.EADDRINUSE:
-                raise StartupError(
-                    f"port {port} is already in use (another netstatd?): stop it or pass --http-port"
-                ) from None
-            raise StartupError(f"cannot listen on port {port}: {e.strerror}") from None
+            raise StartupError(e.strerror or str(e)) from None
 
-    async def _start_mux(self) -> None:
-        port = self.settings.http_mux_port
-        try:
-            await self.mux.start(self.metrics)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise StartupError(
-                    f"port {port} is already in use (another netstatd?): stop it or pass --http-mux-port"
-                ) from None
-            raise StartupError(f"cannot listen on port {port}: {e.strerror}") from None
+    async def _reload_loop(self) -> None:
+        """Token and certificate files re-read when they change (a Secret or cert-manager update)."""
+        while True:
+            failpoint("files")
+            self.front.reload()
+            self.mux.reload()
+            await asyncio.sleep(RELOAD_EVERY_S)
+
+    def _set_own_addresses(self, ips: Iterable[str]) -> None:
+        ips = set(ips)
+        self.front.set_own_addresses(ips)
+        self.dnstap_allow.set_own(ips)
 
     async def _seed(self) -> None:
         loop = asyncio.get_running_loop()
@@ -250,6 +252,7 @@ class Agent:
 
     async def _ip_loop(self) -> None:
         while True:
+            failpoint("ips")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ips_changed.wait(), IP_REFRESH_S)
             await asyncio.sleep(FLUSH_INTERVAL_S)  # one refresh for a burst of container events
@@ -267,6 +270,7 @@ class Agent:
             self._ips_failing = True
             return
         self._ips_failing = False
+        self._set_own_addresses(ip for ip, sandbox in fresh if not sandbox)
         self.hub.publish(self.ips.update(fresh))
 
     def scan_netns_soon(self, netns: int, path: str) -> None:
@@ -281,7 +285,9 @@ class Agent:
         if len(self._scans) >= MAX_NETNS_SCANS:
             self.netns_scans["dropped"] += 1
             return
-        self._scans[netns] = asyncio.create_task(self._scan_netns(netns, path), name=f"scan-{netns}")
+        self._scans[netns] = self.supervisor.spawn(
+            f"scan-{netns}", functools.partial(self._scan_netns, netns, path), label="netns-scan"
+        )
 
     async def _scan_netns(self, netns: int, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -289,6 +295,7 @@ class Agent:
         sockets: list[sockdiag.DiagSocket] = []
         result = "done"
         try:
+            failpoint("netns-scan")
             # a host-network pod's netns is ours: no setns thread needed
             own_path = None if netns == netlink.netns_inode() else path
             sockets = await loop.run_in_executor(None, sockdiag.dump_sockets, netns, own_path)
@@ -321,6 +328,7 @@ class Agent:
         seen_gaps, last = self._kernel_gaps(), time.monotonic()
         interval = RECONCILE_MIN_S
         while True:
+            failpoint("reconcile")
             await asyncio.sleep(1.0)
             gaps = self._kernel_gaps()
             if gaps == seen_gaps and time.monotonic() - last < interval:
@@ -359,6 +367,7 @@ class Agent:
         dump = functools.partial(sockdiag.tcp_states, states=sockdiag.state_mask(FOLDED_STATES))
         seen = 0
         while True:
+            failpoint("sweep")
             await asyncio.sleep(SWEEP_EVERY_S)
             folded = self._kernel_folded()
             if folded == seen:
@@ -389,11 +398,8 @@ class Agent:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            try:
-                self.hub.publish(self.hostnames.flush() + self.tracker.flush())
-            except Exception:
-                self.flush_failures += 1
-                log.exception("flush failed: the connections pending in this period are lost")
+            failpoint("flush")
+            self.hub.publish(self.hostnames.flush() + self.tracker.flush())
 
     def _dns_metrics(self) -> list[Metric]:
         d, st, names = self.dnstap, self.dnstap.stats, self.hostnames
@@ -403,7 +409,7 @@ class Agent:
             Metric(
                 "netstatd_dnstap_connections_closed_total",
                 "counter",
-                "DNSTap connections closed, by reason (finished and eof are clean; the others are bad input).",
+                "DNSTap connections closed, by reason (finished and eof are clean; docs/dnstap.md has the others).",
                 [({"reason": r}, st.closed.get(r, 0)) for r in CLOSE_REASONS],
             ),
             Metric(
@@ -515,15 +521,12 @@ class Agent:
                 "Most bytes ever waiting in the ring buffer when it was drained.",
                 self._reader.high_water if self._reader else 0,
             ),
-            Metric(
-                "netstatd_internal_errors_total",
+            *self.supervisor.metrics(),
+            single(
+                "netstatd_ring_records_failed_total",
                 "counter",
-                "Kernel records (stage=ingest) or flush periods (stage=flush) lost to an internal error; "
-                "each is also logged with its traceback.",
-                [
-                    ({"stage": "ingest"}, self._drainer.failed_records if self._drainer else 0),
-                    ({"stage": "flush"}, self.flush_failures),
-                ],
+                "Kernel records lost in batches that failed to apply (internal errors of task ingest).",
+                self._drainer.failed_records if self._drainer else 0,
             ),
             single(
                 "netstatd_ring_drain_stalls_total",
@@ -543,6 +546,13 @@ class Agent:
                 "Times a client's queue overflowed (it then got a stream.reset).",
                 h.overflows,
             ),
+            single(
+                "netstatd_clients_stalled_total",
+                "counter",
+                "WebSocket clients closed as too slow: they took no frame for 30 s.",
+                h.stalled,
+            ),
+            *self.front.metrics(),
             *self._dns_metrics(),
             *self.mux.metrics(),
             single("netstatd_clients_connected", "gauge", "WebSocket clients connected now.", len(h.subscribers)),
@@ -680,6 +690,14 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
+
+
+def host_addresses() -> list[str]:
+    try:
+        return [a.ip for a in addresses.interface_addresses()]
+    except OSError as e:
+        log.warning("cannot list host addresses: %s", e)
+        return []
 
 
 def pid_exe(pid: int) -> dict[str, Any] | None:

@@ -148,6 +148,7 @@ class Hub:
         self.subscribers: set[Subscriber] = set()
         # metrics
         self.dropped_events = 0
+        self.stalled = 0  # clients closed for taking no frame for api.app.STALL_S
         self.overflows = 0
         self.clients_total = 0
         self.published_events = 0

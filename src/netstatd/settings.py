@@ -27,6 +27,31 @@ class Settings:
     fanout_service: str = "netstatd-headless"
     client_queue_events: int = 200_000
     dns_max_names: int = 100_000
+    # Access (docs/security.md). Lists are comma-separated on the command line, or the flag repeated.
+    listen_address: tuple[str, ...] = ()  # empty: loopback without authentication, every address with it
+    auth_token_file: str = ""
+    metrics_public: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    max_clients_per_address: int = 16
+    peer_ca_file: str = ""
+    peer_cert_file: str = ""
+    peer_key_file: str = ""
+    peer_server_name: str = ""  # empty: the fanout service's name
+    peer_max_bytes_per_second: int = 256 << 20
+    peer_max_rows: int = 1_500_000
+    dnstap_allow: tuple[str, ...] = ()
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether every request must prove who it is: a user token, or a peer's client certificate."""
+        return bool(self.auth_token_file or self.peer_ca_file)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,29 @@ OPTIONS: tuple[Option, ...] = (
     Option("fanout_service", "headless Service whose DNS name lists every agent", env="FANOUT_SERVICE"),
     Option("client_queue_events", "events queued per WebSocket client before it is reset as too slow"),
     Option("dns_max_names", "IP -> hostname entries kept from DNSTap (least recently learned dropped first)"),
+    Option(
+        "listen_address",
+        "addresses every HTTP and DNSTap listener binds (default: 127.0.0.1,::1 without authentication, "
+        "every address with it)",
+    ),
+    Option("auth_token_file", "file of user tokens, one per line, optionally name:token; re-read when it changes"),
+    Option("metrics_public", "serve /metrics without authentication"),
+    Option("tls_cert_file", "certificate (PEM chain) of every HTTP listener: https and wss; re-read when it changes"),
+    Option("tls_key_file", "private key of --tls-cert-file"),
+    Option("allowed_origins", "origins besides the page's own whose pages may open /netstat (https://host:port)"),
+    Option("allowed_hosts", "Host header names besides this node's names and addresses and localhost (*.domain ok)"),
+    Option("max_clients_per_address", "WebSocket clients at once from one source address"),
+    Option(
+        "peer_ca_file",
+        "CA of the agents' certificates: the multiplexer checks agents with it, and an agent lets in a client "
+        "certificate it issued (needs --tls-cert-file)",
+    ),
+    Option("peer_cert_file", "client certificate the multiplexer presents to agents"),
+    Option("peer_key_file", "private key of --peer-cert-file"),
+    Option("peer_server_name", "name the multiplexer checks in agents' certificates (default: the fanout service)"),
+    Option("peer_max_bytes_per_second", "live bytes/s an agent may send the mux, 3 s in a row, before it is cut"),
+    Option("peer_max_rows", "rows (connections, ports, containers, IPs, names) the multiplexer holds per agent"),
+    Option("dnstap_allow", "CIDRs allowed to send DNSTap besides loopback and this node's addresses"),
 )
 
 
@@ -68,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         help_ = opt.help + (f" [env {opt.env}]" if opt.env else "")
         if isinstance(default, bool):
             p.add_argument(flag, dest=opt.field, action="store_true", help=help_)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, dest=opt.field, action="append", type=_items, default=[], help=help_)
         else:
             p.add_argument(flag, dest=opt.field, type=type(default), default=default, choices=opt.choices, help=help_)
     return p
@@ -82,13 +132,29 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.env
         value = args[opt.field]
         if opt.env and opt.field not in given and environ.get(opt.env):
             value = environ[opt.env]
-        values[opt.field] = value
+        values[opt.field] = tuple(x for part in value for x in part) if isinstance(value, list) else value
     if not values["node_name"]:
         values["node_name"] = socket.gethostname()
     for port in ("http_port", "http_mux_port", "dnstap_port", "dnstap_mux_port"):
         if not 0 < values[port] < 65536:
             raise SystemExit(f"netstatd: --{port.replace('_', '-')} must be 1-65535, got {values[port]}")
+    for path, other in (("tls_cert_file", "tls_key_file"), ("peer_cert_file", "peer_key_file")):
+        if bool(values[path]) != bool(values[other]):
+            raise SystemExit(f"netstatd: --{path.replace('_', '-')} and --{other.replace('_', '-')} go together")
+    if values["peer_ca_file"] and not values["tls_cert_file"]:
+        raise SystemExit(
+            "netstatd: --peer-ca-file lets agents in by their client certificates, which needs TLS: "
+            "give --tls-cert-file and --tls-key-file too"
+        )
+    for name in ("max_clients_per_address", "peer_max_bytes_per_second", "peer_max_rows"):
+        if values[name] < 1:
+            raise SystemExit(f"netstatd: --{name.replace('_', '-')} must be at least 1, got {values[name]}")
     return Settings(**values)
+
+
+def _items(text: str) -> list[str]:
+    """One flag value of a list option: comma-separated items."""
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _explicit_flags(argv: Sequence[str] | None) -> list[str]:

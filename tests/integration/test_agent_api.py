@@ -67,7 +67,7 @@ def _slow_and_fast_clients(hosts, agent):
     # A client that never reads: its socket buffers fill, then its queue of 10000 events.
     slow = socket.create_connection(("127.0.0.1", agent.port))
     slow.sendall(
-        b"GET /netstat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"GET /netstat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     dropped_before = agent.metric("netstatd_client_events_dropped_total")

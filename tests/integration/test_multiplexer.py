@@ -22,6 +22,8 @@ import pytest
 from netstatd.mux.discovery import Discovery
 from netstatd.mux.peer import Peer, PeerStats
 from netstatd.mux.state import MergedState, NodeTables
+from netstatd.settings import Settings
+from netstatd.supervisor import Supervisor
 from netstatd.testing.agent import free_port, netstatd_binary
 from netstatd.testing.cluster import DOMAIN, Cluster, garbage_peer_cmd, in_netns
 from netstatd.testing.stream import StreamClient
@@ -290,14 +292,21 @@ def test_garbage_peer_is_dropped_and_others_carry_on(cluster):
 
 
 def run_peer(port: int, stats: PeerStats, until: Callable[[list[dict]], bool], **kw) -> tuple[list[dict], MergedState]:
-    """An in-process Peer against 127.0.0.1:port until `until(published)` (10 s at most)."""
+    """An in-process Peer against 127.0.0.1:port until `until(published)` (10 s at most); kw: its limits
+    (default: the mux's)."""
     published: list[dict] = []
     state = MergedState()
+    defaults = Settings()
+    limits = {
+        "max_events_per_s": 500_000,  # the mux's (server.py)
+        "max_bytes_per_s": defaults.peer_max_bytes_per_second,
+        "max_rows": defaults.peer_max_rows,
+    }
 
     async def main() -> None:
         async with aiohttp.ClientSession() as session:
-            peer = Peer("127.0.0.1", port, state, {}, published.extend, lambda: "t", session, stats, **kw)
-            peer.start()
+            peer = Peer("127.0.0.1", port, state, {}, published.extend, lambda: "t", session, stats, **(limits | kw))
+            peer.start(Supervisor())
             deadline = time.monotonic() + 10
             while not until(published) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -327,7 +336,7 @@ def test_stream_reset_rebuilds_the_node():
         def rebuilt(published: list[dict]) -> bool:
             return any(e["type"] == "node.removed" for e in published) and published[-1].get("port") == 10
 
-        published, _ = run_peer(port, stats, rebuilt, max_events_per_s=500_000)
+        published, _ = run_peer(port, stats, rebuilt)
     types = [(e["type"], e.get("port")) for e in published]
     i = types.index(("node.removed", None))
     assert types[i - 1] == ("port.listening", 9) and types[i + 1] == ("port.listening", 10)

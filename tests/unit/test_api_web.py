@@ -97,7 +97,7 @@ def test_manifest_ports_match_the_settings_defaults():
         "hostPID: true",
         "privileged: false",
         "fieldPath: spec.nodeName",
-        "path: /metrics",
+        "path: /healthz",
     ):
         assert needle in text
 

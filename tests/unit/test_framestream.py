@@ -1,4 +1,5 @@
-"""Frame Streams server: handshake, framing, limits and bad input over real TCP sockets."""
+"""Frame Streams server: handshake, framing, limits, bad input, senders refused, idle or evicted, internal
+errors, over real TCP sockets."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from netstatd import supervisor
+from netstatd.sources.dnstap.collector import SenderAllowList
 from netstatd.sources.dnstap.framestream import (
     ACCEPT,
     CONTENT_TYPE,
@@ -46,9 +49,18 @@ class Srv:
     server: asyncio.Server | None = None
 
 
-async def start_server(limits: Limits = DEFAULT, on_frames: Callable[[list[bytes]], None] | None = None) -> Srv:
+async def start_server(
+    limits: Limits = DEFAULT,
+    on_frames: Callable[[list[bytes]], None] | None = None,
+    *,
+    allow: SenderAllowList | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> Srv:
     srv = Srv(port=0, stats=CollectorStats())
-    server = await serve("127.0.0.1", 0, on_frames or srv.got.extend, name="node", limits=limits, stats=srv.stats)
+    server = await serve(
+        "127.0.0.1", 0, on_frames or srv.got.extend, name="node", limits=limits, stats=srv.stats,
+        allow=allow, on_error=on_error,
+    )  # fmt: skip
     srv.server = server
     srv.port = server.sockets[0].getsockname()[1]
     return srv
@@ -323,30 +335,119 @@ async def test_slowloris_and_silent_peer_time_out_idle_sender_does_not() -> None
     s.server.close()
 
 
-async def test_too_many_senders() -> None:
-    s = await start_server(Limits(max_senders=2))
-    a, b = GoodSender(s.port, b"a"), GoodSender(s.port, b"b")
-    await a.open()
-    await b.open()
-    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
-    await read_eof(reader)
-    await wait_for(lambda: s.stats.closed == {"too_many_senders": 1})
-    writer.close()
-    await a.send(5)
-    await b.send(5)
-    await a.stop()
-    await wait_for(lambda: s.stats.active == 1)
-    c = GoodSender(s.port, b"c")  # a slot is free again
-    await c.open()
-    await c.send(5)
-    await b.stop()
-    await c.stop()
+async def test_full_listener_evicts_the_longest_idle_sender(caplog: pytest.LogCaptureFixture) -> None:
+    s = await start_server(Limits(max_senders=3))
+    a, b, c = (GoodSender(s.port, p) for p in (b"a", b"b", b"c"))
+    for snd in (a, b, c):  # each one's bytes are received before the next one connects: a, b, c in time
+        await snd.open()
+        await snd.send(1)
+        await wait_for(lambda snd=snd: of(s.got, snd.prefix) == snd.sent)
+    await a.send(1)  # a just sent bytes: b is now the longest idle, then c
+    await wait_for(lambda: of(s.got, b"a") == a.sent)
+
+    d = GoodSender(s.port, b"d")
+    await d.open()  # admitted (ACCEPT received) although every slot was taken
+    assert await read_eof(b.reader) == b""
+    assert s.stats.closed == {"evicted": 1} and s.stats.active == 3
+    e = GoodSender(s.port, b"e")
+    await e.open()
+    assert await read_eof(c.reader) == b""
+    assert s.stats.closed == {"evicted": 2} and s.stats.active == 3
+
+    for snd in (a, d, e):  # the survivors still flow
+        await snd.send(3)
+        await snd.stop()
     await wait_for(lambda: s.stats.active == 0)
-    assert (of(s.got, b"a"), of(s.got, b"b"), of(s.got, b"c")) == (a.sent, b.sent, c.sent)
-    assert s.stats.closed == {"too_many_senders": 1, "finished": 3}
-    assert s.stats.connections == 4
+    for snd in (a, b, c, d, e):
+        assert of(s.got, snd.prefix) == snd.sent
+    assert s.stats.closed == {"evicted": 2, "finished": 3}
+    assert s.stats.connections == sum(s.stats.closed.values()) == 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # rate-limited per reason
+    assert "(evicted): idle for" in warnings[0] and "3 senders" in warnings[0]
+    for snd in (b, c):
+        snd.writer.close()
     assert s.server is not None
     s.server.close()
+
+
+async def test_idle_sender_is_closed_and_one_that_sends_is_not(caplog: pytest.LogCaptureFixture) -> None:
+    idle_s = 0.5
+    s = await start_server(Limits(idle_timeout_s=idle_s))
+    loop = asyncio.get_running_loop()
+    idle, busy = GoodSender(s.port, b"idle"), GoodSender(s.port, b"busy")
+    await idle.open()
+    await busy.open()
+    sent_last = loop.time()  # before the server can have received it: the close comes >= idle_s later
+    await idle.send(1)
+
+    async def keep_sending() -> None:
+        while "idle" not in s.stats.closed:
+            await busy.send(1)
+            await asyncio.sleep(idle_s / 5)
+
+    sending = asyncio.create_task(keep_sending())
+    assert await read_eof(idle.reader, timeout=idle_s + 5) == b""
+    assert loop.time() - sent_last >= idle_s
+    await sending
+    await busy.stop()  # the busy one kept its connection: STOP -> FINISH
+    await wait_for(lambda: s.stats.active == 0)
+    assert (of(s.got, b"idle"), of(s.got, b"busy")) == (idle.sent, busy.sent)
+    assert s.stats.closed == {"idle": 1, "finished": 1}
+    assert s.stats.connections == sum(s.stats.closed.values())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "(idle): nothing received for 0.5 s since START" in warnings[0]
+    idle.writer.close()
+    assert s.server is not None
+    s.server.close()
+
+
+async def test_sender_not_allowed_is_closed_before_anything_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    allow = SenderAllowList(["10.0.0.0/8"], always=())  # loopback refused: only a test can do that
+    s = await start_server(allow=allow)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(READY_OK)
+    assert await read_eof(reader) == b""  # no ACCEPT
+    await wait_for(lambda: s.stats.closed == {"not_allowed": 1})
+    writer.close()
+    assert (s.stats.connections, s.stats.active, s.stats.frames, s.got) == (1, 0, 0, [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "127.0.0.1 is not in --dnstap-allow (allowed: this node's addresses, 10.0.0.0/8)" in warnings[0]
+
+    allow.set_own(["192.0.2.1", "127.0.0.1"])  # the node's addresses, re-read: takes effect for new senders
+    good = GoodSender(s.port)
+    await good.open()
+    await good.send(2)
+    await good.stop()
+    await wait_for(lambda: s.stats.active == 0)
+    assert s.got == good.sent
+    assert s.stats.closed == {"not_allowed": 1, "finished": 1}
+    assert s.server is not None
+    s.server.close()
+
+
+async def test_a_failing_sender_check_refuses_the_sender() -> None:
+    class BrokenAllowList:
+        def allows(self, ip: str) -> bool:
+            raise RuntimeError("allow-list bug")
+
+    errors: list[BaseException] = []
+    s = await start_server(allow=BrokenAllowList(), on_error=errors.append)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(READY_OK)
+    assert await read_eof(reader) == b""  # fails closed: no ACCEPT
+    await wait_for(lambda: s.stats.closed == {"internal_error": 1})
+    assert [str(e) for e in errors] == ["allow-list bug"]
+    assert (s.stats.connections, s.stats.active, s.got) == (1, 0, [])
+    writer.close()
+    assert s.server is not None
+    s.server.close()
+
+
+def test_max_senders_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_senders"):
+        Limits(max_senders=0)
 
 
 async def test_shared_stats_two_listeners() -> None:
@@ -377,24 +478,75 @@ async def test_warnings_are_rate_limited_counters_exact(srv: Srv, caplog: pytest
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
-async def test_on_frames_exception_keeps_connection(caplog: pytest.LogCaptureFixture) -> None:
+async def test_consumer_exception_goes_to_on_error_and_closes_that_sender(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[list[bytes]] = []
+    errors: list[BaseException] = []
 
     def boom(frames: list[bytes]) -> None:
         calls.append(frames)
+        if any(f.startswith(b"bad-") for f in frames):
+            raise ValueError("consumer bug")
+
+    s = await start_server(on_frames=boom, on_error=errors.append)
+    bad, good = GoodSender(s.port, b"bad"), GoodSender(s.port, b"good")
+    await bad.open()
+    await good.open()
+    await bad.send(1)
+    assert await read_eof(bad.reader) == b""  # closed at the first failure: no loop on every frame
+    await good.send(3)
+    await good.stop()
+    await wait_for(lambda: s.stats.active == 0)
+    assert s.stats.closed == {"internal_error": 1, "finished": 1}
+    assert [type(e) for e in errors] == [ValueError]
+    assert "closed as internal_error" in errors[0].__notes__[0]
+    assert [f for c in calls for f in c] == [*bad.sent, *good.sent]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # on_error reported it
+    bad.writer.close()
+    assert s.server is not None
+    s.server.close()
+
+
+async def test_consumer_exception_without_on_error_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(frames: list[bytes]) -> None:
         raise ValueError("consumer bug")
 
     s = await start_server(on_frames=boom)
-    good = GoodSender(s.port)
-    await good.open()
-    for _ in range(3):
-        await good.send(2)
-        await wait_for(lambda: sum(map(len, calls)) == len(good.sent))
-    await good.stop()
-    await wait_for(lambda: s.stats.closed == {"finished": 1})
+    snd = GoodSender(s.port)
+    await snd.open()
+    await snd.send(2)
+    assert await read_eof(snd.reader) == b""
+    await wait_for(lambda: s.stats.closed == {"internal_error": 1})
     logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(logged) == 1 and logged[0].exc_info is not None
-    assert s.stats.frames == 6
+    assert len(logged) == 1 and logged[0].levelno == logging.ERROR and logged[0].exc_info is not None
+    snd.writer.close()
+    assert s.server is not None
+    s.server.close()
+
+
+@pytest.fixture
+def armed_dnstap_failpoint() -> Iterator[None]:
+    supervisor.arm("dnstap")
+    yield
+    supervisor._armed.discard("dnstap")  # not left armed for other tests if this one failed early
+
+
+async def test_injected_fault_in_data_received(armed_dnstap_failpoint: None) -> None:
+    errors: list[BaseException] = []
+    s = await start_server(on_error=errors.append)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(READY_OK)  # the first bytes: the failpoint raises before they are parsed
+    assert await read_eof(reader) == b""
+    await wait_for(lambda: s.stats.closed == {"internal_error": 1})
+    assert [type(e) for e in errors] == [supervisor.InjectedFault]
+    writer.close()
+    good = GoodSender(s.port)  # the fault fires once: the next sender flows
+    await good.open()
+    await good.send(2)
+    await good.stop()
+    await wait_for(lambda: s.stats.active == 0)
+    assert s.got == good.sent
+    assert s.stats.closed == {"internal_error": 1, "finished": 1}
+    assert s.stats.connections == sum(s.stats.closed.values())
     assert s.server is not None
     s.server.close()
 

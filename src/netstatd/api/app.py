@@ -1,10 +1,14 @@
-"""HTTP and WebSocket API of one node: /netstat, /api/*, /metrics, / and the UI's files under /web/."""
+"""HTTP and WebSocket API of one node: /netstat, /api/*, /metrics, /healthz, / and the UI's files under /web/.
+
+Every request passes the access policy first (access.py: Host, Origin, credentials).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -14,9 +18,16 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..hub import Hub, Subscriber
 from ..metrics import CONTENT_TYPE, Metric, render
+from . import login
+from .access import IDENTITY, AccessPolicy, HostNames, refusal
 from .deployment import deployment_info
 
 log = logging.getLogger("netstatd.api")
+
+STREAM_PROTOCOL = "netstatd"  # the subprotocol chosen when a client offers it (browsers passing a token must)
+STALL_S = 30.0  # a client that takes no frame for this long is closed as too slow
+CLOSE_WAIT_S = 5.0  # for a close frame to go out before the connection is dropped
+Report = Callable[[str, BaseException, str], None]  # the supervisor's report(task, exception, consequence)
 
 HUB = web.AppKey("hub", Hub)
 HOST_INFO = web.AppKey("host_info", Callable[[], dict[str, Any]])
@@ -24,6 +35,19 @@ METRICS = web.AppKey("metrics", Callable[[], list[Metric]])
 PID_EXE = web.AppKey("pid_exe", Callable[[int], "dict[str, Any] | None"])
 SOCKETS = web.AppKey("sockets", weakref.WeakSet)
 CONTAINERS = web.AppKey("containers", Callable[["str | None", "str | None"], "list[dict[str, Any]]"])
+POLICY = web.AppKey("policy", AccessPolicy)
+CLIENTS = web.AppKey("clients", Counter)  # source address -> WebSocket clients connected now
+MAX_PER_ADDRESS = web.AppKey("max_per_address", int)
+REPORT = web.AppKey("report", Report)
+
+
+def open_policy() -> AccessPolicy:
+    """No credentials, only the always-on browser protections (the tests' apps, `make run`)."""
+    return AccessPolicy(HostNames((), ()), frozenset())
+
+
+def _log_report(task: str, exc: BaseException, consequence: str) -> None:
+    log.error("internal error in %s (%s): %s", task, consequence, exc, exc_info=exc)
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -89,40 +113,96 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """For probes: open to all (no Host check, no credentials), and says nothing about the node."""
+    return json_response({"status": "ok"})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """Who this request authenticated as; the UI offers to log out when authentication is on."""
+    return json_response({"name": request.get(IDENTITY) or None, "authRequired": request.app[POLICY].required})
+
+
 async def netstat_ws(request: web.Request) -> web.StreamResponse:
-    hub = request.app[HUB]
+    app = request.app
+    hub, clients, policy = app[HUB], app[CLIENTS], app[POLICY]
     peer = request.remote or "?"
-    if len(hub.subscribers) >= hub.max_clients:
+    if clients[peer] >= app[MAX_PER_ADDRESS]:
+        policy.refused["clients_per_address"] += 1
+        log.warning("refused WebSocket client %s: %d clients from that address already", peer, clients[peer])
+        return refusal(
+            429,
+            "clients_per_address",
+            f"{clients[peer]} WebSocket clients from {peer} already (--max-clients-per-address); close one",
+        )
+    # Subscribing takes the slot before any await, so clients arriving together cannot overshoot.
+    sub = hub.subscribe(peer, app[HOST_INFO]())
+    if sub is None:
+        policy.refused["clients"] += 1
         log.warning("refused WebSocket client %s: %d clients already connected", peer, hub.max_clients)
-        return json_response({"error": "too many clients"}, 503)
-    # Outgoing frames are JSON we made; incoming messages are not expected, so keep them tiny.
-    ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=64 << 10)
-    await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
-    sub = hub.subscribe(peer, request.app[HOST_INFO]())
-    assert sub is not None
-    sender = asyncio.create_task(_send_loop(ws, sub), name=f"ws-send-{peer}")
+        return refusal(503, "clients", f"{hub.max_clients} WebSocket clients already connected; try again later")
+    clients[peer] += 1
+    sender: asyncio.Task | None = None
     try:
+        # Outgoing frames are JSON we made; incoming messages are not expected, so keep them tiny.
+        ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=64 << 10, protocols=(STREAM_PROTOCOL,))
+        await ws.prepare(request)
+        app[SOCKETS].add(ws)
+        who = request.get(IDENTITY)
+        log.debug("WebSocket client %s connected%s", peer, f" as {who}" if who else "")
+        sender = asyncio.create_task(_send_loop(ws, sub, request, app[REPORT]), name=f"ws-send-{peer}")
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
     finally:
         hub.unsubscribe(sub)
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        clients[peer] -= 1
+        if not clients[peer]:
+            del clients[peer]
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
     return ws
 
 
-async def _send_loop(ws: web.WebSocketResponse, sub: Subscriber) -> None:
+async def _send_loop(ws: web.WebSocketResponse, sub: Subscriber, request: web.Request, report: Report) -> None:
     try:
         while not ws.closed:
             await sub.wake.wait()
             for frame in sub.take():
-                await ws.send_frame(frame, WSMsgType.TEXT)
+                try:
+                    async with asyncio.timeout(STALL_S):
+                        await ws.send_frame(frame, WSMsgType.TEXT)
+                except TimeoutError:
+                    sub.hub.stalled += 1
+                    why = f"too slow: no frame taken for {STALL_S:g} s"
+                    log.warning("WebSocket client %s: %s; closing it", sub.peer, why)
+                    await _close(ws, request, WSCloseCode.POLICY_VIOLATION, why)
+                    return
     except (ConnectionError, RuntimeError) as e:
         # a dead peer: closing ends the handler's receive loop too
         log.info("WebSocket client %s: send failed (%s); closing", sub.peer, e)
-        await ws.close()
+        await _close(ws, request, WSCloseCode.GOING_AWAY, "send failed")
+    except Exception as e:  # a bug: the client must see the stream end, not an open stream that is silent
+        report("websocket", e, f"closing client {sub.peer} with 1011")
+        await _close(ws, request, WSCloseCode.INTERNAL_ERROR, "internal error")
+
+
+async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, message: str) -> None:
+    """Close with a reason; a client that reads nothing never answers, so it is then dropped."""
+    try:
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await ws.close(code=code, message=message.encode())
+        return
+    except asyncio.CancelledError:
+        # aiohttp raises it when the write it waits for is dropped; only a real cancel goes on
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except (TimeoutError, ConnectionError, RuntimeError):
+        pass
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def close_sockets(app: web.Application) -> None:
@@ -137,8 +217,19 @@ def build_app(
     metrics_fn: Callable[[], list[Metric]],
     pid_exe_fn: Callable[[int], dict[str, Any] | None],
     containers_fn: Callable[[str | None, str | None], list[dict[str, Any]]] = lambda namespace, pod_name: [],
+    *,
+    policy: AccessPolicy | None = None,
+    port: int = 0,
+    max_clients_per_address: int = 16,
+    report: Report = _log_report,
 ) -> web.Application:
-    app = web.Application()
+    """port: the port this app listens on (the session cookie is per port)."""
+    policy = policy or open_policy()
+    app = web.Application(middlewares=[policy.middleware(port, login.login_page)])
+    app[POLICY] = policy
+    app[CLIENTS] = Counter()
+    app[MAX_PER_ADDRESS] = max_clients_per_address
+    app[REPORT] = report
     app[HUB] = hub
     app[HOST_INFO] = host_info
     app[METRICS] = metrics_fn
@@ -153,4 +244,7 @@ def build_app(
     app.router.add_get("/api/pid-exe", pid_exe)
     app.router.add_get("/api/containers", containers)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/whoami", whoami)
+    login.add_routes(app, policy, port)
     return app

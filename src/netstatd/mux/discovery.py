@@ -7,10 +7,11 @@ Resolved through the system resolver (loop.getaddrinfo), so resolv.conf's search
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Callable
+
+from ..supervisor import failpoint
 
 log = logging.getLogger("netstatd.mux")
 
@@ -30,20 +31,11 @@ class Discovery:
         self.peers: set[str] = set()
         self.message: str | None = None  # why the mux has no (or stale) peers; None when all is well
         self.lookups = {"ok": 0, "empty": 0, "failed": 0}
-        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="mux-discovery")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Forever (a supervised task)."""
         while True:
+            failpoint("discovery")
             await self.resolve_once()
             await asyncio.sleep(self.interval)
 

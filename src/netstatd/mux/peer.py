@@ -1,20 +1,23 @@
 """One upstream WebSocket per peer: its node's snapshot and live events into the merged state.
 
-A peer is an agent's node port (`ws://IP:<http-port>/netstat`), never a mux port: that, and refusing a
-peer whose host.info says `"mux": true`, is what keeps the multiplexer from feeding on itself.
-Frames are applied as they are read, so a slow mux backs up the peer's own bounded client queue, which
-drops, counts and sends us a `stream.reset` (we then rebuild that node from its fresh snapshot).
+A peer is an agent's node port (`ws://IP:<http-port>/netstat`, `wss://` when the agents serve TLS), never
+a mux port: that, and refusing a peer whose host.info says `"mux": true`, is what keeps the multiplexer
+from feeding on itself. Frames are applied as they are read, so a slow mux backs up the peer's own bounded
+client queue, which drops, counts and sends us a `stream.reset` (we then rebuild that node from its fresh
+snapshot). What one peer may cost us is bounded: events/s and bytes/s of its live stream, rows held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ssl import SSLCertVerificationError, SSLContext, SSLError
 from typing import Any
 
 import aiohttp
@@ -35,6 +38,9 @@ from ..protocol import (
     SNAPSHOT_COMPLETE,
     STREAM_RESET,
 )
+from ..settings import Settings
+from ..supervisor import Supervisor, failpoint
+from ..tls import TLSFiles, client_tls
 from .state import Event, MergedState, NodeTables
 
 log = logging.getLogger("netstatd.mux")
@@ -61,12 +67,42 @@ NODE_TYPES = frozenset(
     )
 )
 MAX_FRAME_BYTES = 16 << 20  # a node's frames stay under ~1 MB (hub.FRAME_EVENTS)
-FLOOD_WINDOWS = 3  # consecutive 1 s windows over the limit before a peer counts as flooding
+FLOOD_WINDOWS = 3  # consecutive 1 s windows over a rate limit (events/s, bytes/s) before a peer is cut
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
 CLOSE_WAIT_S = 1.0
-# Above a node's own caps (tracker: 1M TCP, 200k UDP flows, 65k listeners; --dns-max-names 100k; ...).
-MAX_SNAPSHOT_EVENTS = 4_000_000
-GARBAGE_REASONS = ("json", "shape", "type", "nodeName", "protocol", "oversized", "binary", "flood", "mux", "duplicate")
+# A peer that accepts TCP and never answers must not hold its upstream forever: it is retried instead.
+CONNECT_TIMEOUT_S = 10.0  # TCP connect, TLS handshake and WebSocket upgrade
+HELLO_TIMEOUT_S = 10.0  # from the upgrade to the peer's host.info
+GARBAGE_REASONS = (
+    "json",
+    "shape",
+    "type",
+    "nodeName",
+    "protocol",
+    "oversized",
+    "binary",
+    "flood",
+    "bytes",
+    "rows",
+    "mux",
+    "duplicate",
+)
+
+# An agent's answers to an upgrade it refuses (api/access.py, api/app.py), and what to do about each.
+REFUSALS = {
+    401: "the agent requires authentication: give this multiplexer --peer-cert-file/--peer-key-file with a "
+    "certificate from the agent's --peer-ca-file",
+    403: "forbidden: the agent, or a proxy in front of it, does not let this multiplexer in",
+    421: "the agent does not take its address as a name (Host header): add it to the agent's --allowed-hosts",
+    429: "the agent takes no more WebSocket clients from this multiplexer's address (--max-clients-per-address)",
+    503: "the agent has as many WebSocket clients as it takes",
+}
+CLIENT_CERT_REFUSED = (
+    "the agent ended the TLS connection before answering the WebSocket upgrade: it did not accept this "
+    "multiplexer's client certificate (none, or not issued by the agent's --peer-ca-file); give "
+    "--peer-cert-file/--peer-key-file with a certificate from that CA"
+)
+NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 @dataclass
@@ -87,8 +123,13 @@ class Garbage(Exception):
         self.reason = reason
 
 
+class Unreachable(ConnectionError):
+    """The upstream could not be opened, or the peer did not speak; the message says why (peer.status)."""
+
+
 class FloodGuard:
-    """More than `limit` events/s in FLOOD_WINDOWS consecutive seconds is a flood, not a busy node."""
+    """More than `limit` a second (events, or bytes) in FLOOD_WINDOWS consecutive seconds is a flood, not a
+    busy node."""
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
@@ -105,6 +146,75 @@ class FloodGuard:
         self.count += n
         # The current window counts once it alone is over the limit, so a flood is cut within the Nth second.
         return self.over + (self.count > self.limit) >= FLOOD_WINDOWS
+
+
+def upstream_tls(settings: Settings) -> tuple[TLSFiles | None, str | None]:
+    """The upstreams' TLS files and the name checked in the agents' certificates, or (None, None) for
+    plain ws. Agents serve TLS when this agent does (one DaemonSet, one set of flags), or when we are given
+    their CA or a client certificate. The name is not the peer's IP: a DaemonSet's pods share one
+    certificate, issued for the headless Service's name. Called once (Mux.__init__): every upstream shares
+    the context. ValueError naming the flags when the files cannot be loaded."""
+    if not (settings.peer_ca_file or settings.peer_cert_file or settings.tls_cert_file):
+        return None, None
+    try:
+        tls = client_tls(settings.peer_ca_file, settings.peer_cert_file, settings.peer_key_file)
+    except (OSError, SSLError) as e:  # a configuration error, like a bad flag: say which files
+        raise ValueError(
+            f"cannot load the multiplexer's TLS files (--peer-ca-file {settings.peer_ca_file!r}, "
+            f"--peer-cert-file {settings.peer_cert_file!r}, --peer-key-file {settings.peer_key_file!r}): {e}"
+        ) from None
+    name = (settings.peer_server_name or settings.fanout_service).rstrip(".")  # a trailing dot never matches
+    return tls, name or None
+
+
+def explain(e: BaseException, tls: SSLContext | None, server_hostname: str | None) -> str:
+    """Why opening an upstream failed, for peer.status and the log: what a user can act on."""
+    if isinstance(e, aiohttp.WSServerHandshakeError):
+        return f"HTTP {e.status}: {REFUSALS.get(e.status) or f'the WebSocket upgrade was refused ({e.message})'}"
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        cert_error = e.certificate_error
+        code = getattr(cert_error, "verify_code", None)
+        if isinstance(cert_error, SSLCertVerificationError) and code in NAME_MISMATCH:
+            return (
+                f"TLS: the agent's certificate is not issued for {server_hostname or e.host!r}, the name checked "
+                "(--peer-server-name, default FANOUT_SERVICE): issue it for that name, or set --peer-server-name"
+            )
+        detail = getattr(cert_error, "verify_message", None) or str(cert_error)
+        return f"TLS: the agent's certificate is not trusted ({detail}): this multiplexer trusts {_trusted(tls)}"
+    # An agent (Python's ssl) that rejects our client certificate just closes: in TLS 1.2 during the
+    # handshake, in TLS 1.3 after it, while we wait for the upgrade's answer. Other servers send an alert.
+    if tls is not None and (_closed_early(e) or "ALERT" in str(e)):
+        return CLIENT_CERT_REFUSED
+    if isinstance(e, aiohttp.ClientConnectorSSLError):
+        reason = getattr(e.os_error, "reason", None) or str(e.os_error)
+        hint = ": does the agent serve TLS (--tls-cert-file)?" if reason == "WRONG_VERSION_NUMBER" else ""
+        return f"TLS handshake failed ({reason}){hint}"
+    if _closed_early(e):
+        return (
+            "the agent closed the connection before answering the WebSocket upgrade (if the agents serve TLS, "
+            "--tls-cert-file: give this multiplexer their CA with --peer-ca-file)"
+        )
+    if isinstance(e, aiohttp.ClientConnectorError):  # aiohttp's text, without the repr of our SSLContext
+        return f"Cannot connect to host {e.host}:{e.port} [{e.strerror or repr(e.os_error)}]"
+    return str(e) or type(e).__name__
+
+
+def _closed_early(e: BaseException) -> bool:
+    """The agent closed (FIN, or RST when our request was still unread) before answering the upgrade."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return isinstance(e.os_error, ConnectionResetError)
+    return isinstance(e, aiohttp.ServerDisconnectedError) or (
+        isinstance(e, aiohttp.ClientOSError) and e.errno == errno.ECONNRESET
+    )
+
+
+def _trusted(tls: SSLContext | None) -> str:
+    """The CAs a context trusts, by name when there are few (--peer-ca-file), for an error message."""
+    cas = tls.get_ca_certs() if tls is not None else []
+    if not 0 < len(cas) <= 3:
+        return "the CAs of --peer-ca-file, or the system's without it"
+    names = [next((v for rdn in c["subject"] for k, v in rdn if k == "commonName"), "?") for c in cas]
+    return f"the CA {', '.join(map(repr, names))} (--peer-ca-file)"
 
 
 def parse_frame(data: str | bytes, node: str | None) -> list[Event]:
@@ -143,10 +253,16 @@ class Peer:
         stats: PeerStats,
         *,
         max_events_per_s: int,
+        max_bytes_per_s: int,
+        max_rows: int,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.ip = ip
         host = f"[{ip}]" if ":" in ip else ip
-        self.url = f"ws://{host}:{port}/netstat"
+        self.url = f"{'ws' if ssl is None else 'wss'}://{host}:{port}/netstat"
+        self.ssl = ssl  # checks the agent's certificate against its CA and server_hostname, and shows ours
+        self.server_hostname = server_hostname
         self.state = state
         self.owners = owners  # nodeName -> the peer streaming it: one peer per node
         self.publish = publish
@@ -154,15 +270,19 @@ class Peer:
         self.session = session
         self.stats = stats
         self.max_events_per_s = max_events_per_s
+        self.max_bytes_per_s = max_bytes_per_s
+        self.max_rows = max_rows
         self.node: str | None = None
         self.host_info: Event | None = None
         self.status: Event | None = None  # the latest peer.status, repeated in snapshots
         self._backoff = BACKOFF_MIN_S
         self._delivered = False  # the current upstream delivered a whole snapshot
+        self._upgraded = False  # the current upstream got past the WebSocket upgrade
+        self._logged_error: str | None = None  # the last error logged: one line per change, not per retry
         self.task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.run(), name=f"mux-peer-{self.ip}")
+    def start(self, supervisor: Supervisor) -> None:
+        self.task = supervisor.spawn(f"mux-peer-{self.ip}", self.run, label="peer")
 
     async def stop(self) -> None:
         if self.task:
@@ -188,24 +308,38 @@ class Peer:
                 garbage = True
                 self.stats.garbage[g.reason] = self.stats.garbage.get(g.reason, 0) + 1
                 error = f"{g.reason}: {g}"
-                log.warning("peer %s (%s) disconnected: %s", self.ip, self.node or "?", error)
             except (aiohttp.ClientError, OSError) as e:  # TimeoutError is an OSError
                 error = str(e) or type(e).__name__
-            except Exception as e:  # a bug here must not end this peer's upstream for good
-                log.exception("peer %s (%s): internal error; reconnecting", self.ip, self.node or "?")
-                error = f"internal error: {e!r}"
-            self._lost()
+            except Exception as e:  # a bug: the supervisor logs it and runs this again after a backoff
+                self._lost()
+                self._set_status(RECONNECTING, error=f"internal error: {e!r}")
+                raise
             # a node that delivered its snapshot is retried quickly (it restarts); anything else backs off
             worked = self._delivered and not garbage
+            self._log_error(error, worked)
+            self._lost()
             self._backoff = BACKOFF_MIN_S if worked else min(self._backoff * 2, BACKOFF_MAX_S)
             delay = self._backoff * random.uniform(0.8, 1.2)  # jitter: every mux retries a restarted node
             self._set_status(RECONNECTING, retryInS=round(delay, 2), error=error)
             await asyncio.sleep(delay)
 
+    def _log_error(self, error: str, worked: bool) -> None:
+        """One line per change of error: a peer refused or cut the same way at every retry logs once, and
+        the end of an upstream that worked is news again."""
+        if worked:
+            self._logged_error = None
+        if error == self._logged_error:
+            return
+        self._logged_error = error
+        name = self.node or (self.host_info or {}).get("nodeName") or "?"  # known from an earlier upstream
+        log.warning("peer %s (%s) %s: %s", self.ip, name, "disconnected" if self._upgraded else "cannot connect", error)
+
     async def _session(self) -> None:
         """One upstream, read until it ends."""
-        self._delivered = False
-        ws = await self.session.ws_connect(self.url, max_msg_size=MAX_FRAME_BYTES, heartbeat=30, compress=0)
+        self._delivered = self._upgraded = False
+        failpoint("peer")
+        ws = await self._connect()
+        self._upgraded = True
         try:
             await self._read(ws)
         finally:
@@ -214,12 +348,36 @@ class Peer:
                 async with asyncio.timeout(CLOSE_WAIT_S):
                     await ws.close()
 
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        """TCP, TLS and the WebSocket upgrade within CONNECT_TIMEOUT_S; a failure says why (Unreachable)."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                return await self.session.ws_connect(
+                    self.url,
+                    ssl=self.ssl if self.ssl is not None else True,  # True: aiohttp's default, unused by ws://
+                    server_hostname=self.server_hostname if self.ssl is not None else None,
+                    max_msg_size=MAX_FRAME_BYTES,
+                    heartbeat=30,
+                    compress=0,
+                    decode_text=False,  # text frames as the bytes received: counted, and parsed without a copy
+                )
+        except TimeoutError:  # ours, or the session's connect timeout
+            raise Unreachable(
+                f"timed out: no WebSocket upgrade within {CONNECT_TIMEOUT_S:g} s (TCP connect, TLS, HTTP upgrade)"
+            ) from None
+        except aiohttp.ClientError as e:
+            raise Unreachable(explain(e, self.ssl, self.server_hostname)) from e
+
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.stats.connections += 1
         flood = FloodGuard(self.max_events_per_s)
+        volume = FloodGuard(self.max_bytes_per_s)
         staging: NodeTables | None = None  # the snapshot being read (first, or after a stream.reset)
         while True:
-            msg = await ws.receive()
+            try:  # a peer that upgrades and never speaks is retried, not waited for
+                msg = await ws.receive(timeout=HELLO_TIMEOUT_S if self.node is None else None)
+            except TimeoutError:
+                raise Unreachable(f"timed out: no host.info within {HELLO_TIMEOUT_S:g} s of the upgrade") from None
             if msg.type == aiohttp.WSMsgType.TEXT:
                 events = parse_frame(msg.data, self.node)
             elif msg.type == aiohttp.WSMsgType.BINARY:
@@ -232,11 +390,12 @@ class Peer:
             else:
                 return  # closed
             self.stats.events += len(events)
-            # A snapshot may come fast (it is the node's whole state): bounded by size, not by rate.
-            if staging is None and self.node is not None and flood.add(len(events)):
-                raise Garbage("flood", f"more than {self.max_events_per_s} events/s for {FLOOD_WINDOWS} s")
-            if staging is not None and staging.count() > MAX_SNAPSHOT_EVENTS:
-                raise Garbage("oversized", f"a snapshot of more than {MAX_SNAPSHOT_EVENTS} entries")
+            # A snapshot may come fast (it is the node's whole state): bounded by rows, not by rate.
+            if staging is None and self.node is not None:
+                if flood.add(len(events)):
+                    raise Garbage("flood", f"more than {self.max_events_per_s} events/s for {FLOOD_WINDOWS} s")
+                if volume.add(len(msg.data)):
+                    raise Garbage("bytes", f"more than {self.max_bytes_per_s} bytes/s for {FLOOD_WINDOWS} s")
             if self.node is None:
                 staging = self._hello(events)
                 continue
@@ -263,16 +422,26 @@ class Peer:
                     raise Garbage("protocol", "snapshot.complete outside a snapshot")
                 live.append(e)
             elif t == SNAPSHOT_COMPLETE:
+                self._check_rows(staging, "in its snapshot")
                 self._replace(staging)
                 staging, self._delivered = None, True
             else:
                 self.state.apply(staging, [e])
+        if staging is not None:
+            self._check_rows(staging, "in its snapshot")
         if live:
             tables = self.state.nodes.get(self.node)
             if tables is not None:
                 self.state.apply(tables, live)
+                self._check_rows(tables, "after live events")  # before clients see them
                 self.publish(live)
         return staging
+
+    def _check_rows(self, tables: NodeTables, when: str) -> None:
+        """Checked once per frame (count() is five len()s): a frame that takes the peer over max_rows cuts
+        it before anything of that frame reaches a client."""
+        if tables.count() > self.max_rows:
+            raise Garbage("rows", f"more than {self.max_rows} rows {when} (--peer-max-rows)")
 
     def _hello(self, events: list[Event]) -> NodeTables:
         """The first frame: the peer's host.info, which names its node."""

@@ -11,7 +11,6 @@ whole cluster's event rate for nothing. Discovery runs always, so mux.status is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,13 +20,14 @@ import aiohttp
 from aiohttp import web
 
 from .. import __version__
-from ..api.app import build_app
+from ..api.front import Front
 from ..hub import Hub, Subscriber
 from ..metrics import Metric, single
 from ..protocol import HOST_INFO
 from ..settings import Settings
+from ..supervisor import Supervisor, failpoint
 from .discovery import Discovery
-from .peer import CONNECTED, GARBAGE_REASONS, RECONNECTING, Peer, PeerStats
+from .peer import CONNECTED, GARBAGE_REASONS, RECONNECTING, Peer, PeerStats, upstream_tls
 from .state import Event, MergedState
 
 log = logging.getLogger("netstatd.mux")
@@ -54,12 +54,16 @@ class Mux:
         self,
         settings: Settings,
         now: Callable[[], str],
+        front: Front,
+        supervisor: Supervisor,
         *,
         max_peer_events_per_s: int = MAX_PEER_EVENTS_PER_S,
         linger_s: float = LINGER_S,
     ) -> None:
         self.settings = settings
         self.now = now
+        self.front = front
+        self.supervisor = supervisor
         self.max_peer_events_per_s = max_peer_events_per_s
         self.state = MergedState()
         self.hub = MuxHub(settings.node_name, self.snapshot, now, client_max_events=settings.client_queue_events)
@@ -67,43 +71,33 @@ class Mux:
         self.linger_s = linger_s
         self.active = False  # upstreams open (a client is here, or left less than linger_s ago)
         self._idle_since = 0.0
-        self._idler: asyncio.Task | None = None
         self.discovery = Discovery(settings.fanout_service, self._peers_changed)
         self.peers: dict[str, Peer] = {}
         self.owners: dict[str, Peer] = {}  # nodeName -> peer
         self.stats = PeerStats()
+        self.peer_tls, self.peer_server_name = upstream_tls(settings)  # once: every upstream shares it
         self.gone = 0  # peers dropped because DNS stopped listing them
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
     async def start(self, metrics_fn: Callable[[], list[Metric]]) -> None:
         """Serve --http-mux-port (OSError when it cannot listen), then start discovering peers."""
-        app = build_app(self.hub, self.host_info, metrics_fn, lambda pid: None, self.state.containers)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, port=self.settings.http_mux_port, reuse_address=True).start()
-        except OSError:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
+        port = self.settings.http_mux_port
+        app = self.front.app(self.hub, self.host_info, metrics_fn, lambda pid: None, self.state.containers, port)
+        self._runner = await self.front.serve(app, port, "--http-mux-port")
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
         # limit=0: the default pool of 100 would leave peers past the 100th waiting forever
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
-        self.discovery.start()
-        self._idler = asyncio.create_task(self._idle_loop(), name="mux-idle")
+        self.supervisor.spawn("discovery", self.discovery.run)
+        self.supervisor.spawn("mux-idle", self._idle_loop)
         log.info(
-            "multiplexer on http://0.0.0.0:%d (WebSocket /netstat), peers from %r",
-            self.settings.http_mux_port,
+            "multiplexer on %s (WebSocket /netstat), peers from %r",
+            self.front.urls(port),
             self.settings.fanout_service,
         )
 
     async def stop(self) -> None:
-        await self.discovery.stop()
-        if self._idler:
-            self._idler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._idler
+        """After the supervisor stopped its tasks (discovery, idle loop, peers)."""
         await self._deactivate()
         if self._session:
             await self._session.close()
@@ -123,8 +117,14 @@ class Mux:
         for peer in peers:
             await peer.stop()
 
+    def reload(self) -> None:
+        """The upstreams' certificate and CA, when they changed: new upstreams use them."""
+        if self.peer_tls:
+            self.peer_tls.reload_if_changed()
+
     async def _idle_loop(self) -> None:
         while True:
+            failpoint("mux-idle")
             await asyncio.sleep(min(5.0, self.linger_s))
             if self.hub.subscribers or not self.active:
                 self._idle_since = time.monotonic()
@@ -147,9 +147,13 @@ class Mux:
                 self._session,
                 self.stats,
                 max_events_per_s=self.max_peer_events_per_s,
+                max_bytes_per_s=self.settings.peer_max_bytes_per_second,
+                max_rows=self.settings.peer_max_rows,
+                ssl=self.peer_tls.context if self.peer_tls else None,
+                server_hostname=self.peer_server_name,
             )
             self.peers[ip] = peer
-            peer.start()
+            peer.start(self.supervisor)
         for ip in self.peers.keys() - ips:
             peer = self.peers.pop(ip)
             self.gone += 1

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -67,10 +68,16 @@ class AgentProcess:
         log_path: str | os.PathLike | None = None,
         prefix: Sequence[str] = (),
         host: str = "127.0.0.1",
+        token: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
-        """prefix: argv run before netstatd (e.g. entering a test host's netns); host: where it is reached."""
+        """prefix: argv run before netstatd (e.g. entering a test host's netns); host: where it is reached;
+        token: sent as a bearer token (the agent has --auth-token-file); ca_file: the agent serves TLS
+        (--tls-cert-file) with a certificate from this CA."""
         self.port = port or free_port()
         self.host = host
+        self.token = token
+        self.ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
         # Free ports for the other listeners too, so several agents can run side by side.
         self.dnstap_port = free_port()
         self.dnstap_mux_port = free_port()
@@ -90,20 +97,34 @@ class AgentProcess:
         self._log = None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.ssl else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.port}/netstat"
+        return f"{self.scheme.replace('http', 'ws')}://{self.host}:{self.port}/netstat"
 
     @property
     def mux_url(self) -> str:
-        return f"http://{self.host}:{self.mux_port}"
+        return f"{self.scheme}://{self.host}:{self.mux_port}"
 
     @property
     def mux_ws_url(self) -> str:
-        return f"ws://{self.host}:{self.mux_port}/netstat"
+        return f"{self.scheme.replace('http', 'ws')}://{self.host}:{self.mux_port}/netstat"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client of this agent sends: its token, if it has one."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def get(self, path: str, timeout: float = 5) -> bytes:
+        """GET path with this agent's credentials (urllib raises HTTPError for a refusal)."""
+        request = urllib.request.Request(self.url + path, headers=self.headers)
+        return urllib.request.urlopen(request, timeout=timeout, context=self.ssl).read()
 
     def start(self, timeout: float = 20) -> AgentProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
@@ -113,7 +134,7 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"netstatd exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
             try:
-                body = urllib.request.urlopen(self.url + "/metrics", timeout=1).read().decode()
+                body = self.get("/metrics", timeout=1).decode()
                 if "netstatd_build_info" in body and self.seeded():
                     return self
             except OSError:
@@ -126,7 +147,7 @@ class AgentProcess:
         return "seeded" in self.log_text() if self.log_path else True
 
     def metrics(self) -> str:
-        return urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
+        return self.get("/metrics").decode()
 
     def metric(self, name: str) -> float:
         """Sum of every sample of `name` (any labels)."""

@@ -276,9 +276,13 @@ dnstap:
 
     def agent(self, i: int, *args: str, env: dict[str, str] | None = None) -> AgentProcess:
         host = self.nodes[i]
+        # reached from the switch and the other nodes (its address, said explicitly), and by a DNS
+        # server on the node (loopback)
+        listen = () if "--listen-address" in args else ("--listen-address", f"{host.ipv4},127.0.0.1")
         agent = AgentProcess(
             "--http-mux-port",
             str(MUX_PORT),
+            *listen,
             *args,
             port=NODE_PORT,
             env={"NODE_NAME": f"node-{i}", "FANOUT_SERVICE": HEADLESS, **(env or {})},

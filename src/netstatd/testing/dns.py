@@ -5,11 +5,13 @@ forwards everything to it and sends DNSTap: a static local zone does not
 follow its own CNAMEs, a resolver in front of it does, so answers carry
 whole chains as they do in a cluster. `Dnsdist` sits in front of the
 resolver with a packet cache and one self-answered name, and logs all
-three kinds of response over a Frame Streams TCP logger.
+three kinds of response over a Frame Streams TCP logger. `client_response`
+builds one DNSTap message by hand, for senders written in a test.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +22,9 @@ from typing import BinaryIO
 import dns.message
 import dns.query
 import dns.rdatatype
+import dns.rrset
 
+from ..sources.dnstap.protos import dnstap_pb2 as pb
 from .agent import free_port, stop_process
 
 
@@ -178,3 +182,16 @@ addSelfAnsweredResponseAction(AllRule(), DnstapLogResponseAction("dnsdist", tap)
 def answer_addresses(msg: dns.message.Message) -> list[str]:
     """The A/AAAA addresses in a response (what the test expects the collector to learn)."""
     return [rd.address for rrset in msg.answer if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in rrset]
+
+
+def client_response(qname: str, address: str, client_ip: str = "10.0.0.9", ttl: int = 60) -> bytes:
+    """A serialized dnstap CLIENT_RESPONSE: `qname` answered with one A or AAAA record `address`."""
+    rdtype = "AAAA" if ":" in address else "A"
+    answer = dns.message.make_response(dns.message.make_query(qname, rdtype))
+    answer.answer.append(dns.rrset.from_text(qname, ttl, "IN", rdtype, address))
+    message = pb.Message(
+        type=pb.Message.CLIENT_RESPONSE,
+        query_address=ipaddress.ip_address(client_ip).packed,
+        response_message=answer.to_wire(),
+    )
+    return pb.Dnstap(type=pb.Dnstap.MESSAGE, message=message).SerializeToString()

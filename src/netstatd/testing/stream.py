@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +18,22 @@ Event = dict[str, Any]
 class StreamClient:
     """Connects to ws_url and appends every received event to .events (with arrival time in .arrivals)."""
 
-    def __init__(self, ws_url: str, *, defer_live: bool = False) -> None:
+    def __init__(
+        self,
+        ws_url: str,
+        *,
+        defer_live: bool = False,
+        headers: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        protocols: tuple[str, ...] = (),
+    ) -> None:
         """defer_live: after the first snapshot, keep frames as received and parse them only in
-        parse_deferred(), so a benchmark's client costs the machine as little as it can."""
+        parse_deferred(), so a benchmark's client costs the machine as little as it can.
+        headers, ssl_context, protocols: for ws_connect (an agent with a token, TLS)."""
         self.ws_url = ws_url
+        self.headers = headers or {}
+        self.ssl = ssl_context
+        self.protocols = protocols
         self.events: list[Event] = []
         self.arrivals: list[float] = []
         self.frames = 0
@@ -34,15 +47,31 @@ class StreamClient:
         self._task: asyncio.Future | None = None
 
     def start(self, timeout: float = 10) -> StreamClient:
+        """Connected; raises what the connection attempt raised (e.g. aiohttp.WSServerHandshakeError)."""
         self._thread.start()
         self._task = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
-        if not self._connected.wait(timeout):
-            raise TimeoutError(f"could not connect to {self.ws_url}")
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self.closed.is_set():
+                self.stop()
+                assert self._task is not None
+                self._task.result()  # raises the connect error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not connect to {self.ws_url}")
         return self
 
     async def _run(self) -> None:
         try:
-            async with aiohttp.ClientSession() as s, s.ws_connect(self.ws_url, max_msg_size=0) as ws:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.ws_connect(
+                    self.ws_url,
+                    max_msg_size=0,
+                    headers=self.headers,
+                    ssl=self.ssl if self.ssl is not None else True,
+                    protocols=self.protocols,
+                ) as ws,
+            ):
                 self._connected.set()
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:

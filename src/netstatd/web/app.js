@@ -279,6 +279,27 @@ function show(view) {
   }
 }
 
+// With authentication on: a "Log out" button, and back to the login page (the URL, filters included,
+// is kept) once the session is gone, instead of reconnecting for ever.
+async function checkSession() {
+  let resp;
+  try {
+    resp = await fetch(new URL("api/whoami", window.location.href));
+  } catch {
+    return; // the agent is down: the stream retries
+  }
+  if (resp.status === 401) {
+    window.location.reload();
+    return;
+  }
+  const who = resp.ok ? await resp.json() : {};
+  if (who.authRequired && who.name && !$("logout")) {
+    const form = el("form", { id: "logout", method: "post", action: "logout" });
+    form.append(el("button", { type: "submit", text: `Log out ${who.name}` }));
+    document.querySelector("header").append(form);
+  }
+}
+
 function boot() {
   buildFilters();
   for (const button of document.querySelectorAll("#tabs [data-view]")) {
@@ -290,9 +311,11 @@ function boot() {
     onEvents: (events) => store.apply(events),
     onStatus: (s) => {
       link = s;
+      if (s.refused) checkSession();
     },
   });
   stream.start();
+  checkSession();
   setInterval(loop, LOOP_MS);
   // For the browser console and for load tests: inject events, read the state.
   globalThis.netstatd = { store, ui, grids, lastRenderMs: () => lastRenderMs };

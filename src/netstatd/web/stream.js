@@ -14,7 +14,8 @@ export function streamURL(loc = window.location) {
 }
 
 // Calls onSession() when a connection opens (a fresh snapshot follows), onEvents(list) per frame and
-// onStatus({state, attempt, retryAt}) when the connection state changes. Reconnects with backoff.
+// onStatus({state, attempt, retryAt, refused}) when the connection state changes (refused: closed before it
+// opened, e.g. a 401 once the session expired). Reconnects with backoff.
 export class Stream {
   constructor(url, { onSession, onEvents, onStatus }) {
     this.url = url;
@@ -29,7 +30,9 @@ export class Stream {
     this.onStatus({ state: "connecting", attempt: this.attempt });
     const ws = new WebSocket(this.url);
     this.ws = ws;
+    let opened = false;
     ws.onopen = () => {
+      opened = true;
       this.onSession();
       this.onStatus({ state: "connected", attempt: this.attempt });
     };
@@ -50,7 +53,7 @@ export class Stream {
       // Jitter, so many open pages do not all reconnect at the same instant after an agent restart.
       const delay = Math.min(FIRST_DELAY_MS * 2 ** this.attempt, MAX_DELAY_MS) * (0.8 + 0.4 * Math.random());
       this.attempt++;
-      this.onStatus({ state: "reconnecting", attempt: this.attempt, retryAt: Date.now() + delay });
+      this.onStatus({ state: "reconnecting", attempt: this.attempt, retryAt: Date.now() + delay, refused: !opened });
       setTimeout(() => this.start(), delay);
     };
   }

@@ -5,16 +5,22 @@ even while the event loop is busy (a large snapshot, a GC pause). Decoding
 happens on the loop. If the loop falls more than `max_backlog` bytes behind,
 the thread stops draining: the ring fills and the kernel counts the loss
 (netstatd_kernel_events_lost_total), so loss is counted in one place.
+
+run() is the supervised task: it lasts as long as the thread, and an exception in the thread ends
+it, so the supervisor logs it and starts a new thread. A batch that fails to apply is reported
+(task "ingest") and its records are counted as lost; the next batch goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 
+from ...supervisor import failpoint
 from .events import RECORD_SIZE
 from .ringbuf import RingReader
 
@@ -28,12 +34,14 @@ class RingDrainer:
         loop: asyncio.AbstractEventLoop,
         deliver: Callable[[bytes], None],
         *,
+        report: Callable[[str, BaseException, str], None],
         interval_s: float = 0.010,
         max_backlog: int = 64 << 20,
     ) -> None:
         self._reader = reader
         self._loop = loop
         self._deliver = deliver
+        self._report = report
         self._interval = interval_s
         self._max_backlog = max_backlog
         self._chunks: deque[bytes] = deque()
@@ -41,19 +49,38 @@ class RingDrainer:
         self._backlog = 0
         self._scheduled = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ring-drainer", daemon=True)
         self.stalls = 0  # times the loop was too far behind to take more
         self.failed_records = 0  # records in batches that failed to apply (at most: a batch may fail part way)
 
-    def start(self) -> None:
-        self._thread.start()
+    async def run(self) -> None:
+        """Drain on a thread of its own until cancelled; raises what the thread raised."""
+        done = self._loop.create_future()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
+        def finish(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error else done.set_result(None)
+
+        def thread_main() -> None:
+            error = None
+            try:
+                self._run()
+            except BaseException as e:
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                self._loop.call_soon_threadsafe(finish, error)
+
+        self._stop.clear()
+        thread = threading.Thread(target=thread_main, name="ring-drainer", daemon=True)
+        thread.start()
+        try:
+            await done
+        finally:
+            self._stop.set()
+            thread.join(timeout=2)  # it wakes every interval_s
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            failpoint("ring")
             with self._lock:
                 full = self._backlog >= self._max_backlog
             if full:
@@ -83,6 +110,6 @@ class RingDrainer:
                 self._backlog -= len(chunk)
             try:
                 self._deliver(chunk)
-            except Exception:
+            except Exception as e:
                 self.failed_records += len(chunk) // RECORD_SIZE
-                log.exception("failed to apply a batch of %d bytes of kernel records", len(chunk))
+                self._report("ingest", e, f"the {len(chunk) // RECORD_SIZE} kernel records of this batch are lost")

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from ...state.containers import ContainerIndex
+from ...supervisor import failpoint
 from .client import ContainerdClient, ContainerdEvent, ContainerdUnavailable
 from .inventory import build_all, build_container, build_pod, is_sandbox
 
@@ -53,7 +54,8 @@ class ContainerdFollower:
         self.first_attempt = asyncio.Event()  # set once the first connect has succeeded or failed
 
     async def run(self) -> None:
-        """Forever: connect, list, follow; on any failure log once, back off, retry."""
+        """Forever: connect, list, follow; when containerd is down or restarts, log once, back off, retry.
+        Anything else is a bug, for the supervisor (it logs it and starts this again)."""
         delay = self.min_backoff_s
         while True:
             before = self.connects
@@ -64,8 +66,6 @@ class ContainerdFollower:
                 self._went_down(str(e))
             except grpc.aio.AioRpcError as e:
                 self._went_down(f"containerd at {self.socket_path}: {e.code().name} {e.details()}")
-            except Exception:
-                log.exception("containerd follower failed; retrying")
             finally:
                 self.connected = False
                 await client.close()
@@ -112,6 +112,7 @@ class ContainerdFollower:
                 item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
+                failpoint("containerd")
                 await self._apply(client, item)
         finally:
             pump_task.cancel()

@@ -5,14 +5,19 @@ targets this agent directly); `--dnstap-mux-port` is the one the regular
 Service exposes, so a cluster DNS server can point at one stable address
 and any agent behind it learns the names. Both feed the same cache; the
 multiplexer shares the resulting `dns.resolved` events cluster-wide.
+
+Only senders in the allow-list (`SenderAllowList`: loopback, this node's
+addresses, `--dnstap-allow` CIDRs) are read: a forged answer would put a
+wrong name on connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from .decode import DecodeError, Resolution, decode
 from .framestream import CollectorStats, Limits, serve
@@ -21,30 +26,101 @@ log = logging.getLogger("netstatd.dnstap")
 
 LISTENERS = ("node", "mux")
 DECODE_ERRORS = ("protobuf", "no_message", "dns")
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class SenderAllowList:
+    """Which peers may send DNSTap: `always` (loopback), this node's own addresses, and `cidrs`.
+
+    A plain address in `cidrs` is a /32 or /128; an IPv4-mapped IPv6 peer (::ffff:a.b.c.d) is judged
+    as its IPv4 address. `always` exists for tests that need loopback refused; the agent keeps it.
+    """
+
+    def __init__(self, cidrs: Sequence[str], *, always: Sequence[str] = LOOPBACK) -> None:
+        self._networks = [_network(c) for c in (*always, *cidrs)]
+        self._own: frozenset[Address] = frozenset()
+        shown = ["loopback"] if tuple(always) == LOOPBACK else [str(_network(c)) for c in always]
+        self._shown = ", ".join([*shown, "this node's addresses", *(str(_network(c)) for c in cidrs)])
+
+    def set_own(self, addresses: Iterable[str]) -> None:
+        """Replace this node's addresses (the agent calls it whenever it re-reads them)."""
+        own = {_address(a) for a in addresses}
+        if None in own:
+            raise ValueError(f"not IP addresses: {sorted(a for a in addresses if _address(a) is None)}")
+        self._own = frozenset(a for a in own if a is not None)
+
+    def allows(self, ip: str) -> bool:
+        """Once per accepted connection."""
+        address = _address(ip)
+        return address is not None and (address in self._own or any(address in n for n in self._networks))
+
+    def __str__(self) -> str:
+        return self._shown
+
+
+def _address(ip: str) -> Address | None:
+    """The address, IPv4-mapped IPv6 as IPv4, its zone (%eth0) dropped; None if it is not one."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)  # host bits are ignored: 10.1.2.3/16 is 10.1.0.0/16
+    except ValueError:
+        raise ValueError(
+            f"--dnstap-allow: {cidr!r} is not an IP address or CIDR network "
+            "(expected e.g. 10.244.0.0/16, 192.0.2.7 or fd00::/8, comma-separated)"
+        ) from None
+    mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+    if mapped is not None and net.prefixlen >= 96:  # peers in ::ffff:0:0/96 are judged as IPv4
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 class DnstapCollector:
-    def __init__(self, learn: Callable[[list[Resolution]], None], limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        learn: Callable[[list[Resolution]], None],
+        limits: Limits | None = None,
+        allow: SenderAllowList | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """allow: who may send (None: anyone). on_error: gets an unexpected exception from decoding or
+        `learn` (that sender is then closed as internal_error and reconnects); None: it is logged."""
         self._learn = learn
         self.limits = limits or Limits()
+        self.allow = allow
+        self._on_error = on_error
         self.stats = CollectorStats()
         self.messages = dict.fromkeys(LISTENERS, 0)  # frames decoded, per listener
         self.skipped = dict.fromkeys(DECODE_ERRORS, 0)  # frames that could not be decoded, by reason
         self.resolutions = 0
         self._servers: list[asyncio.Server] = []
 
-    async def start(self, ports: dict[str, int]) -> None:
-        """ports: listener name ("node", "mux") -> TCP port."""
+    async def start(self, ports: dict[str, int], hosts: Sequence[str] | None = None) -> None:
+        """ports: listener name ("node", "mux") -> TCP port. hosts: addresses to bind (None: every one)."""
+        if hosts is not None and not hosts:
+            raise ValueError("no address to listen on for DNSTap (hosts=None listens on every address)")
         for name, port in ports.items():
             try:
                 server = await serve(
-                    None, port, lambda frames, name=name: self._on_frames(name, frames), name=name,
-                    limits=self.limits, stats=self.stats,
+                    hosts, port,
+                    lambda frames, name=name: self._on_frames(name, frames), name=name,
+                    limits=self.limits, stats=self.stats, allow=self.allow, on_error=self._on_error,
                 )  # fmt: skip
             except OSError as e:
                 await self.stop()
                 if e.errno == errno.EADDRINUSE:
                     raise OSError(e.errno, f"DNSTap port {port} is already in use (pass --dnstap-port)") from None
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise OSError(e.errno, f"DNSTap listener: {e.strerror} (not an address of this host?)") from None
                 raise
             self._servers.append(server)  # framestream.serve logs each listener's addresses
 

@@ -6,18 +6,21 @@ unbound, dnsdist, the dnstap CLI) do READY -> ACCEPT -> START, data..., STOP -> 
 unidirectional ones start with START. End of stream between frames is a clean close.
 
 `FrameParser` is sans-IO (fed bytes, returns payloads, raises `ProtocolError`) so it can be fuzzed;
-`serve()` wraps it in a thin asyncio.Protocol that adds timeouts, limits, stats and logging.
+`serve()` wraps it in a thin asyncio.Protocol that adds the sender check, timeouts, limits (the
+longest-idle sender makes room for a new one), stats and logging.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from ...supervisor import failpoint
 
 log = logging.getLogger("netstatd.dnstap")
 
@@ -46,7 +49,10 @@ REASONS = (
     "handshake_timeout",
     "frame_timeout",
     "truncated",
-    "too_many_senders",
+    "idle",
+    "evicted",
+    "not_allowed",
+    "internal_error",
 )
 _CLEAN = frozenset(("finished", "eof"))
 _WARN_INTERVAL_S = 10.0
@@ -72,7 +78,12 @@ class Limits:
     max_control_bytes: int = 512  # control frame cap
     handshake_timeout_s: float = 5.0  # connect -> START
     frame_timeout_s: float = 10.0  # first byte of a frame -> its last byte (slowloris)
-    max_senders: int = 64  # concurrent connections per listener; extra ones are closed at once
+    idle_timeout_s: float = 60.0  # after START, nothing received for this long: closed (senders reconnect)
+    max_senders: int = 64  # concurrent connections per listener; a new one evicts the longest-idle one
+
+    def __post_init__(self) -> None:
+        if self.max_senders < 1:
+            raise ValueError(f"max_senders must be at least 1, got {self.max_senders}")
 
 
 _DEFAULT_LIMITS = Limits()
@@ -85,7 +96,7 @@ class CollectorStats:
     Invariant once all connections ended: connections == sum(closed.values()).
     """
 
-    connections: int = 0  # accepted TCP connections, including ones refused as too_many_senders
+    connections: int = 0  # accepted TCP connections, including ones refused as not_allowed
     active: int = 0
     frames: int = 0  # data frames delivered
     bytes: int = 0  # data frame payload bytes delivered
@@ -272,17 +283,34 @@ class _WarnLimiter:
         log.warning(msg, *args, exc_info=exc_info)
 
 
+class SenderFilter(Protocol):
+    """Decides which peers may send (collector.SenderAllowList); str() names what is allowed, for the log."""
+
+    def allows(self, ip: str) -> bool: ...
+
+
 class _Listener:
-    __slots__ = ("active", "limits", "name", "on_frames", "stats", "warn")
+    __slots__ = ("allow", "limits", "loop", "name", "on_error", "on_frames", "senders", "stats", "warn")
 
     def __init__(
-        self, name: str, on_frames: Callable[[list[bytes]], None], limits: Limits, stats: CollectorStats
+        self,
+        name: str,
+        on_frames: Callable[[list[bytes]], None],
+        limits: Limits,
+        stats: CollectorStats,
+        allow: SenderFilter | None,
+        on_error: Callable[[BaseException], None] | None,
     ) -> None:
         self.name = name
         self.on_frames = on_frames
         self.limits = limits
         self.stats = stats
-        self.active = 0  # per listener: max_senders applies to each listener, stats may be shared
+        self.allow = allow
+        self.on_error = on_error
+        self.loop = asyncio.get_running_loop()
+        # Admitted connections, oldest first (a dict keeps the order): max_senders applies to each
+        # listener (stats may be shared), and a tie in idle time evicts the one admitted first.
+        self.senders: dict[_Connection, None] = {}
         self.warn = _WarnLimiter()
 
 
@@ -291,33 +319,58 @@ class _Connection(asyncio.Protocol):
         self._l = listener
         self._parser = FrameParser(listener.limits)
         self._transport: asyncio.Transport | None = None
+        self._loop = listener.loop
         self._peer = "?"
         self._reason: str | None = None  # set once, when the connection's fate is decided
-        self._admitted = False
+        self._admitted = False  # holds one of the listener's max_senders slots
+        self._last_rx = 0.0  # loop time of the last bytes received, or of connecting: idle time and eviction
         self._frame_since: float | None = None  # loop time the incomplete frame began
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self._frame_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._peer = _fmt_peer(transport.get_extra_info("peername"))
+        self._l.stats.connections += 1
+        try:
+            self._admit(transport.get_extra_info("peername"))
+        except Exception as e:  # fail closed: a bug in the sender check must not let the sender in
+            self._internal_error(e)
+
+    def _admit(self, peername: object) -> None:
+        self._peer = _fmt_peer(peername)
+        loop = self._loop
+        self._last_rx = loop.time()
         l = self._l  # noqa: E741
-        l.stats.connections += 1
-        if l.active >= l.limits.max_senders:
-            self._close("too_many_senders", f"more than {l.limits.max_senders} concurrent senders")
-            return
+        if l.allow is not None:
+            ip = _peer_ip(peername)
+            if not l.allow.allows(ip):
+                self._close(
+                    "not_allowed",
+                    f"{ip} is not in --dnstap-allow (allowed: {l.allow}); "
+                    "if it is a DNS server of this cluster, add its address or network there",
+                )
+                return
+        if len(l.senders) >= l.limits.max_senders:
+            self._evict_longest_idle()
         self._admitted = True
-        l.active += 1
+        l.senders[self] = None
         l.stats.active += 1
-        _set_keepalive(transport.get_extra_info("socket"))
-        loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(l.limits.handshake_timeout_s, self._handshake_expired)
-        self._frame_timer = loop.call_later(l.limits.frame_timeout_s, self._check_frame)
+        first_check = min(l.limits.frame_timeout_s, l.limits.idle_timeout_s)  # as _check_deadlines before START
+        self._deadline_timer = loop.call_later(first_check, self._check_deadlines)
 
     def data_received(self, data: bytes) -> None:
         if self._reason is not None:
             return
+        try:
+            failpoint("dnstap")
+            self._receive(data)
+        except Exception as e:  # a bug, here or in the consumer: report it, drop this sender, it reconnects
+            self._internal_error(e)
+
+    def _receive(self, data: bytes) -> None:
+        self._last_rx = now = self._loop.time()
         p = self._parser
         before = p.frames
         try:
@@ -341,18 +394,14 @@ class _Connection(asyncio.Protocol):
         if not p.pending:
             self._frame_since = None
         elif self._frame_since is None or p.frames != before:
-            self._frame_since = asyncio.get_running_loop().time()
+            self._frame_since = now
 
     def eof_received(self) -> bool:
         self._end_of_stream()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end_of_stream()
-        if self._admitted:
-            self._admitted = False
-            self._l.active -= 1
-            self._l.stats.active -= 1
+        self._end_of_stream()  # releases the slot, if the connection still held one
         self._cancel_timers()
 
     def _end_of_stream(self) -> None:
@@ -369,56 +418,89 @@ class _Connection(asyncio.Protocol):
         st = self._l.stats
         st.frames += len(frames)
         st.bytes += sum(map(len, frames))
-        try:
-            self._l.on_frames(frames)
-        except Exception as e:  # a consumer bug must not drop the sender
-            self._l.warn.warn(
-                "on_frames",
-                "dnstap %s listener: frame consumer failed on frames from %s",
-                self._l.name,
-                self._peer,
-                exc_info=e,
-            )
+        self._l.on_frames(frames)  # an exception is an internal error (data_received)
+
+    def _internal_error(self, exc: Exception) -> None:
+        l = self._l  # noqa: E741
+        if self._reason is None:  # closed first, so even a failing on_error cannot keep the sender
+            self._close("internal_error", "")
+        exc.add_note(f"dnstap {l.name} listener, sender {self._peer}: closed as internal_error")
+        if l.on_error is not None:
+            l.on_error(exc)
+        else:
+            log.error("internal error in the dnstap %s listener", l.name, exc_info=exc)
+
+    def _evict_longest_idle(self) -> None:
+        l = self._l  # noqa: E741
+        victim = min(l.senders, key=_last_rx)  # O(senders), only when the listener is full
+        idle = self._loop.time() - victim._last_rx
+        victim._close(
+            "evicted",
+            f"idle for {idle:.1f} s, the longest of {l.limits.max_senders} senders (the limit); "
+            f"its slot went to {self._peer}",
+        )
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if self._reason is None and not self._parser.started:
             self._close("handshake_timeout", f"no START within {self._l.limits.handshake_timeout_s:g} s of connecting")
 
-    def _check_frame(self) -> None:
-        # One self-rearming timer per connection instead of a timer per frame keeps the hot path free.
-        self._frame_timer = None
+    def _check_deadlines(self) -> None:
+        # One self-rearming timer per connection instead of a timer per frame keeps the hot path free:
+        # data_received only records times, this checks them and sleeps until the nearest deadline.
+        self._deadline_timer = None
         if self._reason is not None:
             return
-        timeout = self._l.limits.frame_timeout_s
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        limits = self._l.limits
+        now = self._loop.time()
         since = self._frame_since
-        if since is not None and now - since >= timeout:
-            self._close("frame_timeout", f"frame incomplete after {timeout:g} s (stalled or slowloris sender)")
+        if since is not None and now - since >= limits.frame_timeout_s:
+            self._close(
+                "frame_timeout", f"frame incomplete after {limits.frame_timeout_s:g} s (stalled or slowloris sender)"
+            )
             return
-        delay = timeout if since is None else since + timeout - now
-        self._frame_timer = loop.call_later(delay, self._check_frame)
+        started = self._parser.started
+        if started and now - self._last_rx >= limits.idle_timeout_s:
+            self._close("idle", f"nothing received for {limits.idle_timeout_s:g} s since START or the last bytes")
+            return
+        # Sleep until the nearest deadline, but no longer than the shortest timeout that may begin
+        # meanwhile (a frame at any time, the idle time at START), so every deadline is met exactly.
+        wake = now + (limits.frame_timeout_s if started else min(limits.frame_timeout_s, limits.idle_timeout_s))
+        if since is not None:
+            wake = min(wake, since + limits.frame_timeout_s)
+        if started:
+            wake = min(wake, self._last_rx + limits.idle_timeout_s)
+        self._deadline_timer = self._loop.call_at(wake, self._check_deadlines)
 
     def _close(self, reason: str, message: str) -> None:
         self._reason = reason
-        closed = self._l.stats.closed
-        closed[reason] = closed.get(reason, 0) + 1
-        if reason not in _CLEAN:
-            self._l.warn.warn(
-                reason, "dnstap %s listener: closing sender %s (%s): %s", self._l.name, self._peer, reason, message
-            )
-        else:
-            log.debug("dnstap %s listener: sender %s closed (%s)", self._l.name, self._peer, reason)
+        l = self._l  # noqa: E741
+        l.stats.closed[reason] = l.stats.closed.get(reason, 0) + 1
+        if self._admitted:  # free the slot now: an eviction admits the newcomer at once
+            self._admitted = False
+            del l.senders[self]
+            l.stats.active -= 1
+        if reason in _CLEAN:
+            log.debug("dnstap %s listener: sender %s closed (%s)", l.name, self._peer, reason)
+        elif reason != "internal_error":  # that one was reported with its traceback
+            l.warn.warn(reason, "dnstap %s listener: closing sender %s (%s): %s", l.name, self._peer, reason, message)
         self._cancel_timers()
         if self._transport is not None:
             self._transport.close()  # flushes a pending FINISH first
 
     def _cancel_timers(self) -> None:
-        for t in (self._handshake_timer, self._frame_timer):
+        for t in (self._handshake_timer, self._deadline_timer):
             if t is not None:
                 t.cancel()
-        self._handshake_timer = self._frame_timer = None
+        self._handshake_timer = self._deadline_timer = None
+
+
+def _last_rx(conn: _Connection) -> float:
+    return conn._last_rx
+
+
+def _peer_ip(peer: object) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def _fmt_peer(peer: object) -> str:
@@ -428,30 +510,24 @@ def _fmt_peer(peer: object) -> str:
     return str(peer)
 
 
-def _set_keepalive(sock: socket.socket | None) -> None:
-    # Idle senders are legal (no data to log), so a vanished peer is found by TCP keepalive, not a timeout.
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for opt, val in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
-            if hasattr(socket, opt):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
-    except OSError:
-        pass
-
-
 async def serve(
-    host: str,
+    host: str | Sequence[str] | None,
     port: int,
     on_frames: Callable[[list[bytes]], None],
     *,
     name: str,
     limits: Limits = _DEFAULT_LIMITS,
     stats: CollectorStats | None = None,
+    allow: SenderFilter | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> asyncio.Server:
-    """Listen for DNSTap Frame Streams senders; `on_frames` gets the data payloads of each read."""
-    listener = _Listener(name, on_frames, limits, stats if stats is not None else CollectorStats())
+    """Listen for DNSTap Frame Streams senders; `on_frames` gets the data payloads of each read.
+
+    host: an address, a list of them, or None for every address. allow: who may send (None: anyone).
+    on_error: gets an unexpected exception raised while handling a sender's bytes (on_frames included),
+    after which that sender is closed as internal_error; without it, the exception is logged.
+    """
+    listener = _Listener(name, on_frames, limits, stats if stats is not None else CollectorStats(), allow, on_error)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Connection(listener), host, port, reuse_address=True)
     bound = ", ".join(_fmt_peer(s.getsockname()) for s in server.sockets)
