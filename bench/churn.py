@@ -5,12 +5,15 @@ Clients in one test namespace connect to servers in another, over veth, as fast 
 at --rate), three times in turn on fresh namespaces: with no tracer; with the agent and one
 WebSocket client; with a bpftrace script printing one line per state change to a file. With a
 tracer, a bpftrace count() on the same tracepoint runs alongside: the kernel events expected.
+--tls-phase adds the agent phase again with TLS and a token (https/wss, bearer token): its figures,
+computed by the same code, are under the key "tls".
 Reports kernel events expected/received/lost, how many of the generator's connections reached the
 WebSocket client (or bpftrace's file) with owner, open and close, the share of transitions with the
 owning pid, the tracers' CPU, the generator's rate without and with each tracer, and
 kernel-to-client latency. Keys: docs/benchmarks.md, "Performance harness (issue 7)".
 
-    sudo .venv/bin/python bench/churn.py [--seconds 30] [--rate max|N] [--ipv6] [--no-bpftrace] [--json PATH]
+    sudo .venv/bin/python bench/churn.py [--seconds 30] [--rate max|N] [--ipv6] [--no-bpftrace] [--tls-phase]
+                                         [--counter-phase] [--json PATH]
     make bench-churn SECONDS=20 RATE=max|N        # writes bench/out/churn.json
 """
 
@@ -24,9 +27,11 @@ import gc
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,6 +50,7 @@ from netstatd.testing.hosts import Host, HostPair
 from netstatd.testing.stream import Event, StreamClient
 
 HERE = Path(__file__).resolve().parent
+MAKE_CERTS = HERE.parent / "scripts" / "make-certs.sh"
 PORT = 7100
 FLUSH_WAIT_S = 3.0  # after the generator stops: 50 ms coalescing, and a sock_diag repair (~1.5 s) after a kernel gap
 MAX_BATCH = 64  # connections between clock reads at max rate
@@ -382,12 +388,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stream_main(ws_url: str, conn: Connection) -> None:
-    """Child process: records the stream; on request waits until it goes quiet, then analyses it."""
+def stream_main(ws_url: str, conn: Connection, token: str | None = None, ca_file: str | None = None) -> None:
+    """Child process: records the stream; on request waits until it goes quiet, then analyses it.
+
+    token, ca_file: for an agent with a token and TLS (wss, checked against that CA)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench ends this process
     # Millions of acyclic event dicts: collections would only cost CPU during the run.
     gc.disable()
-    client = StreamClient(ws_url, defer_live=True).start()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    client = StreamClient(ws_url, defer_live=True, headers=headers, ssl_context=context).start()
     client.wait_snapshot()
     conn.send({"pid": os.getpid()})
     params = conn.recv()
@@ -412,10 +422,10 @@ def stream_main(ws_url: str, conn: Connection) -> None:
 
 
 class StreamProcess:
-    def __init__(self, ws_url: str) -> None:
+    def __init__(self, ws_url: str, token: str | None = None, ca_file: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=stream_main, args=(ws_url, child), daemon=True, name="churn-ws")
+        self.proc = ctx.Process(target=stream_main, args=(ws_url, child, token, ca_file), daemon=True, name="churn-ws")
 
     def start(self, timeout: float = 30) -> None:
         self.proc.start()
@@ -605,13 +615,32 @@ def tcp_ext(host: Host, *names: str) -> dict[str, int]:
     return {n: int(values.get(n, 0)) for n in names}
 
 
-PHASES = ("none", "counter", "netstatd", "bpftrace")
+PHASES = ("none", "counter", "netstatd", "tls", "bpftrace")
 PHASE_LABELS = {
     "none": "no tracer",
     "counter": "the bpftrace counter alone",  # --counter-phase: what the harness's own counting costs
     "netstatd": "netstatd + WebSocket client",
+    "tls": "netstatd with TLS and a token + wss client",  # --tls-phase
     "bpftrace": "bpftrace printer",
 }
+AGENT_PHASES = ("netstatd", "tls")
+
+
+def tls_and_token(workdir: Path) -> tuple[list[str], str, str]:
+    """The agent's flags for TLS and a token, the token, and the CA file. In workdir: a CA and a
+    certificate for 127.0.0.1 from scripts/make-certs.sh, and a random token in a 0600 file."""
+    subprocess.run([str(MAKE_CERTS), str(workdir)], check=True, capture_output=True)
+    token = secrets.token_hex(32)
+    tokens = workdir / "tokens"
+    with os.fdopen(os.open(tokens, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(f"bench:{token}\n")
+    args = [
+        "--tls-cert-file", str(workdir / "tls.crt"),
+        "--tls-key-file", str(workdir / "tls.key"),
+        "--auth-token-file", str(tokens),
+        "--listen-address", "127.0.0.1",  # with a token the default is every address
+    ]  # fmt: skip
+    return args, token, str(workdir / "ca.crt")
 
 
 def run_phase(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -633,11 +662,18 @@ def run_phase(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             counter = Bpftrace("counter", COUNTER_SCRIPT, netns, workdir)
             stack.callback(counter.stop)
             counter.start()
-        if mode == "netstatd":
-            agent = AgentProcess(log_path=OUT / "agent.log")
+        if mode in AGENT_PHASES:
+            agent_args: list[str] = []
+            token = ca_file = None
+            if mode == "tls":
+                certs = Path(tempfile.mkdtemp(prefix="tls-", dir=OUT))
+                stack.callback(shutil.rmtree, certs, ignore_errors=True)
+                agent_args, token, ca_file = tls_and_token(certs)
+            log = OUT / ("agent.log" if mode == "netstatd" else f"agent-{mode}.log")
+            agent = AgentProcess(*agent_args, log_path=log, token=token, ca_file=ca_file)
             stack.callback(agent.stop)
             agent.start()
-            stream = StreamProcess(agent.ws_url)
+            stream = StreamProcess(agent.ws_url, token, ca_file)
             stack.callback(stream.close)
             stream.start()
         elif mode == "bpftrace":
@@ -715,17 +751,78 @@ def _ratio(num: float, den: float, digits: int = 4) -> float | None:
     return round(num / den, digits) if den else None
 
 
-def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    without, with_ = phases["none"], phases["netstatd"]
-    gen, agent, ws = with_["generator"], with_["agent"], with_["ws"]
-    rate_without, rate_with = without["generator"]["conn_per_s"], gen["conn_per_s"]
+def netstatd_figures(ph: dict[str, Any], rate_without: float) -> dict[str, Any]:
+    """The figures of one agent phase (netstatd, or tls): both go through here. Keys as in churn.json."""
+    gen, agent, ws = ph["generator"], ph["agent"], ph["ws"]
     emitted = agent["emitted"]
-    cores = agent["cpu_during_churn"] / gen["elapsed"]
-    expected = with_["kernel_events_counted"]
-    counter_misses = with_["counter_prog"].get("recursion_misses", 0)
-    lost = int(agent["lost"]) + int(agent["skipped"])
+    expected = ph["kernel_events_counted"]
+    counter_misses = ph["counter_prog"].get("recursion_misses", 0)
     transitions = ws["client"]["transitions"] + ws["server"]["transitions"]
     attributed = ws["client"]["transitions_owner_pid"] + ws["server"]["transitions_owner_pid"]
+    return {
+        "conn_per_s_with": round(gen["conn_per_s"], 1),
+        "rate_ratio": _ratio(gen["conn_per_s"], rate_without, 3),
+        # Counted in the kernel by bpftrace count() on inet_sock_set_state, TCP, the two namespaces,
+        # plus the runs the kernel skipped (tracepoint fired while a tracing BPF program was running
+        # on that CPU: it skips every program of the tracepoint then, so no bpftrace program saw them).
+        "kernel_events_expected": expected["client"] + expected["server"] + counter_misses,
+        "kernel_events_expected_client": expected["client"],
+        "kernel_events_expected_server": expected["server"],
+        "kernel_events_counter_misses": counter_misses,
+        # netstatd's own counters: records (state changes + accepts, every namespace) written,
+        # read; lost = ring buffer full + transitions skipped by re-entry that never reached the ring.
+        "kernel_records_emitted": int(emitted),
+        "kernel_events_received": int(agent["received"]),
+        "kernel_events_lost": int(agent["lost"]) + int(agent["skipped"]),
+        "kernel_events_lost_ring": int(agent["lost"]),
+        "kernel_events_skipped": int(agent["skipped"]),
+        "kernel_events_nested": int(agent["nested"]),
+        "state_reconciled": int(agent["reconciled"]),
+        "connections_left_in_agent_state": int(agent["connections_left"]),
+        "connections_opened": gen["connections"],
+        "connections_delivered": ws["client"]["delivered"],
+        "connections_delivered_ratio": _ratio(ws["client"]["delivered"], gen["connections"]),
+        "server_connections_accepted": ph["accepted"],
+        "server_connections_delivered": ws["server"]["delivered"],
+        "agent_cpu_s": round(agent["cpu"], 2),
+        "agent_catch_up_s": ph["agent_catch_up_s"],
+        "agent_closes_wait_s": ph["agent_closes_wait_s"],
+        "agent_cpu_cores": round(agent["cpu_during_churn"] / gen["elapsed"], 3),
+        "agent_cpu_s_per_100k_events": round(agent["cpu"] / emitted * 1e5, 3) if emitted else None,
+        "agent_rss_mib": round(ph["agent_rss_bytes"] / 2**20, 1),
+        "kernel_events_per_connection": _ratio(expected["client"] + expected["server"], gen["connections"], 2),
+        "client_events_dropped": int(agent["client_dropped"]),
+        "ring_drain_stalls": int(agent["drain_stalls"]),
+        "ring_high_water_bytes": int(agent["ring_high_water"]),
+        "latency_ms_p50": ws.get("latency_ms_p50"),
+        "latency_ms_p99": ws.get("latency_ms_p99"),
+        "latency_ms_max": ws.get("latency_ms_max"),
+        # Share of transitions (both sides, listener included) reported with the socket's owning pid.
+        "attribution_netstatd": _ratio(attributed, transitions),
+        "attribution_netstatd_transitions": transitions,
+    }
+
+
+def netstatd_targets(f: dict[str, Any], rate: float) -> dict[str, bool | None]:
+    """The issue's targets that one agent phase meets or not (f: netstatd_figures); None where a target
+    is stated for another rate."""
+    at_10k = rate == 10_000
+    p99 = f["latency_ms_p99"]
+    return {
+        "no_kernel_events_lost": f["kernel_events_lost"] == 0,
+        "every_connection_delivered": f["connections_delivered"] == f["connections_opened"]
+        and f["server_connections_delivered"] == f["server_connections_accepted"],
+        f"rate_ratio_ge_{TARGET_RATE_RATIO}": bool(f["rate_ratio"] and f["rate_ratio"] >= TARGET_RATE_RATIO),
+        f"cpu_cores_le_{TARGET_CORES_AT_10K}_at_10k": f["agent_cpu_cores"] <= TARGET_CORES_AT_10K if at_10k else None,
+        f"latency_p99_le_{TARGET_P99_MS}ms_at_10k": (p99 is not None and p99 <= TARGET_P99_MS) if at_10k else None,
+        "all_events_attributed": f["attribution_netstatd"] == 1.0,
+    }
+
+
+def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    without, with_ = phases["none"], phases["netstatd"]
+    rate_without = without["generator"]["conn_per_s"]
+    figures = netstatd_figures(with_, rate_without)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git("rev-parse", "HEAD"),
@@ -739,55 +836,16 @@ def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) ->
         "servers": args.servers,
         "ws_client": WS_MODE,
         "conn_per_s_without": round(rate_without, 1),
-        "conn_per_s_with": round(rate_with, 1),
-        "rate_ratio": _ratio(rate_with, rate_without, 3),
-        # Counted in the kernel by bpftrace count() on inet_sock_set_state, TCP, the two namespaces,
-        # plus the runs the kernel skipped (tracepoint fired while a tracing BPF program was running
-        # on that CPU: it skips every program of the tracepoint then, so no bpftrace program saw them).
-        "kernel_events_expected": expected["client"] + expected["server"] + counter_misses,
-        "kernel_events_expected_client": expected["client"],
-        "kernel_events_expected_server": expected["server"],
-        "kernel_events_counter_misses": counter_misses,
-        # netstatd's own counters: records (state changes + accepts, every namespace) written,
-        # read; lost = ring buffer full + transitions skipped by re-entry that never reached the ring.
-        "kernel_records_emitted": int(emitted),
-        "kernel_events_received": int(agent["received"]),
-        "kernel_events_lost": lost,
-        "kernel_events_lost_ring": int(agent["lost"]),
-        "kernel_events_skipped": int(agent["skipped"]),
-        "kernel_events_nested": int(agent["nested"]),
-        "state_reconciled": int(agent["reconciled"]),
-        "connections_left_in_agent_state": int(agent["connections_left"]),
-        "connections_opened": gen["connections"],
-        "connections_delivered": ws["client"]["delivered"],
-        "connections_delivered_ratio": _ratio(ws["client"]["delivered"], gen["connections"]),
-        "server_connections_accepted": with_["accepted"],
-        "server_connections_delivered": ws["server"]["delivered"],
+        **figures,
         "connections_failed": sum(ph["generator"]["failed"] for ph in phases.values()),
         "connect_errors": {k: v for ph in phases.values() for k, v in ph["generator"]["errors"].items()},
         "connections_opened_without_agent": without["generator"]["connections"],
-        "agent_cpu_s": round(agent["cpu"], 2),
-        "agent_catch_up_s": with_["agent_catch_up_s"],
-        "agent_closes_wait_s": with_["agent_closes_wait_s"],
-        "agent_cpu_cores": round(cores, 3),
-        "agent_cpu_s_per_100k_events": round(agent["cpu"] / emitted * 1e5, 3) if emitted else None,
-        "agent_rss_mib": round(with_["agent_rss_bytes"] / 2**20, 1),
-        "kernel_events_per_connection": _ratio(expected["client"] + expected["server"], gen["connections"], 2),
-        "client_events_dropped": int(agent["client_dropped"]),
-        "ring_drain_stalls": int(agent["drain_stalls"]),
-        "ring_high_water_bytes": int(agent["ring_high_water"]),
-        "latency_ms_p50": ws.get("latency_ms_p50"),
-        "latency_ms_p99": ws.get("latency_ms_p99"),
-        "latency_ms_max": ws.get("latency_ms_max"),
-        # Share of transitions (both sides, listener included) reported with the socket's owning pid.
-        "attribution_netstatd": _ratio(attributed, transitions),
-        "attribution_netstatd_transitions": transitions,
     }
     counted = phases.get("counter")
     if counted:
         rate_counted = counted["generator"]["conn_per_s"]
         report["conn_per_s_counter_only"] = round(rate_counted, 1)
-        report["rate_ratio_vs_counter_only"] = _ratio(rate_with, rate_counted, 3)
+        report["rate_ratio_vs_counter_only"] = _ratio(figures["conn_per_s_with"], rate_counted, 3)
     bt = phases.get("bpftrace")
     if bt:
         b, bgen = bt["bpftrace"], bt["generator"]
@@ -820,7 +878,7 @@ def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) ->
             "bpftrace": b,
         }
     report |= {
-        "ws": ws,
+        "ws": with_["ws"],
         "agent_log_warnings": with_["agent_log_warnings"],
         "phases": {
             name: {
@@ -831,27 +889,61 @@ def build_report(args: argparse.Namespace, phases: dict[str, dict[str, Any]]) ->
             for name, ph in phases.items()
         },
     }
-    at_max, at_10k = not args.rate, args.rate == 10_000
-    no_loss = lost == 0
-    all_delivered = (
-        report["connections_delivered"] == report["connections_opened"]
-        and report["server_connections_delivered"] == report["server_connections_accepted"]
-    )
+    met = netstatd_targets(figures, args.rate)
     bt_under_half = (report["bpftrace_events_captured_ratio"] or 0) < 0.5 if bt else None
-    p99 = report["latency_ms_p99"]
     report["targets"] = {
-        "no_kernel_events_lost": no_loss,
-        "every_connection_delivered": all_delivered,
+        "no_kernel_events_lost": met["no_kernel_events_lost"],
+        "every_connection_delivered": met["every_connection_delivered"],
         # The issue's first target is stated at max churn: n/a at other rates (as the others at 10k).
-        "max_churn_no_loss_all_delivered_bpftrace_under_half": (no_loss and all_delivered and bool(bt_under_half))
-        if at_max
+        "max_churn_no_loss_all_delivered_bpftrace_under_half": (
+            met["no_kernel_events_lost"] and met["every_connection_delivered"] and bool(bt_under_half)
+        )
+        if not args.rate
         else None,
-        f"rate_ratio_ge_{TARGET_RATE_RATIO}": bool(report["rate_ratio"] and report["rate_ratio"] >= TARGET_RATE_RATIO),
-        f"cpu_cores_le_{TARGET_CORES_AT_10K}_at_10k": cores <= TARGET_CORES_AT_10K if at_10k else None,
-        f"latency_p99_le_{TARGET_P99_MS}ms_at_10k": (p99 is not None and p99 <= TARGET_P99_MS) if at_10k else None,
-        "all_events_attributed": report["attribution_netstatd"] == 1.0,
-    }
+    } | met
+    tls = phases.get("tls")
+    if tls:
+        # The same figures and targets for the agent with TLS and a token, its client on wss.
+        tls_figures = netstatd_figures(tls, rate_without)
+        report["tls"] = tls_figures | {
+            "targets": netstatd_targets(tls_figures, args.rate),
+            "ws": tls["ws"],
+            "agent_log_warnings": tls["agent_log_warnings"],
+        }
     return report
+
+
+def compare(r: dict[str, Any]) -> list[str]:
+    """The plain agent phase and the TLS one side by side (summary lines)."""
+    cols = ((r, r["phases"]["netstatd"]), (r["tls"], r["phases"]["tls"]))
+
+    def pct(num: int, den: int) -> str:
+        return f"{100 * num / den:.2f}% ({num:,}/{den:,})" if den else "n/a"
+
+    def foreign(ph: dict[str, Any]) -> str:
+        return f"{ph['foreign_cpu']['cpu_s']} s, {ph['foreign_cpu']['other_agents']} other netstatd"
+
+    rows = {
+        "generator conn/s": lambda f, ph: f"{f['conn_per_s_with']:,.0f}",
+        "kernel events lost": lambda f, ph: f"{f['kernel_events_lost']:,}",
+        "delivered, client side": lambda f, ph: pct(f["connections_delivered"], f["connections_opened"]),
+        "delivered, server side": lambda f, ph: pct(
+            f["server_connections_delivered"], f["server_connections_accepted"]
+        ),
+        "dropped for the client": lambda f, ph: f"{f['client_events_dropped']:,}, {f['ws']['ws_stream_resets']} resets",
+        "agent CPU, cores": lambda f, ph: f"{f['agent_cpu_cores']}",
+        "agent CPU s / 100k rec": lambda f, ph: f"{f['agent_cpu_s_per_100k_events']}",
+        "latency p50/p99/max ms": lambda f, ph: (
+            f"{f['latency_ms_p50']} / {f['latency_ms_p99']} / {f['latency_ms_max']}"
+        ),
+        "other processes' CPU": lambda f, ph: foreign(ph),
+        "targets not met": lambda f, ph: (
+            ", ".join(k for k in r["tls"]["targets"] if f["targets"][k] is False) or "none"
+        ),
+    }
+    lines = [f"  {'plain vs TLS + token':<26}{'plain':<30}TLS + token (https/wss, bearer token)"]
+    lines += [f"    {name:<24}" + "".join(f"{show(*c):<30}" for c in cols).rstrip() for name, show in rows.items()]
+    return lines
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -906,6 +998,8 @@ def summary(r: dict[str, Any]) -> str:
             f"(ratio {r['bpftrace_connections_seen_ratio']}; open and close, any pid: "
             f"{r['bpftrace_connections_open_and_close_ratio']}); {r['bpftrace_cpu_cores']} cores",
         ]
+    if "tls" in r:
+        lines += compare(r)
     if "conn_per_s_counter_only" in r:
         lines.append(
             f"  counter alone         {r['conn_per_s_counter_only']:,.0f} conn/s with the bpftrace counter only; "
@@ -941,6 +1035,11 @@ def main() -> int:
     p.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
     p.add_argument("--no-bpftrace", action="store_true", help="skip the bpftrace printer phase")
     p.add_argument(
+        "--tls-phase",
+        action="store_true",
+        help="run the netstatd phase again with TLS and a token (https/wss, bearer token); figures under 'tls'",
+    )
+    p.add_argument(
         "--counter-phase",
         action="store_true",
         help="add a phase with the bpftrace counter alone: the generator's rate without netstatd but with the "
@@ -953,6 +1052,8 @@ def main() -> int:
         skip = {"bpftrace"} if args.no_bpftrace else set()
         if not args.counter_phase:
             skip.add("counter")
+        if not args.tls_phase:
+            skip.add("tls")
         phases = {mode: run_phase(args, mode) for mode in PHASES if mode not in skip}
     except KeyboardInterrupt:
         return interrupted()

@@ -215,7 +215,7 @@ class Agent:
         """Token and certificate files re-read when they change (a Secret or cert-manager update)."""
         while True:
             failpoint("files")
-            self.front.reload()
+            await self.front.reload()
             self.mux.reload()
             await asyncio.sleep(RELOAD_EVERY_S)
 

@@ -87,7 +87,7 @@ def churn_report(tmp_path_factory) -> dict:
     _need_bpftrace()
     out = tmp_path_factory.mktemp("bench") / "churn.json"
     cmd = [sys.executable, str(BENCH / "churn.py"), "--seconds", "2", "--rate", "1000", "--counter-phase"]
-    cmd += ["--json", str(out)]
+    cmd += ["--tls-phase", "--json", str(out)]  # the agent again with TLS and a token: ~10 s more
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=os.environ.copy())
     print(r.stdout[-4000:], r.stderr[-4000:])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -129,6 +129,28 @@ def test_churn_values_are_sane(churn_report):
     assert 0 <= r["agent_closes_wait_s"] <= 70
     assert r["date"] and len(r["commit"]) == 40
     assert set(r["targets"]) and all(v in (True, False, None) for v in r["targets"].values())
+
+
+def test_churn_tls_phase_reports_the_same_figures(churn_report):
+    """--tls-phase: the agent again with TLS and a token, its client on wss; under "tls", the figures of
+    the plain phase (the same keys, the same code), and its targets."""
+    r, t = churn_report, churn_report["tls"]
+    figures = set(t) - {"targets", "ws", "agent_log_warnings"}
+    assert figures <= set(r), figures - set(r)
+    for k in ("kernel_events_lost", "connections_opened", "connections_delivered", "server_connections_accepted"):
+        assert isinstance(t[k], int) and t[k] >= 0, (k, t[k])
+    assert 0 < t["conn_per_s_with"] <= 1100
+    assert 0 < t["connections_opened"] <= 2200
+    # The wss client was let in with the token and got the churn's connections.
+    assert t["ws"]["ws_events"] > 0 and 0 < t["connections_delivered"] <= t["connections_opened"]
+    assert 0 < t["server_connections_delivered"] <= t["server_connections_accepted"]
+    for k in ("connections_delivered_ratio", "attribution_netstatd"):
+        assert _number(t[k]) and 0.0 <= t[k] <= 1.0, (k, t[k])
+    assert 5 * t["connections_opened"] <= t["kernel_events_expected"] <= 15 * t["connections_opened"]
+    assert 0 <= t["agent_cpu_cores"] <= (os.cpu_count() or 1)
+    assert 0 < t["latency_ms_p50"] <= t["latency_ms_p99"]
+    assert set(t["targets"]) <= set(r["targets"]) and all(v in (True, False, None) for v in t["targets"].values())
+    assert r["phases"]["tls"]["foreign_cpu"]["cpu_s"] >= 0
 
 
 LIVE_KEYS = (

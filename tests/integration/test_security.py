@@ -149,6 +149,8 @@ def test_tls_and_a_token_protect_every_port_and_files_are_reread_while_clients_s
             bob = AgentProcess(port=agent.port, token=f"{TOKEN}-bob", ca_file=str(certs / "ca.crt"))
             wait_until(lambda: _works(bob), what="the new token")
             assert not _works(agent)
+            stream.closed.wait(10)  # the stream alice opened is closed: her token is gone
+            assert stream.closed.is_set() and bob.metric("netstatd_clients_revoked_total") == 1
         finally:
             stream.stop()
 

@@ -297,3 +297,32 @@ def test_failures_from_one_address_are_slowed_down_and_others_are_not():
     assert t.failed("10.0.0.2", now=1.0) == 0.0
     assert t.failed("10.0.0.1", now=100.0) == 0.0  # the window passed
     assert max(t.failed("x", now=2.0) for _ in range(40)) == FailureThrottle.MAX_DELAY_S
+
+
+async def test_a_removed_token_closes_the_streams_it_opened_and_no_other(tmp_path):
+    from netstatd.api.app import close_revoked
+
+    (tmp_path / "tokens").write_text(f"alice:{TOKEN}\nbob:{OTHER}\n")
+    token_file = TokenFile(str(tmp_path / "tokens"))
+    policy = AccessPolicy(HostNames(["node-1"], ()), frozenset(), tokens=token_file, sessions=Sessions(token_file))
+    client = await serve(policy)
+    try:
+        by_header = await client.ws_connect("/netstat", headers=bearer())
+        await client.post("/login", data={"token": TOKEN}, allow_redirects=False)
+        by_cookie = await client.ws_connect("/netstat")
+        client.session.cookie_jar.clear()
+        bob = await client.ws_connect("/netstat", headers=bearer(OTHER))
+        for ws in (by_header, by_cookie, bob):
+            assert (await ws.receive_json())["type"] == "host.info"
+        (tmp_path / "tokens").write_text(f"bob:{OTHER}\n")
+        assert token_file.reload_if_changed()
+        assert await close_revoked(client.app) == 2
+        for ws in (by_header, by_cookie):
+            msg = await ws.receive(timeout=5)
+            while msg.type == aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and "revoked" in msg.extra
+        assert not bob.closed and policy.revoked == 2
+        await bob.close()
+    finally:
+        await client.close()

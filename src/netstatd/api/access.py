@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from ..metrics import Metric
+from ..metrics import Metric, single
 from .auth import FailureThrottle, Sessions, TokenFile, ws_protocol_token
 
 log = logging.getLogger("netstatd.api")
@@ -101,6 +101,7 @@ class AccessPolicy:
 
     def __post_init__(self) -> None:
         self.refused = dict.fromkeys(REFUSALS, 0)
+        self.revoked = 0  # open streams closed because their token was removed
         self.auth_failures = dict.fromkeys(AUTH_FAILURES, 0)
         self.throttle = FailureThrottle()
         self._origins = {self._origin_key(o) for o in self.allowed_origins}
@@ -213,6 +214,14 @@ class AccessPolicy:
                 )
             )
         if self.tokens is not None:
+            out.append(
+                single(
+                    "netstatd_clients_revoked_total",
+                    "counter",
+                    "WebSocket clients closed because the token they came in with was removed from the file.",
+                    self.revoked,
+                )
+            )
             out.append(
                 Metric(
                     "netstatd_auth_token_reloads_total",

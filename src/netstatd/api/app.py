@@ -33,12 +33,13 @@ HUB = web.AppKey("hub", Hub)
 HOST_INFO = web.AppKey("host_info", Callable[[], dict[str, Any]])
 METRICS = web.AppKey("metrics", Callable[[], list[Metric]])
 PID_EXE = web.AppKey("pid_exe", Callable[[int], "dict[str, Any] | None"])
-SOCKETS = web.AppKey("sockets", weakref.WeakSet)
+SOCKETS = web.AppKey("sockets", weakref.WeakKeyDictionary)  # open WebSocket -> its upgrade request
 CONTAINERS = web.AppKey("containers", Callable[["str | None", "str | None"], "list[dict[str, Any]]"])
 POLICY = web.AppKey("policy", AccessPolicy)
 CLIENTS = web.AppKey("clients", Counter)  # source address -> WebSocket clients connected now
 MAX_PER_ADDRESS = web.AppKey("max_per_address", int)
 REPORT = web.AppKey("report", Report)
+PORT = web.AppKey("port", int)
 
 
 def open_policy() -> AccessPolicy:
@@ -147,7 +148,7 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
         # Outgoing frames are JSON we made; incoming messages are not expected, so keep them tiny.
         ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=64 << 10, protocols=(STREAM_PROTOCOL,))
         await ws.prepare(request)
-        app[SOCKETS].add(ws)
+        app[SOCKETS][ws] = request
         who = request.get(IDENTITY)
         log.debug("WebSocket client %s connected%s", peer, f" as {who}" if who else "")
         sender = asyncio.create_task(_send_loop(ws, sub, request, app[REPORT]), name=f"ws-send-{peer}")
@@ -205,9 +206,24 @@ async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, mes
         request.transport.abort()
 
 
+async def close_revoked(app: web.Application) -> int:
+    """After the tokens changed: close the streams whose credentials no longer hold (a removed token,
+    a session made from one). The upgrade request is checked again as it was made."""
+    policy = app[POLICY]
+    cookie = policy.session_cookie(app[PORT])
+    closed = 0
+    for ws, request in list(app[SOCKETS].items()):
+        if not ws.closed and policy.identify(request, cookie)[0] is None:
+            log.info("closing WebSocket client %s: its credentials were revoked", request.remote)
+            await _close(ws, request, WSCloseCode.POLICY_VIOLATION, "credentials revoked: log in again")
+            closed += 1
+    policy.revoked += closed
+    return closed
+
+
 async def close_sockets(app: web.Application) -> None:
     """On shutdown: tell clients we are going away instead of waiting for them to leave."""
-    for ws in list(app[SOCKETS]):
+    for ws in list(app[SOCKETS].keys()):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"netstatd is stopping")
 
 
@@ -235,7 +251,8 @@ def build_app(
     app[METRICS] = metrics_fn
     app[PID_EXE] = pid_exe_fn
     app[CONTAINERS] = containers_fn
-    app[SOCKETS] = weakref.WeakSet()
+    app[SOCKETS] = weakref.WeakKeyDictionary()
+    app[PORT] = port
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
     app.router.add_get("/web/{path:.+}", web_file)

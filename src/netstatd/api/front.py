@@ -20,7 +20,7 @@ from ..metrics import Metric
 from ..settings import Settings
 from ..tls import TLSFiles, server_tls
 from .access import AccessPolicy, HostNames
-from .app import Report, build_app
+from .app import Report, build_app, close_revoked
 from .auth import Sessions, TokenFile
 
 RELOAD_EVERY_S = 2.0
@@ -45,6 +45,7 @@ class Front:
                 raise ValueError(
                     f"--tls-cert-file/--tls-key-file/--peer-ca-file: cannot load {settings.tls_cert_file}: {e}"
                 ) from None
+        self._apps: list[web.Application] = []
         names = [settings.node_name, socket.gethostname(), *self.addresses]
         self.policy = AccessPolicy(
             HostNames(names, settings.allowed_hosts),
@@ -73,7 +74,7 @@ class Front:
         containers_fn: Callable[[str | None, str | None], list[dict[str, Any]]],
         port: int,
     ) -> web.Application:
-        return build_app(
+        app = build_app(
             hub,
             host_info,
             metrics_fn,
@@ -84,6 +85,8 @@ class Front:
             max_clients_per_address=self.settings.max_clients_per_address,
             report=self.report,
         )
+        self._apps.append(app)
+        return app
 
     async def serve(self, app: web.Application, port: int, flag: str) -> web.AppRunner:
         """OSError with a message naming `flag` when the port cannot be bound."""
@@ -92,9 +95,11 @@ class Front:
     def urls(self, port: int) -> str:
         return urls(self.scheme, self.addresses, port)
 
-    def reload(self) -> None:
-        if self.tokens:
-            self.tokens.reload_if_changed()
+    async def reload(self) -> None:
+        """The files again if they changed; streams whose token was removed are closed."""
+        if self.tokens and self.tokens.reload_if_changed():
+            for app in self._apps:
+                await close_revoked(app)
         if self.tls:
             self.tls.reload_if_changed()
 
