@@ -81,7 +81,3 @@ def client_tls(ca_file: str = "", cert_file: str = "", key_file: str = "") -> TL
     # with a CA of our own, only that CA: the system's would let any public certificate pass as an agent
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if ca_file else ssl.create_default_context()
     return TLSFiles(context, cert_file, key_file, ca_file)
-
-
-def client_context(ca_file: str = "", cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
-    return client_tls(ca_file, cert_file, key_file).context

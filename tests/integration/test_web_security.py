@@ -12,7 +12,7 @@ import pytest
 
 from netstatd.testing.agent import AgentProcess
 from tests.conftest import require_root
-from tests.integration.test_web_ui import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, require_chromium
+from tests.integration.test_web_ui import CHROMIUM_ARGS, TIMEOUT_MS, chromium
 
 TOKEN = "alice-0123456789abcdef0123456789"
 # evil.example resolves to the agent, as a DNS-rebinding attacker's name would; nothing else resolves
@@ -33,14 +33,8 @@ fetch("http://127.0.0.1:AGENT/api/containers").then(
 
 @pytest.fixture(scope="module")
 def browser():
-    require_root()
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    with chromium(ARGS) as b:
         yield b
-        b.close()
 
 
 @pytest.fixture

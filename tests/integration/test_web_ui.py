@@ -1,6 +1,7 @@
 """The web UI as a user meets it: Debian's Chromium (headless) against a real agent, real traffic
 between two network namespaces, assertions on what the page shows."""
 
+import contextlib
 import json
 import os
 import re
@@ -51,16 +52,23 @@ def require_chromium() -> None:
         pytest.skip(msg)
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextlib.contextmanager
+def chromium(args: list[str]):
+    """Debian's Chromium, headless, launched by Playwright (root and chromium required)."""
     require_root()
     require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium(CHROMIUM_ARGS) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from netstatd.mux.peer import Peer, PeerStats, upstream_tls
 from netstatd.mux.state import MergedState
 from netstatd.settings import Settings
 from netstatd.supervisor import Supervisor
-from netstatd.tls import client_context
+from netstatd.tls import client_tls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,8 +90,8 @@ def server_context(certs: Path, cert: str = "agent", verify: ssl.VerifyMode = ss
 def mux_context(certs: Path, client_cert: bool = True) -> ssl.SSLContext:
     ca = str(certs / "netstatd-test-ca.crt")
     if not client_cert:
-        return client_context(ca)
-    return client_context(ca, str(certs / "netstatd-mux.crt"), str(certs / "netstatd-mux.key"))
+        return client_tls(ca).context
+    return client_tls(ca, str(certs / "netstatd-mux.crt"), str(certs / "netstatd-mux.key")).context
 
 
 # -- node servers --------------------------------------------------------------

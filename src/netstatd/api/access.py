@@ -180,7 +180,7 @@ class AccessPolicy:
                 request[IDENTITY] = who
                 return await handler(request)
             await self.failed(request, reason)
-            if request.method == "GET" and path == "/" and not _is_upgrade(request):
+            if self.tokens is not None and request.method == "GET" and path == "/" and not _is_upgrade(request):
                 return login_page(request.path_qs)  # a browser opening the UI
             return refusal(401, reason, AUTH_MESSAGES[reason], {"WWW-Authenticate": 'Bearer realm="netstatd"'})
 

@@ -7,6 +7,7 @@ certificate files when they changed; the agent calls it every RELOAD_EVERY_S und
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Iterable
@@ -46,7 +47,8 @@ class Front:
                     f"--tls-cert-file/--tls-key-file/--peer-ca-file: cannot load {settings.tls_cert_file}: {e}"
                 ) from None
         self._apps: list[web.Application] = []
-        names = [settings.node_name, socket.gethostname(), *self.addresses]
+        listened = [a for a in self.addresses if not ipaddress.ip_address(a).is_unspecified]  # not 0.0.0.0, ::
+        names = [settings.node_name, socket.gethostname(), *listened]
         self.policy = AccessPolicy(
             HostNames(names, settings.allowed_hosts),
             frozenset(settings.allowed_origins),
