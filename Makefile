@@ -11,7 +11,7 @@ ARGS    ?=
 
 RUN_PACKAGES  := clang llvm libbpf-dev bpftool iproute2 python3-venv gcc python3-dev
 TEST_PACKAGES := prometheus containerd runc busybox-static containernetworking-plugins \
-	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium bpftrace openssl $(if $(shell command -v kubectl),,kubernetes-client)
+	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium nodejs bpftrace openssl $(if $(shell command -v kubectl),,kubernetes-client)
 BPF_OBJS := $(BPF_DIR)/netstatd.bpf.o $(BPF_DIR)/probe_fentry.bpf.o
 # the native helper for short TCP connections (setup.py): built in place, beside the tracker
 NATIVE := src/netstatd/state/_shortconn$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')

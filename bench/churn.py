@@ -58,7 +58,7 @@ MAX_BATCH = 64  # connections between clock reads at max rate
 # complete or close (retransmissions), which would blur what the agent shows.
 LISTEN_BACKLOG = 65535
 SETTLE_TIMEOUT_S = 60.0
-CLOSES_TIMEOUT_S = 70.0  # > the agent's longest sock_diag check interval (agent.RECONCILE_MAX_S)
+CLOSES_TIMEOUT_S = 70.0  # > the agent's longest sock_diag check interval (diag.RECONCILE_MAX_S)
 WS_MODE = "separate process (multiprocessing spawn, GC off); frames kept as received, parsed after the run"
 
 # Targets of the issue (docs/benchmarks.md)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """User-space cost per TCP connection: ingest, flush and JSON encoding, without the kernel.
 
-Feeds the tracker kernel records shaped like the churn benchmark's (both sides of each connection
-on this node, owned by this process so /proc lookups are real), in ring-sized chunks, flushing
+Feeds the node's pipeline (state, then enrichment: pipeline.py) kernel records shaped like the churn
+benchmark's (both sides of each connection on this node, owned by this process so /proc lookups are
+real), in ring-sized chunks, flushing
 every 50 ms worth of connections as the agent does, and encodes what the hub would send. Reports
 microseconds per connection, i.e. the agent's share of a core at N connections/s is N * us / 1e6.
-Use it to compare changes to state/tracker.py and hub.py quickly; bench/churn.py has the real figure.
+Use it to compare changes to state/, enrich/events.py and hub.py quickly; bench/churn.py has the real figure.
 
     .venv/bin/python bench/tracker.py [--connections 200000] [--rate 40000] [--runs 3]
 """
@@ -20,7 +21,10 @@ import time
 
 from netstatd.enrich.attribution import Attribution
 from netstatd.enrich.cgroups import PidContainers
+from netstatd.enrich.events import EventBuilder
 from netstatd.hub import encode_frames
+from netstatd.pipeline import Pipeline
+from netstatd.protocol import WallClock
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.procfs import ProcessCache
 from netstatd.state.containers import ContainerIndex
@@ -87,10 +91,10 @@ def connection_records(i: int, ts: int) -> list[bytes]:
 
 
 def run(connections: int, rate: int, native: bool) -> float:
-    processes = ProcessCache()
-    tracker = Tracker("bench", processes, native=native)
-    tracker.attribution = Attribution(ContainerIndex("bench", tracker.clock.now), processes, PidContainers())
-    tracker.hostnames = Hostnames("bench", tracker.clock, 10_000)  # as the agent has them: no names known
+    processes, clock = ProcessCache(), WallClock()
+    attribution = Attribution(ContainerIndex("bench", clock.now), processes, PidContainers())
+    names = Hostnames("bench", clock, 10_000)  # as the agent has them: no names known
+    tracker = Pipeline(Tracker(native=native), EventBuilder("bench", clock, processes, attribution, names))
     per_chunk = max(1, rate // 100)  # the drainer reads every 10 ms
     per_flush = max(1, rate // 20)  # flushes every 50 ms
     now = time.monotonic_ns()

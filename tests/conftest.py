@@ -5,11 +5,17 @@ import pytest
 IN_CI = bool(os.environ.get("CI"))
 
 
+def require(condition: object, reason: str) -> None:
+    """What a test needs from the machine (root, a Debian package): without it, skip with the reason
+    printed locally, and fail in CI (`CI` set), where everything a test needs is installed."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason}, and CI is set: this test must run there")
+    print(f"SKIP: {reason}")
+    pytest.skip(reason)
+
+
 def require_root() -> None:
-    """Kernel and namespace tests need root: skip with a reason locally, fail in CI."""
-    if os.geteuid() != 0:
-        msg = "needs root (loads eBPF programs / creates network namespaces); run 'make test' as root"
-        if IN_CI:
-            pytest.fail(msg)
-        print(f"SKIP: {msg}")
-        pytest.skip(msg)
+    """Kernel and namespace tests need root."""
+    require(os.geteuid() == 0, "needs root (loads eBPF programs / creates network namespaces); run 'make test' as root")

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from .metrics import Metric, single
 from .protocol import SNAPSHOT_COMPLETE, STREAM_RESET
 
 log = logging.getLogger("netstatd.hub")
@@ -151,7 +152,33 @@ class Hub:
         self.stalled = 0  # clients closed for taking no frame for api.app.STALL_S
         self.overflows = 0
         self.clients_total = 0
-        self.published_events = 0
+
+    def metrics(self, prefix: str = "netstatd_") -> list[Metric]:
+        """Its clients, under `prefix` (the node's hub "netstatd_", the multiplexer's "netstatd_mux_")."""
+        return [
+            single(f"{prefix}clients_connected", "gauge", "WebSocket clients connected now.", len(self.subscribers)),
+            single(
+                f"{prefix}client_connections_total", "counter", "WebSocket clients ever connected.", self.clients_total
+            ),
+            single(
+                f"{prefix}client_events_dropped_total",
+                "counter",
+                "Events dropped for WebSocket clients too slow to keep up.",
+                self.dropped_events,
+            ),
+            single(
+                f"{prefix}client_overflows_total",
+                "counter",
+                "Times a client's queue overflowed (it then got a stream.reset).",
+                self.overflows,
+            ),
+            single(
+                f"{prefix}clients_stalled_total",
+                "counter",
+                "WebSocket clients closed as too slow: they took no frame for 30 s.",
+                self.stalled,
+            ),
+        ]
 
     def snapshot_frames(self) -> Iterator[bytes]:
         """The current state in frames of FRAME_EVENTS events, then snapshot.complete, encoded lazily."""
@@ -181,19 +208,15 @@ class Hub:
         self.subscribers.discard(sub)
 
     def publish(self, events: list[Event]) -> None:
-        if not events:
-            return
-        self.published_events += len(events)
-        if not self.subscribers:
+        if not events or not self.subscribers:
             return
         frames = encode_frames(events)
         for sub in self.subscribers:
             sub.offer(frames)
 
-    def publish_lazily(self, count: int, events: Iterable[Event]) -> None:
-        """publish() for `count` events made on demand (a start-up seed of 100k sockets): made a frame's
-        worth at a time, and not at all while nobody listens."""
-        self.published_events += count
+    def publish_lazily(self, events: Iterable[Event]) -> None:
+        """publish() for events made on demand (a start-up seed of 100k sockets): made a frame's worth
+        at a time, and not at all while nobody listens."""
         if not self.subscribers:
             return
         it = iter(events)

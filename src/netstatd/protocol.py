@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Mapping
+from typing import Any
 
+# Event types (the browser's copy: web/store.js, which names this module).
 HOST_INFO = "host.info"
 CONNECTION_EVENT = "connection.event"
 PORT_LISTENING = "port.listening"
@@ -20,10 +23,63 @@ IP_ADDED = "ip.added"
 IP_REMOVED = "ip.removed"
 DNS_RESOLVED = "dns.resolved"
 DNS_EXPIRED = "dns.expired"
+# the multiplexer's own
+MUX_STATUS = "mux.status"
+PEER_STATUS = "peer.status"
+NODE_REMOVED = "node.removed"
+# every type a node's stream carries
+NODE_EVENT_TYPES = frozenset(
+    (
+        HOST_INFO,
+        CONNECTION_EVENT,
+        PORT_LISTENING,
+        PORT_CLOSED,
+        CONTAINER_ADDED,
+        CONTAINER_DELETED,
+        IP_ADDED,
+        IP_REMOVED,
+        DNS_RESOLVED,
+        DNS_EXPIRED,
+        SNAPSHOT_COMPLETE,
+        STREAM_RESET,
+    )
+)
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+
+# TCP states: the kernel's numbers (include/net/tcp_states.h; netstatd.bpf.c and sock_diag use them)
+# and their names on the wire.
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_SYN_RECV, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_TIME_WAIT = 1, 2, 3, 4, 5, 6
+TCP_CLOSE, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_LISTEN, TCP_CLOSING, TCP_NEW_SYN_RECV = 7, 8, 9, 10, 11, 12
+TCP_STATES = {
+    TCP_ESTABLISHED: "ESTABLISHED",
+    TCP_SYN_SENT: "SYN_SENT",
+    TCP_SYN_RECV: "SYN_RECV",
+    TCP_FIN_WAIT1: "FIN_WAIT1",
+    TCP_FIN_WAIT2: "FIN_WAIT2",
+    TCP_TIME_WAIT: "TIME_WAIT",
+    TCP_CLOSE: "CLOSE",
+    TCP_CLOSE_WAIT: "CLOSE_WAIT",
+    TCP_LAST_ACK: "LAST_ACK",
+    TCP_LISTEN: "LISTEN",
+    TCP_CLOSING: "CLOSING",
+    TCP_NEW_SYN_RECV: "NEW_SYN_RECV",
+}
+# state number -> name, as a list: indexing it is the cheapest lookup per record
+TCP_STATE_NAMES = [TCP_STATES.get(i, str(i)) for i in range(256)]
+# UDP flows have no kernel state: these two names
 UDP_ACTIVE = "ACTIVE"
 UDP_CLOSE = "CLOSE"
+CLOSED = "CLOSE"  # the last state of every connection and flow
+
+
+def connection_key(event: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What identifies a connection.event's connection on its node: a TCP socket's cookie; a UDP flow's
+    socket cookie and peer (one socket, many peers). web/store.js connKey() is the same."""
+    if event.get("protocol") == "UDP":
+        return (event.get("sockCookie"), event.get("remoteIP"), event.get("remotePort"))
+    return (event.get("sockCookie"),)
+
 
 _V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 _ZERO16 = b"\0" * 16

@@ -1,12 +1,14 @@
 """The agent as a user meets it: initial state, slow clients, /metrics, /api/pid-exe, start-up errors."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,8 @@ from netstatd.testing.agent import AgentProcess
 from netstatd.testing.stream import StreamClient
 from tests.integration import peers
 from tests.integration.test_kernel_events import PYTHON_EXE, finish, start_peer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_connection_opened_before_the_agent_is_in_the_initial_state(hosts, tmp_path):
@@ -176,6 +180,27 @@ def test_metrics_pass_promtool_and_count_events(agent, hosts):
     assert agent.metric("netstatd_kernel_events_lost_total") == 0
 
 
+def test_metrics_are_the_ones_docs_metrics_md_lists(agent):
+    """Every metric family /metrics exposes is documented, and every documented one is exposed (the
+    auth and TLS ones only with --auth-token-file and --tls-cert-file, which this agent has not)."""
+    exposed = {line.split()[2] for line in agent.metrics().splitlines() if line.startswith("# TYPE ")}
+    table = (REPO / "docs/metrics.md").read_text()
+    documented = {
+        name
+        for row in table.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`(netstatd_\w+)`", row.split("|")[1])
+    }
+    only_with_flags = {
+        "netstatd_auth_failures_total",
+        "netstatd_auth_token_reloads_total",
+        "netstatd_clients_revoked_total",
+        "netstatd_tls_reloads_total",
+    }
+    assert exposed - documented == set(), "exposed but not in docs/metrics.md"
+    assert documented - exposed - only_with_flags == set(), "in docs/metrics.md but not exposed"
+
+
 def _get(url: str) -> tuple[int, dict]:
     import json
 
@@ -189,9 +214,10 @@ def _get(url: str) -> tuple[int, dict]:
 def test_pid_exe_api(agent):
     status, body = _get(f"{agent.url}/api/pid-exe?pid={os.getpid()}")
     assert (status, body["pid"], body["exe"]) == (200, os.getpid(), PYTHON_EXE)
-    status, body = _get(f"{agent.url}/api/pid-exe?pid=999999999")
+    unused = next(pid for pid in range(4_194_303, 0, -1) if not os.path.exists(f"/proc/{pid}"))
+    status, body = _get(f"{agent.url}/api/pid-exe?pid={unused}")
     assert status == 404 and "error" in body
-    for bad in ("abc", "-1", "", "1.5"):
+    for bad in ("abc", "-1", "", "1.5", "999999999"):
         status, body = _get(f"{agent.url}/api/pid-exe?pid={bad}")
         assert status == 400 and "error" in body, bad
 

@@ -105,3 +105,18 @@ def test_stops_promptly_with_a_client_connected(tmp_path):
         assert agent.stop() == 0
         assert time.monotonic() - t0 < 5
         assert stream.closed.wait(5)  # the client was told, not left hanging
+
+
+def test_agent_process_starts_on_a_fresh_port_when_its_own_was_taken(tmp_path):
+    """AgentProcess (testing/agent.py) retries when the agent exits for a port in use: here its first
+    --dnstap-port is held by a socket this test keeps open (tests/unit/test_testing_agent.py has more)."""
+    require_root()
+    agent = AgentProcess(log_path=tmp_path / "agent.log")
+    taken = agent.dnstap_port
+    with socket.socket() as thief:
+        thief.bind(("0.0.0.0", taken))
+        thief.listen()
+        with agent:
+            assert agent.dnstap_port != taken
+            assert agent.metric("netstatd_build_info") == 1
+            socket.create_connection(("127.0.0.1", agent.dnstap_port), timeout=5).close()  # the collector is there

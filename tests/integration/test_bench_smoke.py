@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, require_root
+from tests.conftest import require, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
@@ -62,11 +62,7 @@ def _number(v: object) -> bool:
 
 
 def _need_bpftrace() -> None:
-    if shutil.which("bpftrace") is None:
-        msg = "bpftrace is not installed (make test installs it)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require(shutil.which("bpftrace"), "bpftrace is not installed (make test installs it)")
 
 
 def _load_suite():

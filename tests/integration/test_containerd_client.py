@@ -9,8 +9,14 @@ import time
 
 import pytest
 
-from netstatd.sources.containerd.client import CRI_NAMESPACE, ContainerdClient, ContainerdEvent, ContainerdUnavailable
-from netstatd.testing.containerd import PLAIN_NS, systemd_scope_path
+from netstatd.sources.containerd.client import (
+    CRI_NAMESPACE,
+    ContainerdClient,
+    ContainerdEvent,
+    ContainerdUnavailable,
+    CriUnavailable,
+)
+from netstatd.testing.containerd import PLAIN_NS, PrivateContainerd, systemd_scope_path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,6 +148,19 @@ async def test_unavailable_when_socket_missing(tmp_path):
             await dead.list_tasks()
         with pytest.raises(ContainerdUnavailable):
             await dead.list_pod_sandboxes()
+
+
+async def test_without_the_cri_plugin():
+    """containerd's own API answers; the CRI calls say CriUnavailable (not ContainerdUnavailable)."""
+    cid = f"bare-{secrets.token_hex(3)}"  # ctr's runc state and cgroup are shared with other daemons
+    with PrivateContainerd(cri=False) as bare:
+        bare.run_plain_container(cid, ["sleep", "3600"])
+        async with ContainerdClient(bare.socket) as client:
+            assert [c.id for c in await client.list_containers([PLAIN_NS])] == [cid]
+            with pytest.raises(CriUnavailable):
+                await client.list_pod_sandboxes()
+            with pytest.raises(CriUnavailable):
+                await client.pod_sandbox("x" * 64)
 
 
 async def test_daemon_restart_breaks_the_stream_and_tasks_survive(ctd, pods):

@@ -7,7 +7,6 @@ import json
 import secrets
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 
@@ -16,6 +15,7 @@ import pytest
 from netstatd.testing.agent import AgentProcess, free_port
 from netstatd.testing.containerd import systemd_scope_path
 from netstatd.testing.stream import StreamClient
+from tests.integration.container_traffic import Server, connection_events
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -83,46 +83,6 @@ def test_api_filters(ctd, agent):
     assert api(agent, "?namespace=shop&podName=nosuch") == []
     assert len(api(agent)) >= 2
     ctd.remove_pod(pod)
-
-
-class Server:
-    """A TCP server on the host side of the pod bridge that accepts and closes at once."""
-
-    def __init__(self, ip: str) -> None:
-        self.ip, self.port = ip, free_port()
-        self.sock = socket.create_server((ip, self.port))
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def client_loop(self) -> list[str]:
-        """A container command connecting to this server every half second.
-
-        It waits 1 s first: a connection made in the first milliseconds of a container can beat
-        containerd's TaskStart event to the agent and carry the pod but not yet the container
-        (a known race, see docs/issue-3-status.md); these tests check steady-state attribution.
-        """
-        return ["sh", "-c", f"sleep 1; while true; do echo hi | nc {self.ip} {self.port}; sleep 0.5; done"]
-
-
-def connection_events(stream: StreamClient, server: Server) -> list[dict]:
-    """Every event of the first pod-side connection to server, once it has closed."""
-
-    def pod_side(e: dict) -> bool:
-        return e["type"] == "connection.event" and e["remoteIP"] == server.ip and e["remotePort"] == server.port
-
-    cookie = stream.wait_for(pod_side, timeout=10)["sockCookie"]
-    stream.wait_for(lambda e: pod_side(e) and e["sockCookie"] == cookie and e["state"] == "CLOSE", timeout=5)
-    return [e for e in stream.matching(pod_side) if e["sockCookie"] == cookie]
 
 
 def test_pod_outbound_connections_carry_pod_and_container(ctd, host_ip, stream):
@@ -219,7 +179,9 @@ def test_host_network_pod(ctd, stream):
     cid = pod.containers["main"]
     added = stream.wait_for(lambda e: e["type"] == "container.added" and e["containerId"] == cid, timeout=2)
     assert added["usesHostNetwork"] is True and added["podIPs"] == []
-    listening = stream.wait_for(lambda e: e["type"] == "port.listening" and e["port"] == port, timeout=5)
+    listening = stream.wait_for(
+        lambda e: e["type"] == "port.listening" and e["port"] == port and e["protocol"] == "TCP", timeout=5
+    )
     assert (listening["containerId"], listening["podName"], listening["namespace"]) == (cid, "hostpod", "kube-system")
     assert listening["usesHostNetwork"] is True and listening["host"] is False
     ctd.remove_pod(pod)
@@ -238,7 +200,9 @@ def test_container_start_scans_its_pod_netns_once_per_listener(ctd, agent, strea
     pod = ctd.run_pod("listener", {"srv": ["sh", "-c", f"while true; do nc -l -p {port} >/dev/null; done"]})
     cid = pod.containers["srv"]
     added = stream.wait_for(lambda e: e["type"] == "container.added" and e["containerId"] == cid, timeout=2)
-    listening = stream.wait_for(lambda e: e["type"] == "port.listening" and e["port"] == port, timeout=5)
+    listening = stream.wait_for(
+        lambda e: e["type"] == "port.listening" and e["port"] == port and e["protocol"] == "TCP", timeout=5
+    )
     assert (listening["podName"], listening["namespace"], listening["netns"]) == ("listener", "default", added["netns"])
     before = scans_done(agent)
     # A sidecar starting in the same pod scans the same netns, which holds the known listener.
@@ -313,7 +277,9 @@ def test_agent_started_later_attributes_existing_pod_sockets(ctd, tmp_path):
     ):
         done = client.wait_snapshot()
         snapshot = client.events[: client.events.index(done)]
-        [listening] = [e for e in snapshot if e["type"] == "port.listening" and e["port"] == port]
+        [listening] = [
+            e for e in snapshot if e["type"] == "port.listening" and e["port"] == port and e["protocol"] == "TCP"
+        ]
         assert (listening.get("containerId"), listening["podName"], listening["namespace"]) == (
             pod.containers["server"],
             "early",

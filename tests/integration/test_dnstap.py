@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from netstatd.testing.agent import free_port
 from netstatd.testing.dns import Dnsdist, Resolver, Zone, answer_addresses
 from netstatd.testing.stream import StreamClient
 from tests.integration import peers
@@ -103,7 +104,7 @@ def test_dnsdist_logs_responses_cache_hits_and_self_answers_to_the_mux_port(agen
 
 def test_a_capture_replays_through_fstrm_replay_and_the_dnstap_cli(agent, zone, stream, tmp_path):
     capture = tmp_path / "unbound.fstrm"
-    port = _free_port()
+    port = free_port()
     recorder = subprocess.Popen(
         ["fstrm_capture", "-t", "protobuf:dnstap.Dnstap", "-a", "127.0.0.1", "-p", str(port), "-w", str(capture)],
         stderr=subprocess.DEVNULL,
@@ -185,12 +186,6 @@ def _closed(agent) -> dict[str, float]:
         for line in agent.metrics().splitlines()
         if line.startswith(prefix)
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(port: int, timeout: float = 5) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from netstatd import protocol
 from netstatd.sources import sockdiag
 from netstatd.sources.addresses import InterfaceAddress, interface_addresses
 from netstatd.sources.netlink import (
@@ -30,6 +31,7 @@ from netstatd.sources.netlink import (
 )
 from netstatd.sources.procfs import list_netns, socket_owners
 from netstatd.sources.sockdiag import DiagSocket, dump_all_netns, dump_sockets
+from tests.conftest import require
 
 V4_PAD = bytes(12)
 LO4 = socket.inet_aton("127.0.0.1") + V4_PAD
@@ -56,16 +58,8 @@ sys.stdin.read()
 
 
 def _require_root() -> None:
-    reason = None
-    if os.geteuid() != 0:
-        reason = "needs root (ip netns add, setns)"
-    elif shutil.which("ip") is None or shutil.which("ss") is None:
-        reason = "needs iproute2 (ip, ss)"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}, and CI is set: these tests must run there")
-        print(f"skipping kernel tests: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+    require(os.geteuid() == 0, "needs root (ip netns add, setns)")
+    require(shutil.which("ip") and shutil.which("ss"), "needs iproute2 (ip, ss)")
 
 
 @pytest.fixture(scope="module")
@@ -153,18 +147,18 @@ def test_dump_finds_sockets_in_netns(netns: str, child: dict) -> None:
 
     socks = [s for s in dump_all_netns(found) if s.netns == ns_ino]
     c = child
-    l4 = _one(socks, protocol=6, sport=c["l4"]["port"], state=sockdiag.TCP_LISTEN)
+    l4 = _one(socks, protocol=6, sport=c["l4"]["port"], state=protocol.TCP_LISTEN)
     assert (l4.family, l4.saddr, l4.daddr, l4.dport) == (4, LO4, bytes(16), 0)
-    l6 = _one(socks, protocol=6, sport=c["l6"]["port"], state=sockdiag.TCP_LISTEN)
+    l6 = _one(socks, protocol=6, sport=c["l6"]["port"], state=protocol.TCP_LISTEN)
     assert (l6.family, l6.saddr) == (6, LO6)
     cli = _one(socks, protocol=6, sport=c["cli"]["port"], dport=c["l4"]["port"])
-    assert (cli.family, cli.state, cli.saddr, cli.daddr) == (4, sockdiag.TCP_ESTABLISHED, LO4, LO4)
+    assert (cli.family, cli.state, cli.saddr, cli.daddr) == (4, protocol.TCP_ESTABLISHED, LO4, LO4)
     srv = _one(socks, protocol=6, sport=c["l4"]["port"], dport=c["cli"]["port"])
-    assert srv.state == sockdiag.TCP_ESTABLISHED
+    assert srv.state == protocol.TCP_ESTABLISHED
     uc = _one(socks, protocol=17, sport=c["uc"]["port"])
     assert (uc.family, uc.state, uc.daddr, uc.dport) == (4, 1, LO4, 9)
     uu = _one(socks, protocol=17, sport=c["uu"]["port"])
-    assert (uu.state, uu.saddr, uu.dport) == (sockdiag.TCP_CLOSE, LO4, 0)
+    assert (uu.state, uu.saddr, uu.dport) == (protocol.TCP_CLOSE, LO4, 0)
     um = _one(socks, protocol=17, sport=c["um"]["port"])
     assert (um.family, um.state, um.saddr, um.daddr) == (6, 1, MAPPED_LO, MAPPED_LO)
 
@@ -180,8 +174,8 @@ def test_tcp_states_asks_the_kernel_for_some_states(netns: str, child: dict) -> 
     path = f"/run/netns/{netns}"
     inode = os.stat(path).st_ino
     by_inode = {s.inode: s.cookie for s in dump_sockets(inode, path)}
-    states = sockdiag.tcp_states({inode: path}, sockdiag.state_mask([sockdiag.TCP_LISTEN]))
-    assert states == {by_inode[child[n]["inode"]]: sockdiag.TCP_LISTEN for n in ("l4", "l6")}
+    states = sockdiag.tcp_states({inode: path}, sockdiag.state_mask([protocol.TCP_LISTEN]))
+    assert states == {by_inode[child[n]["inode"]]: protocol.TCP_LISTEN for n in ("l4", "l6")}
 
 
 def test_cookie_matches_ss() -> None:

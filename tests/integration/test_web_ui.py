@@ -14,7 +14,7 @@ import pytest
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.stream import StreamClient
-from tests.conftest import IN_CI, require_root
+from tests.conftest import require, require_root
 from tests.integration import peers
 from tests.integration.test_kernel_events import finish, start_peer
 
@@ -44,12 +44,7 @@ sys.stdin.read()
 
 def require_chromium() -> None:
     """Needs Debian's chromium (make test-packages); Playwright never downloads a browser here."""
-    if not os.path.exists(CHROMIUM):
-        msg = f"needs {CHROMIUM} (Debian package chromium; make test-packages installs it)"
-        if IN_CI:
-            pytest.fail(msg)
-        print(f"SKIP: {msg}")
-        pytest.skip(msg)
+    require(os.path.exists(CHROMIUM), f"needs {CHROMIUM} (Debian package chromium; make test-packages installs it)")
 
 
 @contextlib.contextmanager

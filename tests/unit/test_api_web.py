@@ -116,3 +116,38 @@ def test_package_data_ships_every_ui_and_deploy_file():
         if f.is_file() and f.suffix != ".py" and "__pycache__" not in f.parts
     }
     assert wanted - shipped == set()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "abc",
+        "-1",
+        "1.5",
+        " 1",
+        "²",  # str.isdigit() says yes, int() says no
+        "٣",  # ARABIC-INDIC DIGIT THREE: int() would take it, it is no pid
+        "1" * 5000,  # more digits than int() converts
+        str(2**32 + 1),
+        str((1 << 22) + 1),  # above PID_MAX_LIMIT
+    ],
+)
+async def test_pid_exe_refuses_what_is_no_pid_with_400(raw):
+    asked: list[int] = []
+    hub = Hub("node-1", lambda: [], lambda: "2026-01-01T00:00:00.000000Z")
+    app = build_app(hub, lambda: {"type": "host.info"}, lambda: [], lambda pid: asked.append(pid))
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.get("/api/pid-exe", params={"pid": raw})
+        assert resp.status == 400
+        assert resp.content_type == "application/json"
+        body = await resp.json()
+        assert "pid must be an integer" in body["error"] and len(body["error"]) < 200
+    assert asked == []
+
+
+@pytest.mark.parametrize("raw", ["0", "1", "4194304"])
+async def test_pid_exe_looks_up_any_pid_linux_can_have(client, raw):
+    resp = await client.get("/api/pid-exe", params={"pid": raw})
+    assert resp.status == 404  # the fixture's look-up knows no process
+    assert await resp.json() == {"error": f"no process with pid {int(raw)}", "pid": int(raw)}

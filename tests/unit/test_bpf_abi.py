@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from netstatd.protocol import TCP_STATES
 from netstatd.sources.bpf import events
 from netstatd.sources.bpf.loader import OBJECT_PATH
 
@@ -89,7 +90,7 @@ def test_decoder_reads_a_record_the_kernel_way():
         80,
     )
     assert events.comm_str(r[events.COMM]) == "curl"
-    assert events.TCP_STATES[r[events.NEWSTATE]] == "ESTABLISHED"
+    assert TCP_STATES[r[events.NEWSTATE]] == "ESTABLISHED"
 
 
 def test_brief_decoder_reads_the_same_fields():

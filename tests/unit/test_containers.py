@@ -190,6 +190,7 @@ def test_follower_scans_the_netns_of_a_started_task(tmp_path: Path) -> None:
     """TaskStart of the sandbox and of a container each ask for a scan of the pod's netns."""
     import asyncio
 
+    from netstatd.sources.containerd.changes import TaskStarted
     from netstatd.sources.containerd.client import ContainerdEvent
     from netstatd.sources.containerd.follower import ContainerdFollower
 
@@ -220,9 +221,14 @@ def test_follower_scans_the_netns_of_a_started_task(tmp_path: Path) -> None:
 
     scans: list[tuple[int, str]] = []
     index = ContainerIndex("n1", lambda: "T")
-    follower = ContainerdFollower(
-        "/nonexistent", index, lambda events: None, proc_root="/p", on_task_start=lambda *a: scans.append(a)
-    )
+
+    def on_change(change) -> None:  # as the agent does: the index, or a scan
+        if isinstance(change, TaskStarted):
+            scans.append((change.netns, change.path))
+        else:
+            index.apply(change)
+
+    follower = ContainerdFollower("/nonexistent", on_change, proc_root="/p")
 
     async def apply() -> None:
         client = FakeClient()

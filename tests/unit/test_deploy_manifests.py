@@ -29,6 +29,7 @@ import yaml
 from netstatd import settings
 from netstatd.api.deployment import deployment_info
 from netstatd.settings import Settings
+from tests.conftest import require
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -78,11 +79,7 @@ FLAGS = {"--" + o.field.replace("_", "-"): o.field for o in settings.OPTIONS if 
 
 def kustomize(path: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        reason = "kubectl is not installed (make test-packages installs kubernetes-client)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(kubectl, "kubectl is not installed (make test-packages installs kubernetes-client)")
     out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -473,10 +470,7 @@ def test_makefile_installs_from_the_hashed_lock():
 
 def openssl() -> str:
     path = shutil.which("openssl")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("openssl is not installed")
-        pytest.skip("openssl is not installed")
+    require(path, "openssl is not installed (make test installs it)")
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +30,7 @@ from netstatd.sources.dnstap.framestream import (
     data_frame,
     serve,
 )
+from tests.conftest import require
 
 U32 = struct.Struct(">I")
 OTHER = b"protobuf:other.Thing"
@@ -562,11 +562,7 @@ def test_parser_errors_carry_reason() -> None:
 
 async def test_fstrm_replay_interop(srv: Srv, tmp_path: Path) -> None:
     exe = shutil.which("fstrm_replay")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("fstrm_replay missing in CI (apt-get install fstrm-bin)")
-        print("skipping: fstrm_replay not installed (apt-get install fstrm-bin)")
-        pytest.skip("fstrm_replay not installed (apt-get install fstrm-bin)")
+    require(exe, "fstrm_replay is not installed (make test installs fstrm-bin)")
     frames = [b"dnstap-%d" % i * (i % 5 + 1) for i in range(200)]
     path = tmp_path / "in.fstrm"  # file format: START, data frames, STOP
     path.write_bytes(START_OK + b"".join(map(data_frame, frames)) + control_frame(STOP))

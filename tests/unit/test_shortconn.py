@@ -1,8 +1,8 @@
-"""The native path for short TCP connections (state/shortconn.c) against the Python path.
+"""The native path for short TCP connections (state/shortconn.c, state/native.py) against the fold.
 
-Both trackers take the same records in the same chunks and flushes; they must send the same events
-and count the same metrics. The Python path (Tracker(native=False)) is the reference: its events are
-the Conn path's (tests/unit/test_tracker.py).
+Both nodes take the same records in the same chunks and flushes; they must send the same events and
+count the same metrics. A node without the native helper (Tracker(native=False)) is the reference:
+every connection then takes the fold and the tables (tests/unit/test_tracker.py).
 """
 
 import random
@@ -11,19 +11,21 @@ import socket
 import orjson
 import pytest
 
+from netstatd import protocol as wire
 from netstatd.enrich.attribution import Attribution
 from netstatd.enrich.cgroups import PidContainers
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.dnstap.decode import Resolution
 from netstatd.sources.procfs import ProcessCache
-from netstatd.state import tracker as tracker_module
+from netstatd.state import native as native_module
 from netstatd.state.containers import ContainerIndex
 from netstatd.state.hostnames import Hostnames
-from netstatd.state.tracker import Tracker
+from tests.unit.node import Node
 from tests.unit.test_tracker import rec
 
-CLOSE, SYN_SENT, SYN_RECV, ESTABLISHED = ev.TCP_CLOSE, 2, 3, 1
-FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN = 4, 5, 8, 9, ev.TCP_LISTEN
+CLOSE, SYN_SENT, SYN_RECV, ESTABLISHED = wire.TCP_CLOSE, wire.TCP_SYN_SENT, wire.TCP_SYN_RECV, wire.TCP_ESTABLISHED
+FIN_WAIT1, FIN_WAIT2, LAST_ACK, LISTEN = wire.TCP_FIN_WAIT1, wire.TCP_FIN_WAIT2, wire.TCP_LAST_ACK, wire.TCP_LISTEN
+
 # (family, local, remote): IPv4, IPv6, and IPv4 on an IPv6 socket (reported as IPv4)
 ADDRESSES = [
     (4, socket.inet_aton("10.0.0.1") + bytes(12), socket.inet_aton("10.0.0.2") + bytes(12)),
@@ -108,17 +110,15 @@ def stream(seed: int, connections: int = 400) -> list[bytes]:
     return records
 
 
-def make_tracker(tmp_path, native: bool, clock=None) -> Tracker:
-    t = Tracker("node-1", ProcessCache(proc_root=str(tmp_path)), native=native)
-    if clock is not None:
-        t.clock = clock  # one wall-clock offset for both: timestamps compare exactly
+def make_tracker(tmp_path, native: bool, clock=None) -> Node:
+    t = Node(tmp_path, native=native, clock=clock)  # one clock for both: timestamps compare exactly
     t.attribution = Attribution(ContainerIndex("node-1", t.clock.now), t.processes, PidContainers(str(tmp_path)))
     t.hostnames = Hostnames("node-1", t.clock)
     t.hostnames.learn([Resolution("10.0.0.2", "api.example.test", (), 300, "10.0.0.1")])
     return t
 
 
-def run(t: Tracker, records: list[bytes], seed: int) -> list[dict]:
+def run(t: Node, records: list[bytes], seed: int) -> list[dict]:
     """Feeds records in random chunks, flushing every few chunks; returns every event sent."""
     rng = random.Random(seed)
     events = []
@@ -133,7 +133,7 @@ def run(t: Tracker, records: list[bytes], seed: int) -> list[dict]:
     return [orjson.loads(orjson.dumps(e)) for e in events]
 
 
-def metrics(t: Tracker) -> dict:
+def metrics(t: Node) -> dict:
     a = t.attribution
     return {
         "opened": t.opened,
@@ -147,7 +147,7 @@ def metrics(t: Tracker) -> dict:
 
 
 def test_the_native_helper_is_built():
-    assert tracker_module._shortconn is not None, "make setup builds it (setup.py); the agent runs slower without"
+    assert native_module.AVAILABLE, "make setup builds it (setup.py); the agent runs slower without"
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -175,7 +175,8 @@ def test_native_path_takes_the_short_connections_out_of_the_chunk(tmp_path):
         for cookie in range(10, 20)
     )
     t.ingest(chunk)
-    assert t._shorts and not t._pending
+    period = t.tracker.folder.period
+    assert period.shorts and not period.entries
     events = t.flush()
     assert all(isinstance(e, orjson.Fragment) for e in events) and len(events) == 10
 
@@ -185,12 +186,13 @@ def test_a_connection_across_chunks_of_one_flush_is_carried_and_still_open_at_th
     t.ingest(
         record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=1, sport=0) + record(ev.EV_TCP_STATE, 6, CLOSE, SYN_SENT, ts=2)
     )
-    assert t._carry and not t._pending  # both still open: carried, not folded
+    shorts, period = t.tracker._shorts, t.tracker.folder.period
+    assert shorts._carry and not period.entries  # both still open: carried, not folded
     t.ingest(record(ev.EV_TCP_STATE, 5, SYN_SENT, CLOSE, ts=3, sport=0))
-    assert len(t._shorts) == 1 and not t._pending
+    assert len(period.shorts) == 1 and not period.entries
     short, opened = (orjson.loads(orjson.dumps(e)) for e in t.flush())
     assert (short["sockCookie"], short["states"]) == (5, ["SYN_SENT", "CLOSE"])
-    assert (opened["sockCookie"], opened["state"]) == (6, "SYN_SENT") and 6 in t.tcp and not t._carry
+    assert (opened["sockCookie"], opened["state"]) == (6, "SYN_SENT") and 6 in t.tcp and not shorts._carry
 
 
 def test_a_socket_reused_within_a_chunk_stays_one_connection(tmp_path):
@@ -211,14 +213,14 @@ def test_a_socket_reused_within_a_chunk_stays_one_connection(tmp_path):
 def test_a_reconciled_socket_gets_no_second_close(tmp_path):
     """reconcile() delivered its close already ("gone"): a late kernel CLOSE is no new connection."""
     t = make_tracker(tmp_path, native=True)
-    t._reconciled_cookies[5] = None
+    t.tables.reconciled_cookies[5] = None
     t.ingest(record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=1) + record(ev.EV_TCP_STATE, 5, SYN_SENT, CLOSE, ts=2))
     assert t.flush() == []
 
 
 def test_split_refuses_a_chunk_of_partial_records():
     with pytest.raises(ValueError, match="not whole records"):
-        tracker_module._shortconn.split(b"\0" * 100, {}, {}, {})
+        native_module._shortconn.split(b"\0" * 100, ())
 
 
 def test_record_counts_match_the_python_count_with_many_distinct_kinds(tmp_path):
@@ -236,13 +238,13 @@ def test_owners_are_looked_up_when_their_records_arrive_not_at_the_flush():
     connections packed and carried alike."""
     import os
 
-    t = Tracker("node-1", ProcessCache(), native=True)
+    t = Node("/proc", native=True)
     me = os.getpid()
     t.ingest(record(ev.EV_TCP_STATE, 5, CLOSE, SYN_SENT, ts=1, tgid=me, comm=b"python3"))
-    assert t._carry and me in t.processes
-    t.processes = ProcessCache()
+    assert t.tracker._shorts._carry and me in t.processes
+    t.builder.processes = t.processes = ProcessCache()
     t.ingest(record(ev.EV_TCP_STATE, 5, SYN_SENT, CLOSE, ts=2, tgid=me, comm=b"python3"))
-    assert t._shorts and me in t.processes
+    assert t.tracker.folder.period.shorts and me in t.processes
 
 
 def test_split_and_render_keep_no_memory_behind():
@@ -250,19 +252,15 @@ def test_split_and_render_keep_no_memory_behind():
     import gc
     import tracemalloc
 
-    shortconn = tracker_module._shortconn
+    shortconn = native_module._shortconn
     chunk = b"".join(stream(3))
-    memo: dict = {}
-
-    def make(*_):
-        return [b"<", b"|", b"|", b"|", b">", 0, None]
 
     def round_trip() -> int:
-        _rest, packed, owners, _carry = shortconn.split(chunk, {}, {}, {})
-        events = shortconn.render([packed], memo, make, orjson.Fragment, 0)
+        _rest, packed, owners, _carry = shortconn.split(chunk, ({},))
+        reps, index, _uses = shortconn.distinct([packed])
+        texts = shortconn.render([packed], index, [(b"<", b"|", b"|", b"|", b">")] * len(reps), 0)
         shortconn.count_kinds(chunk, {})
-        memo.clear()
-        return len(events) + len(owners)
+        return len(texts) + len(owners)
 
     assert round_trip() > 100
     gc.collect()

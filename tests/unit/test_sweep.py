@@ -1,6 +1,6 @@
 """The folded-state sweep: a sock_diag dump sets the states the kernel folded and a socket stays in."""
 
-from netstatd.state.sweep import sweep_folded
+from netstatd.state import sweep
 from tests.unit.test_tracker import conn_events, rec, tracker
 
 CLOSE_WAIT, FIN_WAIT2, TIME_WAIT = 8, 5, 6
@@ -57,3 +57,8 @@ def test_a_record_drained_after_the_sweep_does_not_roll_back_its_state(tmp_path)
     t.ingest(rec(cookie=9, old=1, new=1, ts=50))  # an older record, drained late
     (late,) = conn_events(t.flush())
     assert late["state"] == "CLOSE_WAIT" and t.tcp[9].state == "CLOSE_WAIT"
+
+
+def sweep_folded(t, states, before_ns):
+    """The sweep's events, as the agent publishes them."""
+    return t.pipeline.events(sweep.sweep_folded(t.tables, states, before_ns))

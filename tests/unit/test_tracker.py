@@ -1,14 +1,14 @@
-"""Node state from kernel records: coalescing, ownership, listeners, UDP flows, seeding."""
+"""Node state from kernel records to events: coalescing, ownership, listeners, UDP flows, seeding."""
 
 import socket
 
 import orjson
 import pytest
 
+from netstatd.protocol import TCP_CLOSE
 from netstatd.sources.bpf import events as ev
-from netstatd.sources.procfs import ProcessCache
 from netstatd.sources.sockdiag import DiagSocket
-from netstatd.state.tracker import Tracker
+from tests.unit.node import Node
 
 NETNS = 4026532000
 
@@ -57,8 +57,8 @@ def rec(
     )
 
 
-def tracker(tmp_path) -> Tracker:
-    return Tracker("node-1", ProcessCache(proc_root=str(tmp_path)))
+def tracker(tmp_path) -> Node:
+    return Node(tmp_path)
 
 
 def decoded(out):
@@ -201,11 +201,11 @@ def test_seed_skips_sockets_closed_while_scanning_and_loopback(tmp_path):
 
 
 def test_record_counts_feed_the_metrics(tmp_path):
-    from netstatd.metrics import record_metrics, render
+    from netstatd.metrics import render
 
     t = tracker(tmp_path)
     t.ingest(rec(old=7, new=2) + rec(old=2, new=1) + rec(ev.EV_UDP_SEND, cookie=5))
-    text = render(record_metrics(t.record_counts))
+    text = render(t.tracker.folder.metrics())
     assert 'netstatd_events_total{protocol="TCP",family="IPv4"} 2' in text
     assert 'netstatd_events_by_state{protocol="TCP",family="IPv4",state="SYN_SENT"} 1' in text
     assert 'netstatd_events_by_state{protocol="UDP",family="IPv4",state="SEND"} 1' in text
@@ -236,12 +236,12 @@ def test_reconcile_closes_what_the_kernel_no_longer_has(tmp_path):
 
 
 def test_tables_are_capped_oldest_first(tmp_path):
-    t = Tracker("n", ProcessCache(proc_root=str(tmp_path)), max_connections=2, max_udp_flows=2)
+    t = Node(tmp_path, max_connections=2, max_udp_flows=2)
     for cookie in (1, 2, 3):
         t.ingest(rec(cookie=cookie, old=10, new=3) + rec(ev.EV_UDP_SEND, cookie=100 + cookie, dport=cookie))
     t.flush()
     assert list(t.tcp) == [2, 3] and sorted(k[0] for k in t.udp) == [102, 103]
-    assert set(t._udp_by_cookie) == {102, 103}  # the index follows the table
+    assert set(t.tables._udp_by_cookie) == {102, 103}  # the index follows the table
     assert t.evicted == 2
 
 
@@ -274,7 +274,7 @@ def test_netns_scan_adds_unknown_listeners_only(tmp_path):
     t.begin_seed()
     still_open = [s for s in scanned if s.cookie != 6]
     assert t.add_listeners(still_open, include_loopback=False) == []  # a second scan of the same netns adds nothing
-    assert t._closed_while_seeding is None  # no scan left open
+    assert t.tables.closed_while_seeding is None  # no scan left open
 
 
 def test_overlapping_scans_share_the_closed_set(tmp_path):
@@ -285,7 +285,7 @@ def test_overlapping_scans_share_the_closed_set(tmp_path):
     t.flush()
     t.begin_seed()  # the seed starts meanwhile
     assert t.add_listeners([diag(6, 10, 6060, 0, 0, daddr="0.0.0.0")], include_loopback=False) == []
-    assert t.seed([], {}, include_loopback=False) == [] and t._closed_while_seeding is None
+    assert t.seed([], {}, include_loopback=False) == [] and t.tables.closed_while_seeding is None
 
 
 def test_connections_carry_the_names_learned_from_dnstap_and_keep_them(tmp_path, monkeypatch):
@@ -325,7 +325,7 @@ def test_connections_carry_the_names_learned_from_dnstap_and_keep_them(tmp_path,
 @pytest.mark.parametrize("accepted", [False, True])
 @pytest.mark.parametrize("enriched", [False, True])
 def test_a_connection_within_one_flush_gives_the_same_event_as_one_across_flushes(tmp_path, accepted, enriched):
-    """Short connections take a faster path (_short_tcp_event): same fields, same values."""
+    """Short connections take the native path when it is built: same fields, same values."""
     from netstatd.enrich.attribution import Attribution
     from netstatd.enrich.cgroups import PidContainers
     from netstatd.state.containers import ContainerIndex
@@ -354,9 +354,8 @@ def test_a_connection_within_one_flush_gives_the_same_event_as_one_across_flushe
 
 
 def test_short_connections_of_one_owner_share_a_template_but_count_and_encode_each(tmp_path):
-    """Within a flush, short connections of one owner reuse one encoded template (_short_tcp_event):
-    each still gets its own ports, cookie and timestamp, counts in the attribution metrics, and a
-    "%" in a name is not taken for a format."""
+    """Within a flush, short connections of one owner share one template (the native path): each still
+    gets its own ports, cookie and timestamp, and counts in the attribution metrics."""
     from netstatd.enrich.attribution import Attribution
     from netstatd.enrich.cgroups import PidContainers
     from netstatd.state.containers import ContainerIndex
@@ -367,9 +366,9 @@ def test_short_connections_of_one_owner_share_a_template_but_count_and_encode_ea
     def client(cookie: int, port: int, tgid: int, ts: int) -> list[bytes]:
         common = {"cookie": cookie, "tgid": tgid, "comm": b"50%cpu", "sport": port, "dport": 80}
         return [
-            rec(old=ev.TCP_CLOSE, new=2, ts=ts, **common),
+            rec(old=TCP_CLOSE, new=2, ts=ts, **common),
             rec(old=2, new=1, ts=ts + 1, **common),
-            rec(old=5, new=ev.TCP_CLOSE, folded=(4, 5), ts=ts + 2_000, **common),
+            rec(old=5, new=TCP_CLOSE, folded=(4, 5), ts=ts + 2_000, **common),
         ]
 
     for r in (

@@ -92,10 +92,16 @@ async def deployment(request: web.Request) -> web.Response:
     return json_response(deployment_info())
 
 
+PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT: no pid_max can be set above it
+
+
 async def pid_exe(request: web.Request) -> web.Response:
     raw = request.query.get("pid", "")
-    if not raw.isdigit():
-        return json_response({"error": f"pid must be a non-negative integer, got {raw!r}"}, 400)
+    # ASCII digits only (str.isdigit() also takes "²" or "٣", which int() refuses), and few of them:
+    # int() refuses more than 4300 digits, and nothing that long is a pid.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 8 and int(raw) <= PID_MAX):
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        return json_response({"error": f"pid must be an integer from 0 to {PID_MAX}, got {shown!r}"}, 400)
     pid = int(raw)
     found = request.app[PID_EXE](pid)
     if found is None:

@@ -18,6 +18,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ..metrics import Metric, single
 from ..sources.procfs import parse_stat
 
 _ID = re.compile(r"[0-9a-f]{64}")
@@ -101,6 +102,16 @@ class PidContainers:
         self.capacity = capacity
         self._entries: OrderedDict[tuple[int, int], CgroupOwner | None] = OrderedDict()
         self.misses = 0  # /proc reads, for the metrics
+
+    def metrics(self) -> list[Metric]:
+        return [
+            single(
+                "netstatd_cgroup_lookups_total",
+                "counter",
+                "/proc/PID/cgroup reads (pid -> container cache misses).",
+                self.misses,
+            )
+        ]
 
     def __len__(self) -> int:
         return len(self._entries)

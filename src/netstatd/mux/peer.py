@@ -24,20 +24,7 @@ import aiohttp
 import orjson
 
 from ..hub import FRAME_EVENTS
-from ..protocol import (
-    CONNECTION_EVENT,
-    CONTAINER_ADDED,
-    CONTAINER_DELETED,
-    DNS_EXPIRED,
-    DNS_RESOLVED,
-    HOST_INFO,
-    IP_ADDED,
-    IP_REMOVED,
-    PORT_CLOSED,
-    PORT_LISTENING,
-    SNAPSHOT_COMPLETE,
-    STREAM_RESET,
-)
+from ..protocol import HOST_INFO, NODE_EVENT_TYPES, NODE_REMOVED, PEER_STATUS, SNAPSHOT_COMPLETE, STREAM_RESET
 from ..settings import Settings
 from ..supervisor import Supervisor, failpoint
 from ..tls import TLSFiles, client_tls
@@ -45,27 +32,7 @@ from .state import Event, MergedState, NodeTables
 
 log = logging.getLogger("netstatd.mux")
 
-PEER_STATUS = "peer.status"
-NODE_REMOVED = "node.removed"
 CONNECTED, RECONNECTING, GONE = "connected", "reconnecting", "gone"
-
-# Every type a node stream carries (docs/protocol.md); anything else is garbage.
-NODE_TYPES = frozenset(
-    (
-        HOST_INFO,
-        CONNECTION_EVENT,
-        PORT_LISTENING,
-        PORT_CLOSED,
-        CONTAINER_ADDED,
-        CONTAINER_DELETED,
-        IP_ADDED,
-        IP_REMOVED,
-        DNS_RESOLVED,
-        DNS_EXPIRED,
-        SNAPSHOT_COMPLETE,
-        STREAM_RESET,
-    )
-)
 MAX_FRAME_BYTES = 16 << 20  # a node's frames stay under ~1 MB (hub.FRAME_EVENTS)
 FLOOD_WINDOWS = 3  # consecutive 1 s windows over a rate limit (events/s, bytes/s) before a peer is cut
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
@@ -230,7 +197,7 @@ def parse_frame(data: str | bytes, node: str | None) -> list[Event]:
         if not isinstance(e, dict):
             raise Garbage("shape", f"an event that is not an object: {str(e)[:80]!r}")
         t = e.get("type")
-        if not isinstance(t, str) or t not in NODE_TYPES:
+        if not isinstance(t, str) or t not in NODE_EVENT_TYPES:
             raise Garbage("type", f"unknown event type {str(e.get('type'))[:80]!r}")
         name = e.get("nodeName")
         if not isinstance(name, str) or not name or (node is not None and name != node):

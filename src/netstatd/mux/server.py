@@ -23,7 +23,7 @@ from .. import __version__
 from ..api.front import Front
 from ..hub import Hub, Subscriber
 from ..metrics import Metric, single
-from ..protocol import HOST_INFO
+from ..protocol import HOST_INFO, MUX_STATUS
 from ..settings import Settings
 from ..supervisor import Supervisor, failpoint
 from .discovery import Discovery
@@ -32,7 +32,6 @@ from .state import Event, MergedState
 
 log = logging.getLogger("netstatd.mux")
 
-MUX_STATUS = "mux.status"
 MAX_PEER_EVENTS_PER_S = 500_000  # 10x what a node delivers at full churn (tens of thousands/s, docs/benchmarks.md)
 LINGER_S = 60.0  # upstreams stay open this long after the last client left (a page reload keeps them)
 
@@ -230,26 +229,11 @@ class Mux:
                 "Events peers dropped for this mux (their stream.reset missedEvents); that node is then rebuilt.",
                 st.missed_events,
             ),
-            single(
-                "netstatd_mux_clients_connected", "gauge", "Mux WebSocket clients connected now.", len(h.subscribers)
-            ),
-            single("netstatd_mux_client_connections_total", "counter", "Mux WebSocket clients ever.", h.clients_total),
-            single(
-                "netstatd_mux_client_events_dropped_total",
-                "counter",
-                "Events dropped for mux clients too slow to keep up.",
-                h.dropped_events,
-            ),
-            single(
-                "netstatd_mux_client_overflows_total",
-                "counter",
-                "Times a mux client's queue overflowed (it then got a stream.reset).",
-                h.overflows,
-            ),
             Metric(
                 "netstatd_mux_discovery_lookups_total",
                 "counter",
                 "FANOUT_SERVICE lookups by result: ok, empty (no agent listed, or unset), failed (peers kept).",
                 [({"result": r}, n) for r, n in self.discovery.lookups.items()],
             ),
+            *h.metrics("netstatd_mux_"),
         ]

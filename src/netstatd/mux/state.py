@@ -12,6 +12,7 @@ import orjson
 
 from ..hub import exact
 from ..protocol import (
+    CLOSED,
     CONNECTION_EVENT,
     CONTAINER_ADDED,
     CONTAINER_DELETED,
@@ -21,11 +22,10 @@ from ..protocol import (
     IP_REMOVED,
     PORT_CLOSED,
     PORT_LISTENING,
-    UDP_CLOSE,
+    connection_key,
 )
 
 Event = dict[str, Any]
-TCP_CLOSE = "CLOSE"
 
 
 class ConnectionRow(NamedTuple):
@@ -51,10 +51,8 @@ class NodeTables:
     def apply(self, e: Event) -> None:
         t = e["type"]
         if t == CONNECTION_EVENT:
-            key = (e.get("sockCookie"),)
-            if e.get("protocol") == "UDP":
-                key += (e.get("remoteIP"), e.get("remotePort"))
-            if e.get("state") in (TCP_CLOSE, UDP_CLOSE):
+            key = connection_key(e)
+            if e.get("state") == CLOSED:
                 self.connections.pop(key, None)
             else:
                 old = self.connections.get(key)

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from ..protocol import TCP_CLOSE, TCP_NEW_SYN_RECV, TCP_TIME_WAIT
 from .netlink import NETLINK_SOCK_DIAG, dump, netns_inode, open_netlink
 
 log = logging.getLogger("netstatd.sockdiag")
@@ -20,12 +21,6 @@ SOCK_DIAG_BY_FAMILY = 20
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
-# Kernel state numbers (include/net/tcp_states.h); UDP reuses ESTABLISHED/CLOSE.
-TCP_ESTABLISHED = 1
-TCP_TIME_WAIT = 6
-TCP_CLOSE = 7
-TCP_LISTEN = 10
-TCP_NEW_SYN_RECV = 12
 ALL_STATES = 0xFFFFFFFF
 
 # struct inet_diag_req_v2 without its inet_diag_sockid (48 zero bytes: no filter).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..metrics import Metric, single
 from ..protocol import DNS_EXPIRED, DNS_RESOLVED, WallClock
 from ..sources.dnstap.decode import Resolution
 from .names import NameCache, NameEntry
@@ -26,6 +27,18 @@ class Hostnames:
         self._pending: dict[str, NameEntry] = {}  # ip -> entry to announce at the next flush
         self._next_expiry = 0.0
         self.expired = 0
+
+    def metrics(self) -> list[Metric]:
+        return [
+            single("netstatd_dns_names", "gauge", "IP -> hostname entries in the cache.", len(self.cache)),
+            single(
+                "netstatd_dns_names_evicted_total",
+                "counter",
+                "Entries dropped because the cache was full (raise --dns-max-names).",
+                self.cache.evicted,
+            ),
+            single("netstatd_dns_names_expired_total", "counter", "Entries whose TTL ran out.", self.expired),
+        ]
 
     def learn(self, resolutions: list[Resolution]) -> None:
         now = time.monotonic()

@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..metrics import Metric, single
 from ..protocol import FAMILY_NAMES, IP_ADDED, IP_REMOVED
 from ..sources.addresses import InterfaceAddress
 from .containers import Pod
@@ -75,6 +76,13 @@ class IpInventory:
         self.node_name = node_name
         self.now = now
         self.entries: dict[Key, Event] = {}
+
+    def metrics(self) -> list[Metric]:
+        return [
+            single(
+                "netstatd_ips", "gauge", "Entries in the IP inventory (ip.added minus ip.removed).", len(self.entries)
+            )
+        ]
 
     def update(self, fresh: dict[Key, Event]) -> list[Event]:
         out = [self._event(IP_REMOVED, e) for k, e in self.entries.items() if k not in fresh]

@@ -1,22 +1,22 @@
-/* netstatd.state._shortconn: the native path for short TCP connections.
+/* netstatd.state._shortconn: the native path for short TCP connections (state/native.py drives it).
  *
- * Under churn most connections open and close within one flush period (50 ms). The tracker's pure
- * Python path costs ~4 us per side of such a connection (tuples per record, a dict entry, a
- * formatted event); this module does the same work in C:
+ * Under churn most connections open and close within one flush period (50 ms). The fold costs a
+ * few microseconds per side of such a connection in Python (tuples per record, a dict entry, a
+ * Conn, an event); this module does that work in C, given plain data, with no call into Python:
  *
- *   split()  takes a chunk of ring records and sorts the records of TCP connections the tracker
- *            does not know yet (not pending, live or reconciled) by cookie. Those whose latest
- *            state is CLOSE come back packed (struct short_conn); those still open come back as
- *            records to carry into the next chunk, which the tracker passes in again before it
- *            (and folds at the flush: a connection short within a flush period takes this path).
- *            The other records come back in order, for the Python fold.
- *   render() turns packed connections into their connection.event JSON (orjson.Fragment): the
- *            text per addresses, owner and states is a template the tracker makes in Python
- *            (Tracker._native_template), memoised per flush; only timestamp, ports and cookie are
- *            written here.
+ *   split()    takes a chunk of ring records and sorts the records of TCP connections whose cookie is
+ *              not known (pending, live or reconciled: the containers it is given) by cookie. Those
+ *              whose latest state is CLOSE come back packed (struct short_conn); those still open come
+ *              back as records to carry into the next chunk, which is passed in again before it (and
+ *              folded at the flush). The other records come back in order, for the Python fold.
+ *   distinct() gives the packed connections' distinct template keys (what their event text depends
+ *              on besides timestamp, ports and cookie), one representative connection each.
+ *   render()   writes each connection's connection.event from its key's template, made once per flush
+ *              by the one event builder (enrich/events.py) from the representative: only timestamp,
+ *              ports and cookie are written here.
  *
- * Tracker._short_tcp_event is the same thing in Python (used without this module);
- * tests/unit/test_shortconn.py checks that both give the same events and metrics.
+ * tests/unit/test_shortconn.py checks that a tracker with this module and one without give the same
+ * events and metrics.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,15 +84,15 @@ static Py_ssize_t *find_slot(Py_ssize_t *table, size_t mask, const struct group 
 	return &table[h];
 }
 
-/* 1 when cookie is a key of any of the dicts, 0 when of none, -1 on error. */
-static int known(__u64 cookie, PyObject **dicts, int ndicts)
+/* 1 when cookie is in any of the containers of `known` (a tuple), 0 when in none, -1 on error. */
+static int is_known(__u64 cookie, PyObject *known)
 {
 	PyObject *key = PyLong_FromUnsignedLongLong(cookie);
 	if (!key)
 		return -1;
 	int found = 0;
-	for (int d = 0; d < ndicts && !found; d++)
-		found = PyDict_Contains(dicts[d], key);
+	for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(known) && !found; d++)
+		found = PySequence_Contains(PyTuple_GET_ITEM(known, d), key);
 	Py_DECREF(key);
 	return found;
 }
@@ -122,9 +122,8 @@ static int add_owner(struct owners *o, const struct record *r)
 static PyObject *split(PyObject *self, PyObject *args)
 {
 	Py_buffer chunk;
-	PyObject *dicts[3];
-	if (!PyArg_ParseTuple(args, "y*O!O!O!:split", &chunk, &PyDict_Type, &dicts[0], &PyDict_Type, &dicts[1],
-			      &PyDict_Type, &dicts[2]))
+	PyObject *known;
+	if (!PyArg_ParseTuple(args, "y*O!:split", &chunk, &PyTuple_Type, &known))
 		return NULL;
 	PyObject *result = NULL, *rest = NULL, *carry = NULL, *packed = NULL, *owners = NULL;
 	const char *data = chunk.buf;
@@ -184,7 +183,7 @@ static PyObject *split(PyObject *self, PyObject *args)
 		struct group *g = &groups[gi];
 		if (g->nstates > MAX_STATES)
 			continue;
-		int k = known(g->cookie, dicts, 3);
+		int k = is_known(g->cookie, known);
 		if (k < 0)
 			goto out;
 		if (k)
@@ -265,29 +264,165 @@ out:
 	return result;
 }
 
-/* The memo key of a short connection: what its event text depends on besides timestamp, ports and
- * cookie (Tracker._short_tcp_event's key, packed). */
+/* The template key of a short connection: what its event text depends on besides timestamp, ports and
+ * cookie. Its local port only when its direction or owner may come from the listener on that port
+ * (not for a connecting socket whose owner the kernel knew). */
 struct template_key {
 	__u8 saddr[16], daddr[16];
 	__u64 cgroup_id;
 	__u32 netns, tgid;
-	__u16 sport; /* 0 for a connecting socket with an owner: its event does not depend on it */
+	__u16 sport;
 	__u8 family, first_old, accepted, nstates;
 	char comm[NETSTATD_COMM_LEN];
 	__u8 states[MAX_STATES];
 };
 
+static void make_key(struct template_key *k, const struct short_conn *c)
+{
+	memset(k, 0, sizeof(*k));
+	memcpy(k->saddr, c->last.e.saddr, 16);
+	memcpy(k->daddr, c->last.e.daddr, 16);
+	k->cgroup_id = c->owner.e.cgroup_id;
+	k->netns = c->last.e.netns;
+	k->tgid = c->owner.e.tgid;
+	k->sport = c->states[0] == TCP_SYN_SENT && c->owner.e.tgid ? 0 : c->last.e.sport;
+	k->family = c->last.e.family;
+	k->first_old = c->first_old;
+	k->accepted = c->accepted;
+	k->nstates = c->nstates;
+	memcpy(k->comm, c->owner.e.comm, NETSTATD_COMM_LEN);
+	memcpy(k->states, c->states, c->nstates);
+}
+
+static size_t key_hash(const struct template_key *k)
+{
+	const unsigned char *p = (const unsigned char *)k;
+	size_t h = 1469598103934665603ull; /* FNV-1a */
+	for (size_t i = 0; i < sizeof(*k); i++)
+		h = (h ^ p[i]) * 1099511628211ull;
+	return h;
+}
+
+/* The packed connections of a flush, as one array (split() returned them in batches). */
+static int each_conn(PyObject *batches, const struct short_conn ***out, Py_ssize_t *count)
+{
+	if (!PyList_Check(batches)) {
+		PyErr_SetString(PyExc_TypeError, "a list of what split() packed");
+		return -1;
+	}
+	Py_ssize_t n = 0;
+	for (Py_ssize_t b = 0; b < PyList_GET_SIZE(batches); b++) {
+		PyObject *batch = PyList_GET_ITEM(batches, b);
+		if (!PyBytes_Check(batch) || PyBytes_GET_SIZE(batch) % sizeof(struct short_conn)) {
+			PyErr_SetString(PyExc_ValueError, "takes what split() packed");
+			return -1;
+		}
+		n += PyBytes_GET_SIZE(batch) / (Py_ssize_t)sizeof(struct short_conn);
+	}
+	const struct short_conn **conns = PyMem_Malloc((n ? n : 1) * sizeof(*conns));
+	if (!conns) {
+		PyErr_NoMemory();
+		return -1;
+	}
+	Py_ssize_t i = 0;
+	for (Py_ssize_t b = 0; b < PyList_GET_SIZE(batches); b++) {
+		PyObject *batch = PyList_GET_ITEM(batches, b);
+		const struct short_conn *c = (const struct short_conn *)PyBytes_AS_STRING(batch);
+		for (Py_ssize_t k = 0; k < PyBytes_GET_SIZE(batch) / (Py_ssize_t)sizeof(struct short_conn); k++)
+			conns[i++] = &c[k];
+	}
+	*out = conns;
+	*count = n;
+	return 0;
+}
+
+/* distinct(packed) -> (reps, index, uses): the connections' distinct template keys. reps: one
+ * (last record, owner record, first old state, accepted, states) per key, from its first connection;
+ * index: the key number of each connection (native-endian u32s); uses: connections per key. */
+static PyObject *distinct(PyObject *self, PyObject *args)
+{
+	PyObject *batches;
+	if (!PyArg_ParseTuple(args, "O:distinct", &batches))
+		return NULL;
+	const struct short_conn **conns = NULL;
+	Py_ssize_t n;
+	if (each_conn(batches, &conns, &n) < 0)
+		return NULL;
+	PyObject *result = NULL, *reps = NULL, *index = NULL, *uses = NULL;
+	size_t cap = 16;
+	while (cap < 2 * (size_t)n)
+		cap <<= 1;
+	struct template_key *keys = PyMem_Malloc((n ? n : 1) * sizeof(*keys));
+	Py_ssize_t *table = PyMem_Malloc(cap * sizeof(*table));
+	Py_ssize_t *counts = PyMem_Malloc((n ? n : 1) * sizeof(*counts));
+	if (!keys || !table || !counts) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	memset(table, 0xff, cap * sizeof(*table));
+	reps = PyList_New(0);
+	index = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(__u32));
+	if (!reps || !index)
+		goto out;
+	__u32 *slot_of = (__u32 *)PyBytes_AS_STRING(index);
+	Py_ssize_t nkeys = 0;
+	for (Py_ssize_t i = 0; i < n; i++) {
+		const struct short_conn *c = conns[i];
+		make_key(&keys[nkeys], c);
+		size_t h = key_hash(&keys[nkeys]) & (cap - 1);
+		while (table[h] >= 0 && memcmp(&keys[table[h]], &keys[nkeys], sizeof(*keys)))
+			h = (h + 1) & (cap - 1);
+		if (table[h] < 0) {
+			PyObject *rep = Py_BuildValue("(y#y#iiy#)", (const char *)&c->last, (Py_ssize_t)sizeof(c->last),
+						      (const char *)&c->owner, (Py_ssize_t)sizeof(c->owner), c->first_old,
+						      c->accepted, (const char *)c->states, (Py_ssize_t)c->nstates);
+			int failed = !rep || PyList_Append(reps, rep) < 0;
+			Py_XDECREF(rep);
+			if (failed)
+				goto out;
+			counts[nkeys] = 0;
+			table[h] = nkeys++;
+		}
+		slot_of[i] = (__u32)table[h];
+		counts[table[h]]++;
+	}
+	uses = PyList_New(nkeys);
+	if (!uses)
+		goto out;
+	for (Py_ssize_t k = 0; k < nkeys; k++) {
+		PyObject *count = PyLong_FromSsize_t(counts[k]);
+		if (!count)
+			goto out;
+		PyList_SET_ITEM(uses, k, count);
+	}
+	result = PyTuple_Pack(3, reps, index, uses);
+out:
+	Py_XDECREF(reps);
+	Py_XDECREF(index);
+	Py_XDECREF(uses);
+	PyMem_Free(keys);
+	PyMem_Free(table);
+	PyMem_Free(counts);
+	PyMem_Free(conns);
+	return result;
+}
+
+static int digits(unsigned long long v)
+{
+	int n = 1;
+	while (v >= 10) {
+		v /= 10;
+		n++;
+	}
+	return n;
+}
+
 static char *put_uint(char *p, unsigned long long v)
 {
-	char digits[20];
-	int n = 0;
-	do {
-		digits[n++] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	while (n)
-		*p++ = digits[--n];
-	return p;
+	int n = digits(v);
+	for (int i = n - 1; i >= 0; i--, v /= 10)
+		p[i] = '0' + v % 10;
+	return p + n;
 }
 
 #define TS_LEN 27 /* 2026-11-27T05:30:00.123456Z, as protocol.WallClock writes it */
@@ -314,117 +449,81 @@ static void put_timestamp(char *p, struct wall_text *w, long long wall_ns)
 	p[26] = 'Z';
 }
 
-#define PIECES 5 /* the template's text around timestamp, local port, remote port and cookie */
+#define PIECES 5 /* a template's text around timestamp, local port, remote port and cookie */
 
-static PyObject *render_one(const struct short_conn *c, PyObject *memo, PyObject *make, PyObject *fragment,
-			    struct wall_text *wall, long long offset_ns)
-{
-	struct template_key k;
-	memset(&k, 0, sizeof(k));
-	memcpy(k.saddr, c->last.e.saddr, 16);
-	memcpy(k.daddr, c->last.e.daddr, 16);
-	k.cgroup_id = c->owner.e.cgroup_id;
-	k.netns = c->last.e.netns;
-	k.tgid = c->owner.e.tgid;
-	k.sport = c->states[0] == TCP_SYN_SENT && c->owner.e.tgid ? 0 : c->last.e.sport;
-	k.family = c->last.e.family;
-	k.first_old = c->first_old;
-	k.accepted = c->accepted;
-	k.nstates = c->nstates;
-	memcpy(k.comm, c->owner.e.comm, NETSTATD_COMM_LEN);
-	memcpy(k.states, c->states, c->nstates);
-	PyObject *key = PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
-	if (!key)
-		return NULL;
-	PyObject *template = PyDict_GetItemWithError(memo, key); /* borrowed */
-	if (template) {
-		/* template[PIECES] counts the events that reused it (the tracker adds them to its metrics) */
-		Py_ssize_t reused = PyLong_AsSsize_t(PyList_GET_ITEM(template, PIECES));
-		PyObject *hits = reused < 0 ? NULL : PyLong_FromSsize_t(reused + 1);
-		if (!hits) {
-			Py_DECREF(key);
-			return NULL;
-		}
-		PyList_SetItem(template, PIECES, hits);
-	} else if (!PyErr_Occurred()) {
-		template = PyObject_CallFunction(make, "y#y#iiy#", (const char *)&c->last, (Py_ssize_t)sizeof(c->last),
-						 (const char *)&c->owner, (Py_ssize_t)sizeof(c->owner), c->first_old,
-						 c->accepted, (const char *)c->states, (Py_ssize_t)c->nstates);
-		if (template && (!PyList_Check(template) || PyList_GET_SIZE(template) <= PIECES)) {
-			PyErr_SetString(PyExc_TypeError, "a template is a list: 5 bytes pieces, then the hit count");
-			Py_CLEAR(template);
-		}
-		if (template && PyDict_SetItem(memo, key, template) < 0)
-			Py_CLEAR(template);
-		Py_XDECREF(template); /* the memo holds it */
-	}
-	Py_DECREF(key);
-	if (!template)
-		return NULL;
-
-	Py_ssize_t len = TS_LEN + 5 + 5 + 20;
-	for (int i = 0; i < PIECES; i++) {
-		PyObject *piece = PyList_GET_ITEM(template, i);
-		if (!PyBytes_Check(piece)) {
-			PyErr_SetString(PyExc_TypeError, "template pieces are bytes");
-			return NULL;
-		}
-		len += PyBytes_GET_SIZE(piece);
-	}
-	PyObject *text = PyBytes_FromStringAndSize(NULL, len);
-	if (!text)
-		return NULL;
-	char *p = PyBytes_AS_STRING(text);
-	unsigned long long fields[PIECES - 1] = {0, c->last.e.sport, c->last.e.dport, c->last.e.cookie};
-	for (int i = 0; i < PIECES; i++) {
-		PyObject *piece = PyList_GET_ITEM(template, i);
-		memcpy(p, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece));
-		p += PyBytes_GET_SIZE(piece);
-		if (i == 0) {
-			put_timestamp(p, wall, (long long)c->last.e.ts_ns + offset_ns);
-			p += TS_LEN;
-		} else if (i < PIECES - 1) {
-			p = put_uint(p, fields[i]);
-		}
-	}
-	if (_PyBytes_Resize(&text, p - PyBytes_AS_STRING(text)) < 0)
-		return NULL;
-	PyObject *event = PyObject_CallOneArg(fragment, text);
-	Py_DECREF(text);
-	return event;
-}
-
+/* render(packed, index, templates, offset_ns) -> the connections' connection.event texts (bytes).
+ * templates[index[i]] is the 5 pieces (bytes) of connection i's event around its timestamp, local port,
+ * remote port and cookie, which are written here. */
 static PyObject *render(PyObject *self, PyObject *args)
 {
-	PyObject *batches, *memo, *make, *fragment;
+	PyObject *batches, *templates;
+	Py_buffer index;
 	long long offset_ns;
-	if (!PyArg_ParseTuple(args, "O!O!OOL:render", &PyList_Type, &batches, &PyDict_Type, &memo, &make, &fragment,
-			      &offset_ns))
+	if (!PyArg_ParseTuple(args, "Oy*O!L:render", &batches, &index, &PyList_Type, &templates, &offset_ns))
 		return NULL;
-	PyObject *events = PyList_New(0);
-	if (!events)
-		return NULL;
-	struct wall_text wall = {.sec = -1};
-	for (Py_ssize_t b = 0; b < PyList_GET_SIZE(batches); b++) {
-		PyObject *batch = PyList_GET_ITEM(batches, b);
-		if (!PyBytes_Check(batch) || PyBytes_GET_SIZE(batch) % sizeof(struct short_conn)) {
-			PyErr_SetString(PyExc_ValueError, "render() takes what split() packed");
+	const struct short_conn **conns = NULL;
+	Py_ssize_t n;
+	PyObject *events = NULL;
+	if (each_conn(batches, &conns, &n) < 0)
+		goto fail;
+	if (index.len != n * (Py_ssize_t)sizeof(__u32)) {
+		PyErr_SetString(PyExc_ValueError, "an index entry per connection (distinct())");
+		goto fail;
+	}
+	for (Py_ssize_t t = 0; t < PyList_GET_SIZE(templates); t++) {
+		PyObject *pieces = PyList_GET_ITEM(templates, t);
+		if (!PyTuple_Check(pieces) || PyTuple_GET_SIZE(pieces) != PIECES) {
+			PyErr_SetString(PyExc_TypeError, "a template is a tuple of 5 bytes pieces");
 			goto fail;
 		}
-		const struct short_conn *conns = (const struct short_conn *)PyBytes_AS_STRING(batch);
-		Py_ssize_t count = PyBytes_GET_SIZE(batch) / sizeof(struct short_conn);
-		for (Py_ssize_t i = 0; i < count; i++) {
-			PyObject *event = render_one(&conns[i], memo, make, fragment, &wall, offset_ns);
-			if (!event || PyList_Append(events, event) < 0) {
-				Py_XDECREF(event);
+		for (int i = 0; i < PIECES; i++)
+			if (!PyBytes_Check(PyTuple_GET_ITEM(pieces, i))) {
+				PyErr_SetString(PyExc_TypeError, "template pieces are bytes");
 				goto fail;
 			}
-			Py_DECREF(event);
-		}
 	}
+	events = PyList_New(n);
+	if (!events)
+		goto fail;
+	const __u32 *slot_of = index.buf;
+	struct wall_text wall = {.sec = -1};
+	for (Py_ssize_t i = 0; i < n; i++) {
+		const struct short_conn *c = conns[i];
+		if (slot_of[i] >= (__u32)PyList_GET_SIZE(templates)) {
+			PyErr_SetString(PyExc_IndexError, "an index entry without its template");
+			goto fail;
+		}
+		PyObject *pieces = PyList_GET_ITEM(templates, slot_of[i]);
+		unsigned long long fields[PIECES - 1] = {0, c->last.e.sport, c->last.e.dport, c->last.e.cookie};
+		Py_ssize_t len = TS_LEN;
+		for (int p = 0; p < PIECES; p++)
+			len += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pieces, p));
+		for (int f = 1; f < PIECES - 1; f++)
+			len += digits(fields[f]);
+		PyObject *text = PyBytes_FromStringAndSize(NULL, len);
+		if (!text)
+			goto fail;
+		char *out = PyBytes_AS_STRING(text);
+		for (int p = 0; p < PIECES; p++) {
+			PyObject *piece = PyTuple_GET_ITEM(pieces, p);
+			memcpy(out, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece));
+			out += PyBytes_GET_SIZE(piece);
+			if (p == 0) {
+				put_timestamp(out, &wall, (long long)c->last.e.ts_ns + offset_ns);
+				out += TS_LEN;
+			} else if (p < PIECES - 1) {
+				out = put_uint(out, fields[p]);
+			}
+		}
+		PyList_SET_ITEM(events, i, text);
+	}
+	PyMem_Free(conns);
+	PyBuffer_Release(&index);
 	return events;
 fail:
-	Py_DECREF(events);
+	Py_XDECREF(events);
+	PyMem_Free(conns);
+	PyBuffer_Release(&index);
 	return NULL;
 }
 
@@ -481,11 +580,14 @@ out:
 
 static PyMethodDef methods[] = {
 	{"split", split, METH_VARARGS,
-	 "split(chunk, pending, live, reconciled) -> (rest, packed, owners, carry): take out the short TCP connections"},
+	 "split(chunk, known) -> (rest, packed, owners, carry): take out the short TCP connections whose cookie is in "
+	 "none of the containers of the tuple known"},
 	{"count_kinds", count_kinds, METH_VARARGS,
 	 "count_kinds(chunk, counts): add the chunk's records to counts by kind, family and states"},
+	{"distinct", distinct, METH_VARARGS,
+	 "distinct(packed_list) -> (reps, index, uses): the packed connections' distinct templates"},
 	{"render", render, METH_VARARGS,
-	 "render(packed_list, memo, make_template, fragment, offset_ns) -> events of the packed connections"},
+	 "render(packed_list, index, templates, offset_ns) -> the packed connections' event texts (bytes)"},
 	{NULL, NULL, 0, NULL},
 };
 

@@ -10,31 +10,38 @@ while the kernel's fold counter moves, and this applies the dump.
 
 from __future__ import annotations
 
-from ..sources.bpf import events as ev
-from .tracker import Event, Tracker
+from ..protocol import (
+    TCP_CLOSE_WAIT,
+    TCP_CLOSING,
+    TCP_FIN_WAIT1,
+    TCP_FIN_WAIT2,
+    TCP_LAST_ACK,
+    TCP_STATES,
+    TCP_SYN_RECV,
+)
+from .tables import Change, Tables
 
 # The states handle_state() folds (netstatd.bpf.c foldable()): the only ones that can be stale.
-FOLDED_STATES = (3, 4, 5, 8, 9, 11)  # SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING
+FOLDED_STATES = (TCP_SYN_RECV, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING)
 
 
-def sweep_folded(tracker: Tracker, states: dict[int, int], before_ns: int) -> list[Event]:
-    """Set the state of tracked TCP connections whose dumped state differs; one event each.
+def sweep_folded(tables: Tables, states: dict[int, int], before_ns: int) -> list[Change]:
+    """Set the state of tracked TCP connections whose dumped state differs; one change each.
 
     states: cookie -> kernel state of TCP sockets (sockdiag.tcp_states), from a dump started at
     before_ns (CLOCK_MONOTONIC). A connection whose last record is newer than that is left alone:
     the record is newer than the dump. Unknown cookies are left to the seed and reconcile paths.
-    Call tracker.flush() first, so records already read are applied before this.
+    Flush first, so records already read are applied before this.
     """
-    tracker.clock.refresh()
-    out: list[Event] = []
+    out: list[Change] = []
     for cookie, number in states.items():
         # only folded states: the others (CLOSE, TIME_WAIT: the kernel's CLOSE record) always have a record
         if number not in FOLDED_STATES:
             continue
-        conn = tracker.tcp.get(cookie)
-        state = ev.TCP_STATES[number]
+        conn = tables.tcp.get(cookie)
+        state = TCP_STATES[number]
         if conn is None or conn.ts >= before_ns or conn.state == state:
             continue
         conn.state, conn.ts = state, before_ns
-        out.append(tracker.connection_event(conn, [state]))
+        out.append((conn, [state], None))
     return out

@@ -14,7 +14,12 @@ run_plain_container() makes those with `ctr run` in the netstatd-test namespace,
 a pod's netns.
 
 Pod addresses come from a private 10.232.N.0/24 that exists only inside the pods (isGateway false:
-the bridge gets no address and ip_forward is not touched).
+the bridge gets no address and ip_forward is not touched). make_netns() gives ctr-made containers a
+network namespace of their own with a veth to the host (10.234.N.0/24, a /30 per netns; 10.233 is the
+test cluster's).
+
+PrivateContainerd(cri=False) disables the CRI plugin: containerd's own API only, as on a node whose
+CRI plugin is off or broken (run_pod() is then unavailable; run_plain_container() works).
 """
 
 from __future__ import annotations
@@ -204,13 +209,28 @@ class Pod:
     containers: dict[str, str] = field(default_factory=dict)  # container name -> container id
 
 
+@dataclass(frozen=True)
+class Netns:
+    name: str  # under /run/netns
+    host_veth: str
+    host_ip: str  # the host's end of the veth
+    ns_ip: str  # the namespace's end
+
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.name}"
+
+
 class PrivateContainerd:
     """containerd + CRI + CNI bridge under a temp dir. Use as a context manager; close() always cleans up."""
 
-    def __init__(self, tag: str | None = None, subnet: int = 0) -> None:
+    def __init__(self, tag: str | None = None, subnet: int = 0, cri: bool = True) -> None:
         self.tag = tag or secrets.token_hex(3)
+        self.with_cri = cri
         n = subnet or (int(self.tag, 16) % 200 + 20)
         self.subnet = f"10.232.{n}.0/24"
+        self.veth_subnet = n  # 10.234.<n>.0/24 for make_netns()
+        self.netns: list[Netns] = []
         self.bridge = f"nsdbr{self.tag}"[:15]
         self.network = f"netstatd-test-{self.tag}"
         self.dir = ""
@@ -257,7 +277,9 @@ class PrivateContainerd:
         for sub in ("root", "state", "opt", "runc", "cni/net.d", "cni/ipam", "logs"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
         cri = 'plugins."io.containerd.grpc.v1.cri"'
+        disabled = "" if self.with_cri else 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
         config = f"""version = 2
+{disabled}
 root = "{d}/root"
 state = "{d}/state"
 
@@ -360,8 +382,16 @@ state = "{d}/state"
         self.start_daemon()
 
     def _wait_ready(self, deadline: float) -> None:
-        """RuntimeReady and NetworkReady (the CNI conflist is picked up shortly after start)."""
+        """RuntimeReady and NetworkReady (the CNI conflist is picked up shortly after start); without
+        CRI, containerd's own API answering."""
         assert self.cri is not None
+        while not self.with_cri:
+            cmd = ["ctr", "--address", self.socket, "version"]
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("containerd does not answer")
+            time.sleep(0.05)
         while True:
             with contextlib.suppress(grpc.RpcError):
                 conds = self.cri.Status(cri_pb2.StatusRequest(), timeout=2).status.conditions
@@ -475,11 +505,14 @@ state = "{d}/state"
         labels: dict[str, str] | None = None,
         netns_path: str = "",
         namespace: str = PLAIN_NS,
+        host_network: bool = False,
     ) -> int:
         """`ctr run -d`: returns the task pid. cgroups_path "" gives containerd's default /<namespace>/<id>.
 
         For kubelet's systemd-driver shape pass systemd_scope_path(uid, id) (the systemd driver itself
-        fails here: PID 1 is not systemd). netns_path joins that netns (e.g. a CRI pod's), else a new one.
+        fails here: PID 1 is not systemd). netns_path joins that netns (e.g. a CRI pod's, or one from
+        make_netns()), host_network the host's (`--net-host`: no network namespace in the spec), else a
+        new one with only loopback.
         """
         argv = ["run", "-d", "--null-io"]
         if cgroups_path:
@@ -488,9 +521,56 @@ state = "{d}/state"
             argv += ["--label", f"{k}={v}"]
         if netns_path:
             argv += ["--with-ns", f"network:{netns_path}"]
-        self._cgroups.append(os.path.dirname(cgroups_path) if cgroups_path else f"/{namespace}")
+        if host_network:
+            argv += ["--net-host"]
+        # Its own cgroup only for the default path: /<namespace> may hold other instances' containers.
+        self._cgroups.append(os.path.dirname(cgroups_path) if cgroups_path else f"/{namespace}/{container_id}")
         self.ctr(*argv, IMAGE, container_id, *command, namespace=namespace)
         return self.container_pid(container_id, namespace)
+
+    def remove_plain_container(self, container_id: str, namespace: str = PLAIN_NS) -> None:
+        """Kill a ctr-made container's task and delete it (its cgroups go at close())."""
+        self.ctr("tasks", "kill", "-s", "KILL", container_id, namespace=namespace, check=False)
+        deadline = time.monotonic() + 10
+        # The task can be deleted only once it has exited (the kill is asynchronous).
+        while container_id in self.ctr("tasks", "list", "-q", namespace=namespace).split():
+            self.ctr("tasks", "delete", container_id, namespace=namespace, check=False)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"task {container_id} did not exit")
+            time.sleep(0.05)
+        self.ctr("containers", "delete", container_id, namespace=namespace)
+
+    def make_netns(self) -> Netns:
+        """A named network namespace with a veth to the host (a /30: host .1, namespace .2), for ctr
+        containers that must reach the host without a CRI pod; removed at close()."""
+        i = len(self.netns)
+        base = f"10.234.{self.veth_subnet}"
+        # The first /30 after ours that no interface has: another instance may share our subnet.
+        taken = _sh("ip", "-o", "-4", "addr", "show")
+        first = int(self.netns[-1].host_ip.rsplit(".", 1)[1]) // 4 + 1 if self.netns else 0
+        slot = next((k for k in range(first, 64) if f" {base}.{4 * k + 1}/" not in taken), None)
+        if slot is None:
+            raise RuntimeError(f"make_netns: no free /30 left in {base}.0/24")
+        ns = Netns(
+            name=f"nsd-{self.tag}-{i}",
+            host_veth=f"nsdv{self.tag}{i}"[:15],
+            host_ip=f"{base}.{4 * slot + 1}",
+            ns_ip=f"{base}.{4 * slot + 2}",
+        )
+        self.netns.append(ns)
+        peer = f"nsdp{self.tag}{i}"[:15]
+        _sh("ip", "netns", "add", ns.name)
+        _sh("ip", "link", "add", ns.host_veth, "type", "veth", "peer", "name", peer)
+        _sh("ip", "link", "set", peer, "netns", ns.name)
+        _sh("ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_veth)
+        _sh("ip", "link", "set", ns.host_veth, "up")
+        for cmd in (
+            ("addr", "add", f"{ns.ns_ip}/30", "dev", peer),
+            ("link", "set", peer, "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            _sh("ip", "-n", ns.name, *cmd)
+        return ns
 
     def container_pid(self, container_id: str, namespace: str = CRI_NS) -> int:
         """The init pid of a container's task (from ctr, independent of the client under test)."""
@@ -533,7 +613,7 @@ state = "{d}/state"
         return self.proc is not None and self.proc.poll() is None and os.path.exists(self.socket)
 
     def _remove_cri_pods(self) -> None:
-        if not self._alive() or self.cri is None:
+        if not self._alive() or self.cri is None or not self.with_cri:
             return
         for item in self.cri.ListPodSandbox(cri_pb2.ListPodSandboxRequest(), timeout=10).items:
             with contextlib.suppress(grpc.RpcError):
@@ -584,6 +664,10 @@ state = "{d}/state"
             dev = line.split(":")[1].strip().split("@")[0]
             subprocess.run(["ip", "link", "del", dev], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        for ns in self.netns:  # the peer veth goes with its namespace
+            subprocess.run(["ip", "link", "del", ns.host_veth], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+        self.netns.clear()
         if os.path.isdir(CNI_RESULTS):
             for f in os.listdir(CNI_RESULTS):
                 if f.startswith(self.network + "-"):

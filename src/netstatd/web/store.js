@@ -1,6 +1,7 @@
 // The client's copy of the stream's state (docs/protocol.md), keyed by node so the same code serves one
 // agent and the cluster-wide multiplexer. Applying an event is O(1); views read the maps when they
-// redraw. No DOM here.
+// redraw. No DOM here. The event type names and the connection key (connKey) mirror the agent's
+// src/netstatd/protocol.py: change them together.
 
 import { isLoopback } from "./net.js";
 
@@ -157,6 +158,7 @@ export class Store {
   }
 }
 
+// protocol.connection_key()
 function connKey(ev) {
   return ev.protocol === "UDP" ? `${ev.sockCookie}|${ev.remoteIP}|${ev.remotePort}` : String(ev.sockCookie);
 }

@@ -20,6 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from ...metrics import Metric, single
 from ...supervisor import failpoint
 from .events import RECORD_SIZE
 from .ringbuf import RingReader
@@ -77,6 +78,22 @@ class RingDrainer:
         finally:
             self._stop.set()
             thread.join(timeout=2)  # it wakes every interval_s
+
+    def metrics(self) -> list[Metric]:
+        return [
+            single(
+                "netstatd_ring_records_failed_total",
+                "counter",
+                "Kernel records lost in batches that failed to apply (internal errors of task ingest).",
+                self.failed_records,
+            ),
+            single(
+                "netstatd_ring_drain_stalls_total",
+                "counter",
+                "Drain ticks skipped because the event loop was behind.",
+                self.stalls,
+            ),
+        ]
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

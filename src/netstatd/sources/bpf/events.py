@@ -92,25 +92,6 @@ KIND_WORD, RECORD_WORDS = KIND_OFFSET // 4, RECORD_SIZE // 4
 # struct agent_settings
 SETTINGS = struct.Struct("<BBB5xQ")
 
-TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
-# state number -> name, as a list: indexing it is the cheapest lookup per record
-TCP_STATE_NAMES = [TCP_STATES.get(i, str(i)) for i in range(256)]
-TCP_CLOSE = 7
-TCP_LISTEN = 10
-
 
 def folded_states(folded: int) -> tuple[int, ...]:
     """event.folded as state numbers, oldest first."""

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...metrics import Metric, single
 from . import events
 from .libbpf import BpfError, check_ptr, check_rc, lib, recent_warnings
 
@@ -256,6 +257,58 @@ class KernelProbes:
         or left to the second) minus those the second took (netstatd.bpf.c, "Two programs")."""
         not_taken = self.program_misses().get("on_inet_sock_set_state", 0) + counters[events.CNT_PASSED]
         return max(0, not_taken - counters[events.CNT_NESTED])
+
+    def metrics(self) -> list[Metric]:
+        counters = self.counters() if self.ring_fd >= 0 else [0] * events.CNT_MAX
+        misses = self.program_misses()
+        return [
+            single(
+                "netstatd_kernel_events_emitted_total",
+                "counter",
+                "Events the kernel programs wrote.",
+                counters[events.CNT_EMITTED],
+            ),
+            single(
+                "netstatd_kernel_events_lost_total",
+                "counter",
+                "Events lost in the kernel: the ring buffer was full.",
+                counters[events.CNT_LOST],
+            ),
+            single(
+                "netstatd_kernel_events_skipped_total",
+                "counter",
+                "TCP transitions neither state program took (the kernel skips a program already running on that CPU).",
+                self.skipped_state_events(counters),
+            ),
+            single(
+                "netstatd_kernel_nested_events_total",
+                "counter",
+                "TCP transitions the second state program took because the first was already running on that CPU.",
+                counters[events.CNT_NESTED],
+            ),
+            Metric(
+                "netstatd_kernel_program_misses_total",
+                "counter",
+                "Runs the kernel skipped per BPF program because it was already running on that CPU.",
+                [({"program": name}, n) for name, n in sorted(misses.items())],
+            ),
+            single(
+                "netstatd_kernel_states_folded_total",
+                "counter",
+                "TCP transitions the kernel carried in the socket's next record instead of one of their own.",
+                counters[events.CNT_FOLDED],
+            ),
+            single(
+                "netstatd_kernel_udp_deduplicated_total",
+                "counter",
+                "UDP datagrams folded into an already announced flow.",
+                counters[events.CNT_UDP_DEDUPED],
+            ),
+            single("netstatd_ring_buffer_bytes", "gauge", "Size of the kernel ring buffer.", self.ring_size),
+            single(
+                "netstatd_fentry_available", "gauge", "1 when fexit programs load on this kernel.", int(self.uses_fexit)
+            ),
+        ]
 
     def counters(self) -> list[int]:
         """Kernel counters (events.CNT_*), summed over CPUs."""

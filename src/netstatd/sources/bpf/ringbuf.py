@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import struct
 
+from ...metrics import Metric, single
 from .events import EVENT_SIZE, RECORD_SIZE
 
 BUSY_BIT = 1 << 31
@@ -39,7 +40,7 @@ class RingReader:
         self._mask = size - 1
         self._cons = self._cons_pos[0]
         self.size = size
-        self.malformed = 0  # records skipped: wrong size or discarded
+        self.malformed = 0  # records skipped for a wrong size (discarded ones are skipped, not counted)
         self.high_water = 0  # most bytes ever found waiting: how close the ring came to full
 
     def read(self, max_bytes: int = 8 << 20) -> bytes:
@@ -86,6 +87,22 @@ class RingReader:
     def _release(self, nbytes: int) -> None:
         self._cons += nbytes
         self._cons_pos[0] = self._cons
+
+    def metrics(self) -> list[Metric]:
+        return [
+            single(
+                "netstatd_ring_records_malformed_total",
+                "counter",
+                "Ring records of an unexpected size.",
+                self.malformed,
+            ),
+            single(
+                "netstatd_ring_buffer_high_water_bytes",
+                "gauge",
+                "Most bytes ever waiting in the ring buffer when it was drained.",
+                self.high_water,
+            ),
+        ]
 
     def close(self) -> None:
         self._cons_pos.release()

@@ -57,6 +57,10 @@ class ContainerdUnavailable(Exception):
     """containerd cannot be reached (no socket, refused, daemon gone, timed out)."""
 
 
+class CriUnavailable(Exception):
+    """containerd answers but serves no CRI API (the CRI plugin is disabled or did not load)."""
+
+
 @dataclass(frozen=True)
 class ContainerInfo:
     namespace: str  # containerd namespace (k8s.io for CRI pods)
@@ -312,19 +316,22 @@ class ContainerdClient:
     def cri(self) -> cri_pb2_grpc.RuntimeServiceStub:
         return cri_pb2_grpc.RuntimeServiceStub(self.channel)
 
-    async def list_pod_sandboxes(self, verbose: bool = True) -> list[PodSandboxInfo]:
-        """Every CRI pod sandbox with its IPs and network mode; [] when the CRI plugin is not loaded."""
+    async def _cri_call(self, rpc, request):
         try:
-            resp = await self._call(self.cri.ListPodSandbox, cri_pb2.ListPodSandboxRequest())
+            return await self._call(rpc, request)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return []
+                raise CriUnavailable(f"containerd at {self.socket_path}: {e.details()}") from e
             raise
+
+    async def list_pod_sandboxes(self, verbose: bool = True) -> list[PodSandboxInfo]:
+        """Every CRI pod sandbox with its IPs and network mode; CriUnavailable without the CRI plugin."""
+        resp = await self._cri_call(self.cri.ListPodSandbox, cri_pb2.ListPodSandboxRequest())
         out = []
         for item in resp.items:
             req = cri_pb2.PodSandboxStatusRequest(pod_sandbox_id=item.id, verbose=verbose)
             try:
-                status = await self._call(self.cri.PodSandboxStatus, req)
+                status = await self._cri_call(self.cri.PodSandboxStatus, req)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:  # removed between list and status
                     continue
@@ -334,4 +341,4 @@ class ContainerdClient:
 
     async def pod_sandbox(self, sandbox_id: str, verbose: bool = True) -> PodSandboxInfo:
         req = cri_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=verbose)
-        return _sandbox_from_status(await self._call(self.cri.PodSandboxStatus, req))
+        return _sandbox_from_status(await self._cri_call(self.cri.PodSandboxStatus, req))

@@ -19,8 +19,9 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
+from ...metrics import Metric, single
 from .decode import DecodeError, Resolution, decode
-from .framestream import CollectorStats, Limits, serve
+from .framestream import REASONS, CollectorStats, Limits, serve
 
 log = logging.getLogger("netstatd.dnstap")
 
@@ -130,6 +131,35 @@ class DnstapCollector:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+    def metrics(self) -> list[Metric]:
+        st = self.stats
+        return [
+            single("netstatd_dnstap_connections_total", "counter", "DNSTap senders that connected.", st.connections),
+            single("netstatd_dnstap_senders", "gauge", "DNSTap senders connected now.", st.active),
+            Metric(
+                "netstatd_dnstap_connections_closed_total",
+                "counter",
+                "DNSTap connections closed, by reason (finished and eof are clean; docs/dnstap.md has the others).",
+                [({"reason": r}, st.closed.get(r, 0)) for r in REASONS],
+            ),
+            Metric(
+                "netstatd_dnstap_frames_total",
+                "counter",
+                "DNSTap data frames received, by listener (node: --dnstap-port, mux: --dnstap-mux-port).",
+                [({"listener": k}, n) for k, n in self.messages.items()],
+            ),
+            single("netstatd_dnstap_bytes_total", "counter", "DNSTap data frame bytes received.", st.bytes),
+            Metric(
+                "netstatd_dnstap_frames_skipped_total",
+                "counter",
+                "DNSTap frames skipped because they could not be decoded, by reason.",
+                [({"reason": k}, n) for k, n in self.skipped.items()],
+            ),
+            single(
+                "netstatd_dns_answers_total", "counter", "Address records learned from responses.", self.resolutions
+            ),
+        ]
 
     def _on_frames(self, listener: str, frames: list[bytes]) -> None:
         learned: list[Resolution] = []

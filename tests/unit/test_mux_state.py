@@ -1,0 +1,121 @@
+"""mux/state.py: the tables the multiplexer keeps per node and the names they share, with no I/O; and a
+peer's stream, from a small fake node on loopback, applied to them (a reset rebuilds the node, a flood
+cuts it off). No root needed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import orjson
+
+from netstatd.mux.peer import Peer, PeerStats
+from netstatd.mux.state import MergedState, NodeTables
+from netstatd.settings import Settings
+from netstatd.supervisor import Supervisor
+from netstatd.testing.agent import free_port
+from netstatd.testing.cluster import garbage_peer_cmd
+
+
+def test_merged_state_keeps_tables_per_node_and_shares_names():
+    """No I/O: the tables a client keeps, per node; a name learned on one node names another's connection."""
+    state = MergedState()
+    a, b = NodeTables("a"), NodeTables("b")
+
+    def conn(node: str, cookie: int, state_: str, proto: str = "TCP", remote: str = "10.0.0.9", rport: int = 80):
+        return {
+            "type": "connection.event",
+            "nodeName": node,
+            "protocol": proto,
+            "sockCookie": cookie,
+            "state": state_,
+            "remoteIP": remote,
+            "remotePort": rport,
+            "localIP": "10.0.0.1",
+        }
+
+    state.replace(a)
+    state.replace(b)
+    state.apply(b, [{"type": "dns.resolved", "nodeName": "b", "ip": "10.0.0.9", "hostname": "web", "aliases": []}])
+    live = [conn("a", 1, "ESTABLISHED"), conn("a", 2, "ACTIVE", "UDP", rport=53), conn("a", 2, "ACTIVE", "UDP")]
+    state.apply(a, live)
+    assert live[0]["remoteHostname"] == "web"  # learned on b
+    assert len(a.connections) == 3 and not b.connections
+    state.apply(a, [conn("a", 1, "CLOSE"), conn("a", 2, "CLOSE", "UDP", rport=53)])
+    assert list(a.connections) == [(2, "10.0.0.9", 80)]
+    snap = orjson.loads(orjson.dumps(state.snapshot()))  # connections are kept encoded
+    assert [e["type"] for e in snap] == ["dns.resolved", "connection.event"]
+    assert snap[-1]["states"] == ["ACTIVE"] and snap[-1]["remoteHostname"] == "web"
+    state.remove("b")  # b's names go with it
+    state.apply(a, [conn("a", 3, "SYN_SENT")])
+    assert a.connections[(3,)].remote_hostname is None and set(state.nodes) == {"a"}
+    # a name, once given, stays with the connection: a later event without it gets it back
+    state.apply(a, [conn("a", 2, "ACTIVE", "UDP")])
+    assert a.connections[(2, "10.0.0.9", 80)].remote_hostname == "web"
+
+
+def run_peer(port: int, stats: PeerStats, until: Callable[[list[dict]], bool], **kw) -> tuple[list[dict], MergedState]:
+    """An in-process Peer against 127.0.0.1:port until `until(published)` (10 s at most); kw: its limits
+    (default: the mux's)."""
+    published: list[dict] = []
+    state = MergedState()
+    defaults = Settings()
+    limits = {
+        "max_events_per_s": 500_000,  # the mux's (server.py)
+        "max_bytes_per_s": defaults.peer_max_bytes_per_second,
+        "max_rows": defaults.peer_max_rows,
+    }
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            peer = Peer("127.0.0.1", port, state, {}, published.extend, lambda: "t", session, stats, **(limits | kw))
+            peer.start(Supervisor())
+            deadline = time.monotonic() + 10
+            while not until(published) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await peer.stop()
+
+    asyncio.run(main())
+    return published, state
+
+
+@contextlib.contextmanager
+def loopback_peer(mode: str) -> Iterator[int]:
+    port = free_port()
+    server = subprocess.Popen(garbage_peer_cmd("127.0.0.1", port, mode), stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_stream_reset_rebuilds_the_node():
+    """A peer's stream.reset: clients get node.removed, then the node's fresh snapshot; drops are counted."""
+    stats = PeerStats()
+    with loopback_peer("reset") as port:
+
+        def rebuilt(published: list[dict]) -> bool:
+            return any(e["type"] == "node.removed" for e in published) and published[-1].get("port") == 10
+
+        published, _ = run_peer(port, stats, rebuilt)
+    types = [(e["type"], e.get("port")) for e in published]
+    i = types.index(("node.removed", None))
+    assert types[i - 1] == ("port.listening", 9) and types[i + 1] == ("port.listening", 10)
+    assert stats.missed_events == 5 and stats.garbage == {}
+
+
+def test_flooding_peer_is_dropped():
+    """A peer over the event rate for 3 s is cut off (limit lowered here; over loopback, no agent)."""
+    stats = PeerStats()
+    with loopback_peer("flood") as port:
+        published, _ = run_peer(port, stats, lambda published: bool(stats.garbage), max_events_per_s=20_000)
+    assert stats.garbage == {"flood": 1}
+    assert [e for e in published if e["type"] == "node.removed"] == [
+        {"type": "node.removed", "timestamp": "t", "nodeName": "fake"}
+    ]

@@ -1,0 +1,378 @@
+// The UI's pure modules (src/netstatd/web/store.js, rows.js, filters.js) under Node, no browser: run by
+// tests/unit/test_web_modules.py (`node tests/unit/web_modules.mjs`; a failure exits non-zero).
+// tests/integration/web_store_scenario.js, which test_web_ui.py runs in Chromium, runs here too.
+
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { test } from "node:test";
+
+const WEB = new URL("../../src/netstatd/web/", import.meta.url);
+const { Store, UDP_EXPIRE_MS } = await import(new URL("store.js", WEB));
+const rows = await import(new URL("rows.js", WEB));
+const { FILTERS, VIEWS, contains, fromQuery, toQuery } = await import(new URL("filters.js", WEB));
+
+const T0 = 1_000_000;
+const defaults = () => fromQuery("").filters;
+
+function conn(node, cookie, extra = {}) {
+  return {
+    type: "connection.event",
+    nodeName: node,
+    protocol: "TCP",
+    family: "IPv4",
+    state: "ESTABLISHED",
+    states: ["ESTABLISHED"],
+    localIP: "10.0.0.1",
+    localPort: 40000 + cookie,
+    remoteIP: "93.184.216.34",
+    remotePort: 443,
+    pid: 10,
+    exe: "/usr/bin/curl",
+    comm: "curl",
+    netns: 1,
+    sockCookie: cookie,
+    direction: "outbound",
+    host: true,
+    ...extra,
+  };
+}
+
+function port(node, cookie, extra = {}) {
+  return {
+    type: "port.listening",
+    nodeName: node,
+    protocol: "TCP",
+    family: "IPv4",
+    ip: "0.0.0.0",
+    port: 8080,
+    netns: 1,
+    pid: 20,
+    exe: "/usr/sbin/nginx",
+    comm: "nginx",
+    sockCookie: cookie,
+    host: true,
+    ...extra,
+  };
+}
+
+const keys = (map) => [...map.keys()].sort();
+
+// -- store.js -------------------------------------------------------------------------------------
+
+test("the shared store scenario gives what test_web_ui.py asserts in Chromium", async () => {
+  const source = readFileSync(new URL("../integration/web_store_scenario.js", import.meta.url), "utf8");
+  // its imports are relative to the page (/web/...): point them at the files
+  const scenario = (0, eval)(source.replaceAll('import("./web/', `import("${WEB.href}`));
+  const out = await scenario();
+  assert.deepEqual(out.kinds, {
+    "n1/1": ["host", "pod", "shop/web"],
+    "n1/2": ["host", "external", "example.com"],
+    "n1/3": ["host", "external", "one.one"],
+    "n2/9": ["pod", "host", "node n1"],
+  });
+  assert.deepEqual(out.dedup, ["n1/1", "n1/2", "n1/3"]);
+  assert.equal(out.noExternal, 2);
+  assert.equal(out.byNamespace, 2);
+  assert.deepEqual(out.ipTypes["10.244.1.5"], ["pod", ""]);
+  assert.deepEqual(out.ipTypes["10.0.0.2"], ["host", ""]);
+  assert.deepEqual(out.ipTypes["93.184.216.34"], ["external", "example.com"]);
+  assert.deepEqual(out.afterExpiry, ["", "one.one"]);
+  assert.deepEqual(out.afterReset, [["n1", 3, 0], ["n2", 0, 0]]);
+  assert.equal(out.lingering, 2);
+  assert.deepEqual(out.afterLinger, ["2", "3"]);
+  assert.deepEqual(out.afterSession, [["n1", ["4"]]]);
+  assert.deepEqual(out.muxNodes, [["n1", 1, ["10.0.0.1"]], ["n2", 1, ["10.0.0.2"]]]);
+  assert.deepEqual(out.afterRemoved, [["n1"], []]);
+});
+
+test("connection.event: one row per TCP socket and per UDP flow, updated in place", () => {
+  const s = new Store();
+  s.apply([conn("n1", 1, { state: "SYN_SENT", states: ["SYN_SENT"], localPort: 0 })], T0);
+  s.dirty.conn = false;
+  s.apply([conn("n1", 1)], T0 + 100);
+  const row = s.node("n1").conns.get("1");
+  assert.equal(row.id, "n1|1");
+  assert.equal(row.state, "ESTABLISHED");
+  assert.equal(row.firstSeen, T0); // kept from the first event
+  assert.equal(row.lastSeen, T0 + 100);
+  assert.equal(row.closedAt, 0);
+  assert.equal(s.dirty.conn, true);
+  // a later event without the local port keeps the known one; a close is stamped once
+  s.apply([conn("n1", 1, { state: "CLOSE", states: ["FIN_WAIT1", "CLOSE"], localPort: 0 })], T0 + 200);
+  s.apply([conn("n1", 1, { state: "CLOSE", states: ["CLOSE"] })], T0 + 300);
+  const closed = s.node("n1").conns.get("1");
+  assert.equal(closed.localPort, 40001);
+  assert.equal(closed.closedAt, T0 + 200);
+  // UDP: the same socket talking to two peers is two flows
+  s.apply([
+    conn("n1", 7, { protocol: "UDP", state: "ACTIVE", states: ["ACTIVE"], remoteIP: "10.0.0.53", remotePort: 53 }),
+    conn("n1", 7, { protocol: "UDP", state: "ACTIVE", states: ["ACTIVE"], remoteIP: "10.0.0.54", remotePort: 53 }),
+  ]);
+  assert.deepEqual(keys(s.node("n1").conns), ["1", "7|10.0.0.53|53", "7|10.0.0.54|53"]);
+  assert.equal(s.eventCount, 6);
+});
+
+test("port.listening and port.closed keep the node's listeners by socket cookie", () => {
+  const s = new Store();
+  s.apply([port("n1", 5), port("n1", 6, { protocol: "UDP", port: 53 }), port("n2", 5)]);
+  assert.equal(s.node("n1").ports.get("5").id, "n1|5");
+  assert.equal(s.node("n1").ports.get("5").node, "n1");
+  s.dirty.ports = false;
+  s.apply([{ ...port("n1", 5), type: "port.closed" }]);
+  assert.deepEqual(keys(s.node("n1").ports), ["6"]);
+  assert.deepEqual(keys(s.node("n2").ports), ["5"]);
+  assert.equal(s.dirty.ports, true);
+});
+
+test("stream.reset clears the node it names, or every node without a name", () => {
+  const s = new Store();
+  s.apply([conn("n1", 1), conn("n2", 2), port("n1", 3)]);
+  s.apply([{ type: "stream.reset", nodeName: "n2", reason: "overflow", missedEvents: 9 }]);
+  assert.equal(s.node("n1").conns.size, 1);
+  assert.equal(s.node("n2").conns.size, 0);
+  s.apply([{ type: "stream.reset", reason: "overflow", missedEvents: 1 }]);
+  for (const n of s.nodes.values()) assert.equal(n.conns.size + n.ports.size, 0);
+});
+
+test("node.removed drops the node; the mux's own events do not start a node's session", () => {
+  const s = new Store();
+  s.apply([{ type: "host.info", nodeName: "mux-node", mux: true }, conn("n1", 1), conn("n2", 2)]);
+  assert.equal(s.mux.nodeName, "mux-node");
+  assert.deepEqual(keys(s.nodes), ["n1", "n2"]);
+  s.apply([
+    { type: "mux.status", fanoutService: "netstatd-headless", peers: ["10.0.0.2"], message: null },
+    { type: "peer.status", peer: "10.0.0.2", nodeName: "n2", status: "connected", hostInfo: { hostIPs: ["10.0.0.2"] } },
+  ]);
+  assert.equal(s.muxStatus.fanoutService, "netstatd-headless");
+  assert.deepEqual(s.node("n2").hostInfo, { hostIPs: ["10.0.0.2"] });
+  assert.equal(s.node("n2").conns.size, 1); // peer.status carries host.info but clears nothing
+  s.apply([{ type: "node.removed", nodeName: "n2" }, { type: "peer.status", peer: "10.0.0.2", status: "gone" }]);
+  assert.deepEqual(keys(s.nodes), ["n1"]);
+  assert.equal(s.peers.size, 0);
+});
+
+test("a node's host.info starts its state afresh; a new session drops nodes that are not sent again", () => {
+  const s = new Store();
+  s.apply([conn("n1", 1), conn("n2", 2)]);
+  s.apply([{ type: "host.info", nodeName: "n1", hostIPs: ["10.0.0.1"] }]);
+  assert.equal(s.node("n1").conns.size, 0);
+  assert.deepEqual(s.node("n1").hostInfo.hostIPs, ["10.0.0.1"]);
+  s.beginSession();
+  s.apply([conn("n1", 3)]);
+  assert.equal(s.node("n2").stale, true); // still shown until the snapshot ends
+  s.apply([{ type: "snapshot.complete", nodeName: "n1", count: 1 }]);
+  assert.equal(s.snapshotDone, true);
+  assert.deepEqual(keys(s.nodes), ["n1"]);
+  assert.deepEqual(keys(s.node("n1").conns), ["3"]);
+});
+
+test("indexes: a pod IP wins over the host's, dns.expired forgets the name", () => {
+  const s = new Store();
+  s.apply([
+    { type: "host.info", nodeName: "n1", hostIPs: ["10.0.0.1"] },
+    { type: "ip.added", nodeName: "n1", ip: "127.0.0.1", kind: "loopback" },
+    { type: "ip.added", nodeName: "n1", ip: "10.0.0.1", kind: "pod", podName: "hostpod", namespace: "kube-system", podUID: "u" },
+    { type: "dns.resolved", nodeName: "n1", ip: "1.1.1.1", hostname: "one.one", aliases: [], ttl: 30, clientIP: "" },
+  ]);
+  const ips = s.ipIndex();
+  assert.equal(ips.get("127.0.0.1").kind, "loopback");
+  assert.equal(ips.get("10.0.0.1").kind, "pod");
+  assert.equal(ips.get("10.0.0.1").podName, "hostpod");
+  assert.equal(s.dnsIndex().get("1.1.1.1"), "one.one");
+  const version = s.indexVersion;
+  s.apply([{ type: "dns.expired", nodeName: "n1", ip: "1.1.1.1", hostname: "one.one" }]);
+  assert.equal(s.dnsIndex().has("1.1.1.1"), false);
+  assert.equal(s.indexVersion, version + 1);
+  s.apply([{ type: "ip.removed", nodeName: "n1", ip: "10.0.0.1", kind: "pod", podUID: "u" }]);
+  assert.equal(s.ipIndex().get("10.0.0.1").kind, "host"); // host.info's IP again
+});
+
+test("sweep: closed rows linger, then go; a silent UDP flow expires", () => {
+  const s = new Store();
+  s.apply([conn("n1", 1, { state: "CLOSE", states: ["CLOSE"] })], T0);
+  s.apply([conn("n1", 2, { protocol: "UDP", state: "ACTIVE", states: ["ACTIVE"] })], T0);
+  assert.equal(s.sweep(T0 + 1000, 5000), 1); // the close lingers
+  const expired = T0 + UDP_EXPIRE_MS + 1;
+  assert.equal(s.sweep(expired, 5000), 1); // the close is gone, the flow is closed and lingers
+  const flow = [...s.node("n1").conns.values()][0];
+  assert.equal(flow.closeReason, "expired");
+  assert.equal(flow.state, "CLOSE");
+  assert.equal(s.sweep(expired + 5000, 5000), 0);
+  assert.equal(s.node("n1").conns.size, 0);
+});
+
+// -- rows.js with filters.js's filters ------------------------------------------------------------
+
+function filteredStore() {
+  const s = new Store();
+  s.apply([
+    { type: "host.info", nodeName: "n1", hostIPs: ["10.0.0.1"] },
+    { type: "ip.added", nodeName: "n1", ip: "10.244.0.5", kind: "pod", podName: "api", namespace: "shop", podUID: "u1" },
+    conn("n1", 1), // host -> external, TCP 443
+    conn("n1", 2, { protocol: "UDP", state: "ACTIVE", states: ["ACTIVE"], remoteIP: "10.244.0.5", remotePort: 53 }),
+    conn("n1", 3, { localIP: "127.0.0.1", remoteIP: "127.0.0.1", remotePort: 5432, comm: "psql", exe: "/usr/bin/psql" }),
+    conn("n1", 4, { family: "IPv6", localIP: "fd00::1", remoteIP: "fd00::9", state: "CLOSE", states: ["CLOSE"] }),
+    conn("n1", 5, {
+      localIP: "10.244.0.5",
+      localPort: 8080,
+      remoteIP: "10.0.0.1",
+      remotePort: 50000,
+      direction: "inbound",
+      podName: "api",
+      namespace: "shop",
+      host: false,
+    }),
+  ]);
+  return s;
+}
+
+function cookies(store, change) {
+  const f = { ...defaults().conn, ...change };
+  return rows
+    .connectionRows(store, f)
+    .rows.map((r) => r.sockCookie)
+    .sort();
+}
+
+test("connection rows: every filter of the Connections view", () => {
+  const s = filteredStore();
+  assert.deepEqual(cookies(s, {}), [1, 2, 3, 4, 5]);
+  assert.deepEqual(cookies(s, { proto: "UDP" }), [2]);
+  assert.deepEqual(cookies(s, { fam: "IPv6" }), [4]);
+  assert.deepEqual(cookies(s, { state: "open" }), [1, 2, 3, 5]);
+  assert.deepEqual(cookies(s, { state: "closed" }), [4]);
+  assert.deepEqual(cookies(s, { state: "ACTIVE" }), [2]);
+  assert.deepEqual(cookies(s, { port: "443" }), [1, 4]);
+  assert.deepEqual(cookies(s, { port: "8080", side: "local" }), [5]);
+  assert.deepEqual(cookies(s, { port: "8080", side: "remote" }), []);
+  assert.deepEqual(cookies(s, { lo: false }), [1, 2, 4, 5]);
+  assert.deepEqual(cookies(s, { ext: false }), [2, 3, 5]);
+  assert.deepEqual(cookies(s, { pods: false }), [1, 3, 4]);
+  assert.deepEqual(cookies(s, { host: false }), [3]); // a local side outside any pod is the host's
+  assert.deepEqual(cookies(s, { ns: "SHOP" }), [2, 5]); // case-insensitive, either side
+  assert.deepEqual(cookies(s, { pod: "api" }), [2, 5]);
+  assert.deepEqual(cookies(s, { node: "n2" }), []);
+  assert.deepEqual(cookies(s, { q: "PSQL" }), [3]);
+  assert.deepEqual(cookies(s, { q: "shop/api" }), [2, 5]);
+  const { total } = rows.connectionRows(s, { ...defaults().conn, proto: "UDP" });
+  assert.equal(total, 5);
+});
+
+test("dedup keeps one row per link, the side that connected", () => {
+  const s = new Store();
+  const out = conn("n1", 1, { remoteIP: "10.0.0.2", remotePort: 80 });
+  const inn = conn("n2", 2, {
+    localIP: "10.0.0.2",
+    localPort: 80,
+    remoteIP: "10.0.0.1",
+    remotePort: 40001,
+    direction: "inbound",
+  });
+  s.apply([inn, out]);
+  assert.deepEqual(
+    rows.connectionRows(s, { ...defaults().conn, dedup: true }).rows.map((r) => r.id),
+    ["n1|1"],
+  );
+});
+
+test("a connection pass can stop and resume", () => {
+  const s = new Store();
+  s.apply(Array.from({ length: 1100 }, (_, i) => conn("n1", i + 1)));
+  const pass = rows.connectionPass(s, defaults().conn);
+  assert.equal(pass.step(0), false); // the deadline has passed: stops after 512 rows
+  assert.equal(pass.rows.length, 512);
+  assert.equal(pass.step(), true);
+  assert.equal(pass.rows.length, 1100);
+  assert.equal(pass.total, 1100);
+});
+
+test("port rows: protocol, port, IP, node and executable filters", () => {
+  const s = new Store();
+  s.apply([
+    port("n1", 1),
+    port("n1", 2, { protocol: "UDP", port: 53, ip: "10.0.0.1", exe: "/usr/sbin/unbound", comm: "unbound" }),
+    port("n2", 3, { podName: "web", namespace: "shop", host: false, exe: "", comm: "gunicorn" }),
+  ]);
+  const ids = (change) =>
+    rows
+      .portRows(s, { ...defaults().ports, ...change })
+      .rows.map((r) => r.id)
+      .sort();
+  assert.deepEqual(ids({}), ["n1|1", "n1|2", "n2|3"]);
+  assert.deepEqual(ids({ proto: "UDP" }), ["n1|2"]);
+  assert.deepEqual(ids({ port: "8080" }), ["n1|1", "n2|3"]);
+  assert.deepEqual(ids({ ip: "10.0" }), ["n1|2"]);
+  assert.deepEqual(ids({ node: "n2" }), ["n2|3"]);
+  assert.deepEqual(ids({ exe: "GUNI" }), ["n2|3"]); // the comm when the exe says nothing
+  const web = rows.portRows(s, defaults().ports).rows.find((r) => r.id === "n2|3");
+  assert.equal(web.pod, "shop/web");
+  assert.equal(web.network, "pod");
+});
+
+test("IP rows: the inventory, then peers and DNS names no inventory has", () => {
+  const s = filteredStore();
+  s.apply([{ type: "dns.resolved", nodeName: "n1", ip: "9.9.9.9", hostname: "quad9", aliases: [], ttl: 5, clientIP: "" }]);
+  const all = rows.ipRows(s, defaults().ips);
+  const byIp = Object.fromEntries(all.rows.map((r) => [r.ip, [r.type, r.source, r.hostname]]));
+  assert.deepEqual(byIp["10.0.0.1"], ["host", "host.info", ""]);
+  assert.deepEqual(byIp["10.244.0.5"], ["pod", "", ""]);
+  assert.deepEqual(byIp["93.184.216.34"], ["external", "connection", ""]);
+  assert.deepEqual(byIp["9.9.9.9"], ["external", "dns", "quad9"]);
+  assert.equal("127.0.0.1" in byIp, false); // loopback peers are not listed
+  const ips = (change) =>
+    rows
+      .ipRows(s, { ...defaults().ips, ...change })
+      .rows.map((r) => r.ip)
+      .sort();
+  assert.deepEqual(ips({ type: "pod" }), ["10.244.0.5"]);
+  assert.deepEqual(ips({ fam: "IPv6" }), ["fd00::9"]);
+  assert.deepEqual(ips({ ip: "9.9" }), ["9.9.9.9"]);
+});
+
+// -- filters.js -----------------------------------------------------------------------------------
+
+test("fromQuery: defaults, values from the URL, unknown keys and bad values ignored", () => {
+  const empty = fromQuery("");
+  assert.equal(empty.view, "conn");
+  assert.deepEqual(Object.keys(empty.filters), VIEWS);
+  assert.equal(empty.filters.conn.lo, true);
+  assert.equal(empty.filters.conn.dedup, false);
+  assert.equal(empty.filters.conn.linger, "5");
+  assert.equal(empty.filters.conn.sort, null);
+  assert.equal(empty.filters.ports.q, undefined); // not a filter of that view
+  const q = fromQuery("?view=ports&conn.ext=0&conn.dedup=1&ports.port=53&conn.sort=pid:desc&conn.bogus=1");
+  assert.equal(q.view, "ports");
+  assert.equal(q.filters.conn.ext, false);
+  assert.equal(q.filters.conn.dedup, true);
+  assert.equal(q.filters.ports.port, "53");
+  assert.deepEqual(q.filters.conn.sort, { field: "pid", dir: "desc" });
+  assert.equal("bogus" in q.filters.conn, false);
+  assert.equal(fromQuery("?view=nope").view, "conn");
+  assert.equal(fromQuery("?conn.sort=pid;alert(1):asc").filters.conn.sort, null);
+  assert.equal(fromQuery("?conn.sort=pid:sideways").filters.conn.sort, null);
+});
+
+test("toQuery writes only what differs from the defaults, and fromQuery reads it back", () => {
+  assert.equal(toQuery("conn", defaults()), "?view=conn");
+  const filters = defaults();
+  Object.assign(filters.conn, { q: "curl", ext: false, dedup: true, port: "443", sort: { field: "pid", dir: "asc" } });
+  Object.assign(filters.ips, { type: "pod", fam: "IPv6" });
+  filters.deploy.q = "DaemonSet";
+  const search = toQuery("ips", filters);
+  const params = new URLSearchParams(search);
+  assert.equal(params.get("conn.ext"), "0");
+  assert.equal(params.get("conn.sort"), "pid:asc");
+  assert.equal(params.has("conn.lo"), false); // a default: left out
+  assert.deepEqual(fromQuery(search), { view: "ips", filters });
+  for (const view of VIEWS) {
+    for (const spec of FILTERS[view]) assert.ok(spec.key in fromQuery(search).filters[view], `${view}.${spec.key}`);
+  }
+});
+
+test("contains: case-insensitive substring; an empty needle matches everything", () => {
+  assert.equal(contains("Payments-API", "api"), true);
+  assert.equal(contains("payments", "API"), false);
+  assert.equal(contains(null, ""), true);
+  assert.equal(contains(null, "x"), false);
+  assert.equal(contains(5432, "43"), true);
+});
