@@ -134,12 +134,11 @@ def run(t: Node, records: list[bytes], seed: int) -> list[dict]:
 
 
 def metrics(t: Node) -> dict:
-    a = t.attribution
     return {
         "opened": t.opened,
         "closed": t.closed,
         "unattributed": t.unattributed,
-        "attribution": (a.resolved, a.host),
+        "attribution": dict(t.builder.attributed),
         "live": sorted(t.tcp),
         "records": (t.records_ingested, dict(t.record_counts)),
         "listeners": sorted(t.listeners),

@@ -387,4 +387,4 @@ def test_short_connections_of_one_owner_share_a_template_but_count_and_encode_ea
     ]
     assert len({events[c]["timestamp"] for c in (11, 12, 13, 14)}) == 4
     assert t.unattributed == 2
-    assert t.attribution.host == 4  # each event counts, as on the Conn path
+    assert t.builder.attributed == {"container": 0, "host": 4}  # each event counts, on either path

@@ -21,8 +21,6 @@ class Attribution:
         self.index = index
         self.processes = processes
         self.pids = pids
-        self.resolved = 0  # events attributed to a container or pod, for the metrics
-        self.host = 0
 
     def container_of(self, pid: int) -> CgroupOwner | None:
         """The container of a live pid (also warms the cache: the tracker calls it when a pid is new)."""
@@ -38,32 +36,27 @@ class Attribution:
         """Fields for a socket of a process in container `found` (None: not in one or gone), living in netns.
 
         cgroup_id (from the kernel record) names the container when the process exited before /proc
-        could be read.
+        could be read. HOST_FIELDS (that very object) when none of them says.
         """
         index = self.index
         if found is None and cgroup_id:
             fields = index.cgroup_fields(cgroup_id)
             if fields is not None:
-                self.resolved += 1
                 return fields
         if found is not None:
             fields = index.container_fields(found.container_id)
             if fields is not None:
-                self.resolved += 1
                 return fields
             if not found.certain:  # a host cgroup shaped like /<namespace>/<id>
                 found = None
         if found is not None:
-            self.resolved += 1
             # A container containerd has not told us about yet (it just started, or containerd is
             # down): what the cgroup and the netns say.
             pod = index.netns_fields(netns) or {"host": False, "podUID": found.pod_uid or None}
             return {**pod, "containerId": found.container_id}
         pod = index.netns_fields(netns)
         if pod is not None:
-            self.resolved += 1
             return pod
-        self.host += 1
         return HOST_FIELDS
 
     def remote(self, ip: str) -> Event | None:

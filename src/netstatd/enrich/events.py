@@ -21,6 +21,7 @@ import orjson
 from ..metrics import Metric
 from ..protocol import CONNECTION_EVENT, FAMILY_NAMES, WallClock
 from ..sources.procfs import ProcessCache
+from ..state.containers import HOST_FIELDS
 from ..state.model import Conn, Listener
 from ..state.native import ShortConnections
 
@@ -53,10 +54,11 @@ class EventBuilder:
         self.processes = processes
         self.attribution = attribution  # None: events without container/pod fields
         self.hostnames = hostnames  # None: events without names
-        self._owner_memo: dict[tuple[int, int, int], tuple[Event, bool]] = {}  # (pid, netns, cgroup) -> fields
+        self._owner_memo: dict[tuple[int, int, int], Event] = {}  # (pid, netns, cgroup) -> container/pod fields
         self._process_memo: dict[tuple[int, str], tuple[str, str, CgroupOwner | None]] = {}  # -> exe, comm, container
         self._remote_memo: dict[str, Event | None] = {}
         self._names_memo: dict[str, str | None] = {}
+        self.attributed = {"container": 0, "host": 0}  # events by owner: a container or pod, or the host
 
     def begin_period(self) -> None:
         """Memos live for one flush or snapshot: containers, pods and names change between them."""
@@ -167,19 +169,20 @@ class EventBuilder:
         }
         a = self.attribution
         if a is not None:
-            event.update(a.fields(a.container_of(lst.pid), lst.netns, lst.cgroup_id))
+            fields = a.fields(a.container_of(lst.pid), lst.netns, lst.cgroup_id)
+            self._count(fields, 1)
+            event.update(fields)
         if close_reason is not None:
             event["closeReason"] = close_reason
         return event
 
     def metrics(self) -> list[Metric]:
-        a = self.attribution
         return [
             Metric(
                 "netstatd_events_attributed_total",
                 "counter",
                 "Connection and port events built (live and in snapshots) by owner: a container or pod, or the host.",
-                [({"owner": "container"}, a.resolved if a else 0), ({"owner": "host"}, a.host if a else 0)],
+                [({"owner": owner}, n) for owner, n in self.attributed.items()],
             )
         ]
 
@@ -222,18 +225,15 @@ class EventBuilder:
     def _owner_fields(self, a: Attribution, c: Conn, count: int) -> Event:
         """Container/pod fields of c's owner, counted `count` times in the attribution metrics."""
         key = (c.pid, c.netns, c.cgroup_id)
-        memo = self._owner_memo.get(key)
-        if memo is None:
-            before = a.resolved
-            fields = a.fields(c.container, c.netns, c.cgroup_id)  # counts one event itself
-            memo = self._owner_memo[key] = (fields, a.resolved != before)
-            count -= 1
-        fields, resolved = memo
-        if resolved:
-            a.resolved += count
-        else:
-            a.host += count
+        fields = self._owner_memo.get(key)
+        if fields is None:
+            fields = self._owner_memo[key] = a.fields(c.container, c.netns, c.cgroup_id)
+        self._count(fields, count)
         return fields
+
+    def _count(self, fields: Event, events: int) -> None:
+        """The one place events are counted by owner (netstatd_events_attributed_total)."""
+        self.attributed["host" if fields is HOST_FIELDS else "container"] += events
 
     def _hostname(self, names: Hostnames, ip: str) -> str | None:
         name = self._names_memo.get(ip, _MISSING)
