@@ -45,6 +45,7 @@ from typing import Any
 from bpftracer import COUNTER_SCRIPT, PRINTER_SCRIPT, Bpftrace, analyse_printer, read_counts
 from harness import OUT, git, interrupted, prepare
 
+from netstatd.protocol import CLOSED, TCP_ESTABLISHED, TCP_STATES, TCP_SYN_SENT
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import Host, HostPair
 from netstatd.testing.stream import Event, StreamClient
@@ -277,7 +278,7 @@ class Generator:
 # -- the WebSocket client, in its own process ------------------------------------
 
 OPEN, CLOSE, WRONG_PID = 1, 2, 4
-OPENING_STATES = ("SYN_SENT", "ESTABLISHED")
+OPENING_STATES = (TCP_STATES[TCP_SYN_SENT], TCP_STATES[TCP_ESTABLISHED])
 
 
 def analyse(
@@ -334,7 +335,7 @@ def analyse(
             misdirected[name] += 1
             continue
         flags = seen.get(e["sockCookie"], 0)
-        if e["state"] == "CLOSE" or "CLOSE" in states:
+        if e["state"] == CLOSED or CLOSED in states:
             flags |= CLOSE
         if e["state"] in OPENING_STATES or any(s in OPENING_STATES for s in states):
             flags |= OPEN

@@ -48,6 +48,15 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from netstatd.api.app import UI_HEADERS, WEB_TYPES, deployment, index, web_file
+from netstatd.protocol import (
+    TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED,
+    TCP_FIN_WAIT1,
+    TCP_FIN_WAIT2,
+    TCP_LAST_ACK,
+    TCP_STATES,
+    TCP_SYN_SENT,
+)
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -83,8 +92,8 @@ EXES = [
 ]
 SERVICE_PORTS = [80, 443, 8080, 5432, 6379, 9090, 53, 3306, 8443, 9200, 2379, 10250]
 HOSTNAMES = ["api.github.com", "s3.amazonaws.com", "registry.k8s.io", "example.com", "pypi.org", "auth0.com"]
-TCP_OPEN = ["SYN_SENT", "ESTABLISHED"]
-TCP_CHANGES = ["ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT1", "FIN_WAIT2", "LAST_ACK"]
+TCP_OPEN = [TCP_STATES[s] for s in (TCP_SYN_SENT, TCP_ESTABLISHED)]
+TCP_CHANGES = [TCP_STATES[s] for s in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK)]
 
 
 def now_ts() -> str:

@@ -114,8 +114,8 @@ class Folder:
         ]
 
     def _fold(self, chunk: bytes, processes: list[tuple[int, bytes]]) -> None:
-        p_ = self.period
-        pending, opens, closes = p_.entries, p_.opens, p_.closes
+        period = self.period
+        pending, opens, closes = period.entries, period.opens, period.closes
         names = TCP_STATE_NAMES
         full = ev.RECORD.unpack_from
         size = ev.RECORD_SIZE

@@ -26,6 +26,7 @@
 
 #include "../sources/bpf/events.h"
 
+/* The kernel's TCP state numbers, as protocol.py names them (TCP_SYN_SENT, TCP_CLOSE, TCP_LISTEN). */
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
