@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..metrics import Metric, single
 from ..sources.bpf import events as ev
@@ -41,12 +42,12 @@ class Flush:
 
 
 class Tracker:
-    def __init__(self, *, native: bool = True, **caps: int | float) -> None:
+    def __init__(self, *, native: bool = True, **caps: Any) -> None:
         """native: short TCP connections through the native helper when it is built. caps: Tables'."""
         self.native = native and AVAILABLE
         self._shorts = ShortConnections() if self.native else None
         self.folder = Folder(self._shorts)
-        self.tables = Tables(**caps)  # type: ignore[arg-type]
+        self.tables = Tables(**caps)
         self.seeding = Seeding(self.tables)
 
     def ingest(self, chunk: bytes) -> list[tuple[int, bytes]]:
