@@ -36,7 +36,6 @@ import asyncio
 import itertools
 import json
 import random
-import socket
 import sys
 import threading
 import time
@@ -57,6 +56,7 @@ from netstatd.protocol import (
     TCP_STATES,
     TCP_SYN_SENT,
 )
+from netstatd.testing.agent import free_port
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -98,12 +98,6 @@ TCP_CHANGES = [TCP_STATES[s] for s in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_
 
 def now_ts() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -67,10 +67,8 @@ TCP_STATES = {
 }
 # state number -> name, as a list: indexing it is the cheapest lookup per record
 TCP_STATE_NAMES = [TCP_STATES.get(i, str(i)) for i in range(256)]
-# UDP flows have no kernel state: these two names
-UDP_ACTIVE = "ACTIVE"
-UDP_CLOSE = "CLOSE"
-CLOSED = "CLOSE"  # the last state of every connection and flow
+UDP_ACTIVE = "ACTIVE"  # a UDP flow has no kernel state: ACTIVE until it closes
+CLOSED = "CLOSE"  # the last state of every connection and flow, TCP and UDP
 
 
 def connection_key(event: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -32,6 +32,16 @@ def agent(tmp_path_factory):
     print(proc.log_text()[-3000:])
 
 
+@pytest.fixture(scope="module")
+def ctd_agent(ctd, tmp_path_factory):
+    """An agent following the module's private containerd."""
+    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
+    proc = AgentProcess("--log-level", "debug", env={"CONTAINERD_SOCKET": ctd.socket}, log_path=log)
+    with proc:
+        yield proc
+    print(proc.log_text()[-3000:])
+
+
 @pytest.fixture
 def stream(agent):
     with StreamClient(agent.ws_url) as client:

@@ -3,10 +3,11 @@ events of a connection made to it from inside a container."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
-from netstatd.testing.agent import free_port
+from netstatd.testing.agent import AgentProcess, free_port
 from netstatd.testing.stream import StreamClient
 
 
@@ -53,3 +54,8 @@ def connection_events(stream: StreamClient, server: Server) -> list[dict]:
     cookie = stream.wait_for(client_side, timeout=10)["sockCookie"]
     stream.wait_for(lambda e: client_side(e) and e["sockCookie"] == cookie and e["state"] == "CLOSE", timeout=5)
     return [e for e in stream.matching(client_side) if e["sockCookie"] == cookie]
+
+
+def api(agent: AgentProcess, query: str = "") -> list[dict]:
+    """GET /api/containers (with ?namespace=&podName= as query)."""
+    return json.loads(agent.get(f"/api/containers{query}"))

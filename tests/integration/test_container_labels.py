@@ -3,12 +3,10 @@ the io.kubernetes.pod.* labels CRI puts on every container; and a containerd wit
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -17,7 +15,7 @@ from netstatd.testing.agent import AgentProcess, free_port
 from netstatd.testing.containerd import PrivateContainerd, kubelet_cgroupfs_parent, systemd_scope_path
 from netstatd.testing.stream import StreamClient
 from tests.conftest import require_root
-from tests.integration.container_traffic import Server, connection_events
+from tests.integration.container_traffic import Server, api, connection_events
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -25,17 +23,8 @@ NAMESPACE = "lbl"
 
 
 @pytest.fixture(scope="module")
-def agent(ctd, tmp_path_factory):
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    proc = AgentProcess("--log-level", "debug", env={"CONTAINERD_SOCKET": ctd.socket}, log_path=log)
-    with proc:
-        yield proc
-    print(proc.log_text()[-3000:])
-
-
-def api(agent: AgentProcess, query: str = "") -> list[dict]:
-    with urllib.request.urlopen(f"{agent.url}/api/containers{query}", timeout=5) as r:
-        return json.loads(r.read())
+def agent(ctd_agent):
+    return ctd_agent
 
 
 def pod_labels(pod: str, uid: str, container: str) -> dict[str, str]:

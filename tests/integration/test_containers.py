@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import secrets
 import socket
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from netstatd.testing.agent import AgentProcess, free_port
 from netstatd.testing.containerd import systemd_scope_path
 from netstatd.testing.stream import StreamClient
-from tests.integration.container_traffic import Server, connection_events
+from tests.integration.container_traffic import Server, api, connection_events
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
-def agent(ctd, tmp_path_factory):
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    proc = AgentProcess("--log-level", "debug", env={"CONTAINERD_SOCKET": ctd.socket}, log_path=log)
-    with proc:
-        yield proc
-    print(proc.log_text()[-3000:])
+def agent(ctd_agent):
+    return ctd_agent
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +30,6 @@ def host_ip(ctd):
     ip = str(ipaddress.ip_network(ctd.subnet).network_address + 1)
     subprocess.run(["ip", "addr", "add", f"{ip}/24", "dev", ctd.bridge], check=True)
     return ip
-
-
-def api(agent: AgentProcess, query: str = "") -> list[dict]:
-    with urllib.request.urlopen(f"{agent.url}/api/containers{query}", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def test_container_added_and_deleted_within_one_second(ctd, stream):

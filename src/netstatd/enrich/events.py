@@ -20,6 +20,7 @@ import orjson
 
 from ..metrics import Metric
 from ..protocol import CONNECTION_EVENT, FAMILY_NAMES, WallClock
+from ..sources.bpf import events as ev
 from ..sources.procfs import ProcessCache
 from ..state.containers import HOST_FIELDS
 from ..state.model import Conn, Listener
@@ -193,7 +194,7 @@ class EventBuilder:
         cache, a = self.processes, self.attribution
         for pid, raw_comm in processes:
             if pid and pid not in cache:
-                cache.lookup(pid, raw_comm.split(b"\0", 1)[0].decode(errors="replace"))
+                cache.lookup(pid, ev.comm_str(raw_comm))
                 if a is not None:
                     a.container_of(pid)
 

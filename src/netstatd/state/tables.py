@@ -21,7 +21,6 @@ from ..protocol import (
     PORT_LISTENING,
     TCP_LISTEN,
     UDP_ACTIVE,
-    UDP_CLOSE,
     AddressText,
     is_v4_mapped,
     unmap_v4,
@@ -216,9 +215,9 @@ class Tables:
             for key in self._udp_by_cookie.pop(cookie, ()):
                 conn = self.udp.pop(key, None)
                 if conn is not None:
-                    conn.state, conn.ts = UDP_CLOSE, rec[ev.TS]
+                    conn.state, conn.ts = CLOSED, rec[ev.TS]
                     self.closed["UDP"] += 1
-                    out.append((conn, [UDP_CLOSE], None))
+                    out.append((conn, [CLOSED], None))
             lst = self.remove_listener(cookie)
             if lst is not None:
                 lst.ts = rec[ev.TS]
@@ -275,9 +274,9 @@ class Tables:
         for key, conn in list(self.udp.items()):
             if key[0] not in udp and conn.ts < before_ns:
                 self._drop_udp_flow(key)
-                conn.state, conn.ts = UDP_CLOSE, now
+                conn.state, conn.ts = CLOSED, now
                 self.closed["UDP"] += 1
-                out.append((conn, [UDP_CLOSE], "gone"))
+                out.append((conn, [CLOSED], "gone"))
         for cookie, lst in list(self.listeners.items()):
             if cookie not in (tcp if lst.protocol == "TCP" else udp) and lst.ts < before_ns:
                 self.remove_listener(cookie)
@@ -290,9 +289,9 @@ class Tables:
         cutoff = now - self.udp_idle_s
         for key in [k for k, c in self.udp.items() if c.last_seen < cutoff]:
             conn = self._drop_udp_flow(key)
-            conn.state = UDP_CLOSE
+            conn.state = CLOSED
             self.closed["UDP"] += 1
-            out.append((conn, [UDP_CLOSE], "idle"))
+            out.append((conn, [CLOSED], "idle"))
 
     def _drop_udp_flow(self, key: UdpKey) -> Conn:
         conn = self.udp.pop(key)

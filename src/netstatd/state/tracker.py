@@ -44,8 +44,8 @@ class Flush:
 class Tracker:
     def __init__(self, *, native: bool = True, **caps: Any) -> None:
         """native: short TCP connections through the native helper when it is built. caps: Tables'."""
-        self.native = native and AVAILABLE
-        self._shorts = ShortConnections() if self.native else None
+        self._shorts = ShortConnections() if native and AVAILABLE else None
+        self.native = self._shorts is not None
         self.folder = Folder(self._shorts)
         self.tables = Tables(**caps)
         self.seeding = Seeding(self.tables)
