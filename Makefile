@@ -1,6 +1,7 @@
 # make setup  - Debian packages, .venv, BPF object (idempotent)
 # make run    - the agent on this host: UI/API on http://localhost:5280
-# make test   - every test (the kernel tests need root)
+# make test   - every test (the kernel tests need root), the image's among them
+# make image  - the agent's image (podman or buildah; no registry pull)
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -19,7 +20,7 @@ PROTO_DIR := src/netstatd/sources/containerd/protos
 DNSTAP_PROTO_DIR := src/netstatd/sources/dnstap/protos
 GRPCIO_TOOLS := grpcio-tools==1.85.1
 
-.PHONY: setup run test lint bench clean packages test-packages protos lock
+.PHONY: setup run test test-image image lint bench clean packages test-packages protos lock
 .DEFAULT_GOAL := setup
 
 setup: packages $(VENV)/.installed $(BPF_OBJS) $(NATIVE)
@@ -80,9 +81,22 @@ $(BPF_DIR)/%.bpf.o: $(BPF_DIR)/%.bpf.c $(BPF_DIR)/events.h $(BUILD)/vmlinux.h
 run: setup
 	$(SUDO) $(VENV)/bin/netstatd $(ARGS)
 
-test: setup test-packages
+test: setup test-packages image
 	$(VENV)/bin/ruff check .
 	$(SUDO) $(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+# The image from Dockerfile, with podman (or buildah), its base made locally with mmdebstrap when
+# missing (scripts/build-image.sh, docs/deploy.md). Layers are cached: a rebuild after a source change
+# redoes only the package's step. runc: podman's default runtime, crun, refuses hybrid cgroup hosts.
+IMAGE_PACKAGES := podman mmdebstrap runc
+
+image: packages
+	@scripts/ensure-packages.sh $(IMAGE_PACKAGES)
+	$(SUDO) scripts/build-image.sh
+
+# The DaemonSet's pod from deploy/, run from that image as a kubelet would (tests/integration/test_image.py).
+test-image: setup test-packages image
+	$(SUDO) $(VENV)/bin/pytest -ra $(PYTEST_ARGS) tests/integration/test_image.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -94,12 +108,14 @@ lint: setup
 # make bench-live CONNECTIONS=100000: agent started beside live connections, writes bench/out/live.json.
 # make bench-soak [SECONDS=600 RATE=10000]: RSS every 30 s under churn, writes bench/out/soak.json.
 # make bench-mux [NODES=3 CONNECTIONS=100000]: the multiplexer with large nodes, writes bench/out/mux.json.
+# make bench-image: build times (cold, cached base, no change), image size, pod start to first /metrics,
+# writes bench/out/image.json.
 BENCH_PACKAGES := bpftrace
 SECONDS ?= 20
 RATE ?= max
 CONNECTIONS ?= 100000
 NODES ?= 3
-.PHONY: bench-churn bench-live bench-soak bench-mux bench-packages
+.PHONY: bench-churn bench-live bench-soak bench-mux bench-image bench-packages
 
 bench-packages:
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
@@ -116,6 +132,9 @@ bench-live: setup
 bench-mux: setup
 	@scripts/ensure-packages.sh unbound
 	$(SUDO) $(VENV)/bin/python bench/mux.py --nodes $(NODES) --connections $(CONNECTIONS) $(ARGS)
+
+bench-image: setup test-packages image
+	$(SUDO) $(VENV)/bin/python bench/image.py $(ARGS)
 
 bench-soak: setup
 	$(SUDO) $(VENV)/bin/python bench/soak.py --seconds $(if $(filter command line,$(origin SECONDS)),$(SECONDS),600) --rate $(if $(filter command line,$(origin RATE)),$(RATE),10000) $(ARGS)

@@ -1,3 +1,6 @@
+import ipaddress
+import subprocess
+
 import pytest
 
 from netstatd.testing.agent import AgentProcess
@@ -20,6 +23,15 @@ def ctd():
     require_root()
     with PrivateContainerd() as env:
         yield env
+
+
+@pytest.fixture(scope="module")
+def host_ip(ctd):
+    """The pod bridge has no host address (CNI isGateway false); give it .1 so pods and host can talk."""
+    ctd.run_pod("first", {"main": ["sleep", "3600"]}, namespace="setup")  # creates the bridge
+    ip = str(ipaddress.ip_network(ctd.subnet).network_address + 1)
+    subprocess.run(["ip", "addr", "add", f"{ip}/24", "dev", ctd.bridge], check=True)
+    return ip
 
 
 @pytest.fixture(scope="module")

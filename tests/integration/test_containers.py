@@ -23,15 +23,6 @@ def agent(ctd_agent):
     return ctd_agent
 
 
-@pytest.fixture(scope="module")
-def host_ip(ctd):
-    """The pod bridge has no host address (part A's env); give it .1 so pods and host can talk."""
-    ctd.run_pod("first", {"main": ["sleep", "3600"]}, namespace="setup")  # creates the bridge
-    ip = str(ipaddress.ip_network(ctd.subnet).network_address + 1)
-    subprocess.run(["ip", "addr", "add", f"{ip}/24", "dev", ctd.bridge], check=True)
-    return ip
-
-
 def test_container_added_and_deleted_within_one_second(ctd, stream):
     pod = ctd.run_pod("events", {"app": ["sleep", "3600"]}, namespace="ev")
     cid = pod.containers["app"]

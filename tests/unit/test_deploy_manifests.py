@@ -393,8 +393,12 @@ def test_dockerfile_copies_files_that_exist():
             assert f"!{src}" in ignored or f"!{src}/" in ignored, f".dockerignore leaves {src} out"
     assert any("make src/netstatd/sources/bpf/netstatd.bpf.o" in s for s in steps)
     # The runtime lock, hash-checked; then the package alone (a local folder has no hash).
-    (install,) = [s for s in steps if "/opt/netstatd/bin/pip install" in s]
-    pip_runs = [shlex.split(part.strip()) for part in install.split("&&") if "/opt/netstatd/bin/pip install" in part]
+    pip_runs = [
+        shlex.split(part.strip())
+        for step in steps
+        for part in step.split("&&")
+        if "/opt/netstatd/bin/pip install" in part
+    ]
     assert len(pip_runs) == 2
     assert "--require-hashes" in pip_runs[0] and pip_runs[0][-2:] == ["-r", "requirements.lock"]
     assert "--no-deps" in pip_runs[1] and pip_runs[1][-1] == "." and "-c" not in pip_runs[1]

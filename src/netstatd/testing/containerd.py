@@ -434,16 +434,24 @@ state = "{d}/state"
                 security_context=cri_pb2.LinuxSandboxSecurityContext(namespace_options=ns_opts),
             ),
         )
-        self._cgroups.append(parent)
-        sandbox_id = self.cri.RunPodSandbox(cri_pb2.RunPodSandboxRequest(config=config), timeout=30).pod_sandbox_id
-        pod = Pod(name, namespace, uid, sandbox_id, host_network, parent, config)
-        self.pods.append(pod)
+        pod = self.run_sandbox(config)
         for cname, command in containers.items():
             self.start_container(pod, cname, command)
         return pod
 
-    def start_container(self, pod: Pod, name: str, command: list[str]) -> str:
+    def run_sandbox(self, config: cri_pb2.PodSandboxConfig) -> Pod:
+        """RunPodSandbox from a whole config (its cgroup parent is removed at close())."""
         assert self.cri is not None
+        parent = config.linux.cgroup_parent
+        self._cgroups.append(parent)
+        sandbox_id = self.cri.RunPodSandbox(cri_pb2.RunPodSandboxRequest(config=config), timeout=30).pod_sandbox_id
+        host_network = config.linux.security_context.namespace_options.network == cri_pb2.NODE
+        meta = config.metadata
+        pod = Pod(meta.name, meta.namespace, meta.uid, sandbox_id, host_network, parent, config)
+        self.pods.append(pod)
+        return pod
+
+    def start_container(self, pod: Pod, name: str, command: list[str]) -> str:
         mode = cri_pb2.NODE if pod.host_network else cri_pb2.POD
         cconfig = cri_pb2.ContainerConfig(
             metadata=cri_pb2.ContainerMetadata(name=name, attempt=0),
@@ -461,13 +469,33 @@ state = "{d}/state"
                 )
             ),
         )
-        req = cri_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod.sandbox_id, config=cconfig, sandbox_config=pod.sandbox_config
-        )
-        cid = self.cri.CreateContainer(req, timeout=30).container_id
-        pod.containers[name] = cid
+        cid = self.create_container(pod, cconfig)
         self.cri.StartContainer(cri_pb2.StartContainerRequest(container_id=cid), timeout=30)
         return cid
+
+    def create_container(self, pod: Pod, config: cri_pb2.ContainerConfig) -> str:
+        """CreateContainer from a whole config in the pod's sandbox (StartContainer is the caller's)."""
+        assert self.cri is not None
+        req = cri_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod.sandbox_id, config=config, sandbox_config=pod.sandbox_config
+        )
+        cid = self.cri.CreateContainer(req, timeout=30).container_id
+        pod.containers[config.metadata.name] = cid
+        return cid
+
+    def import_image(self, archive: str, name: str) -> None:
+        """Import an OCI archive into the CRI namespace and name its (only) image `name`, which must be
+        fully qualified (docker.io/library/x:tag for a manifest's `x:tag`)."""
+        before = set(self.ctr("images", "list", "-q").split())
+        self.ctr("images", "import", archive)
+        # The CRI plugin lists each image by its id (sha256:...) as well: names only.
+        imported = [
+            r for r in self.ctr("images", "list", "-q").split() if r not in before and not r.startswith("sha256:")
+        ]
+        if name not in imported:
+            if len(imported) != 1:
+                raise RuntimeError(f"{archive}: expected one image, imported {imported}")
+            self.ctr("images", "tag", imported[0], name)
 
     def remove_container(self, container_id: str) -> None:
         assert self.cri is not None

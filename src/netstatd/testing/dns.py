@@ -28,17 +28,17 @@ from ..sources.dnstap.protos import dnstap_pb2 as pb
 from .agent import free_port, stop_process
 
 
-def _wait_answering(port: int, name: str, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
+def _wait_answering(address: str, port: int, name: str, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=0.5)
+            dns.query.udp(dns.message.make_query(name, "A"), address, port=port, timeout=0.5)
             return
         except (dns.exception.Timeout, OSError):
             time.sleep(0.1)
-    raise RuntimeError(f"{what} did not answer on 127.0.0.1:{port} within {timeout}s")
+    raise RuntimeError(f"{what} did not answer on {address}:{port} within {timeout}s")
 
 
 class _Daemon:
@@ -46,8 +46,9 @@ class _Daemon:
 
     binary = ""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
+        self.address = address
+        self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"netstatd-{self.binary}-"))
         self.proc: subprocess.Popen | None = None
         self._log: BinaryIO | None = None
@@ -61,7 +62,7 @@ class _Daemon:
         # appended to, so a restart keeps the earlier log; closed in stop()
         self._log = open(self.dir / "log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir)
-        _wait_answering(self.port, "check.netstatd.test.", self.proc, self.binary)
+        _wait_answering(self.address, self.port, "check.netstatd.test.", self.proc, self.binary)
         return self
 
     def stop(self) -> None:
@@ -79,18 +80,22 @@ class _Daemon:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def query(self, name: str, rdtype: str = "A") -> dns.message.Message:
-        return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=self.port, timeout=3)
+        return dns.query.udp(dns.message.make_query(name, rdtype), self.address, port=self.port, timeout=3)
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop it and remove its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _UNBOUND_COMMON = """server:
-    interface: 127.0.0.1@{port}
+    interface: {address}@{port}
     port: {port}
     do-daemonize: no
     username: ""
@@ -108,17 +113,19 @@ _UNBOUND_COMMON = """server:
 
 
 class Zone(_Daemon):
-    """unbound answering `records` (lines like 'a.netstatd.test. 300 IN A 10.0.0.1') for netstatd.test."""
+    """unbound answering `records` (lines like 'a.netstatd.test. 300 IN A 10.0.0.1') for netstatd.test
+    and the other `zones`, on address:port (127.0.0.1 and a free port unless given)."""
 
     binary = "unbound"
 
-    def __init__(self, records: list[str]) -> None:
-        super().__init__()
+    def __init__(self, records: list[str], zones: tuple[str, ...] = (), address: str = "127.0.0.1", port: int = 0):
+        super().__init__(address, port)
         self.records = ["check.netstatd.test. 60 IN A 10.231.250.250", *records]
+        self.zones = ("netstatd.test.", *zones)
 
     def command(self) -> list[str]:
-        conf = _UNBOUND_COMMON.format(port=self.port, dir=self.dir)
-        conf += '    local-zone: "netstatd.test." static\n'
+        conf = _UNBOUND_COMMON.format(address=self.address, port=self.port, dir=self.dir)
+        conf += "".join(f'    local-zone: "{zone}" static\n' for zone in self.zones)
         conf += "".join(f'    local-data: "{r}"\n' for r in self.records)
         (self.dir / "unbound.conf").write_text(conf)
         return ["unbound", "-d", "-c", str(self.dir / "unbound.conf")]
@@ -135,7 +142,7 @@ class Resolver(_Daemon):
         self.dnstap_port = dnstap_port
 
     def command(self) -> list[str]:
-        conf = _UNBOUND_COMMON.format(port=self.port, dir=self.dir)
+        conf = _UNBOUND_COMMON.format(address=self.address, port=self.port, dir=self.dir)
         conf += f"""    do-not-query-localhost: no
     local-zone: "test." nodefault
 forward-zone:

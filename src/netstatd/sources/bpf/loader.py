@@ -68,12 +68,18 @@ def find_cgroup2_root(mounts: str = "/proc/mounts") -> str:
 
 
 def ensure_tracefs() -> None:
-    """Tracepoint attachment needs tracefs for event ids."""
+    """Tracepoint attachment needs tracefs for event ids. Nodes usually have it mounted (systemd does);
+    otherwise mount it here, with mount(2) itself: a container image need not carry mount(8)."""
     if os.path.exists("/sys/kernel/tracing/events") or os.path.exists("/sys/kernel/debug/tracing/events"):
         return
-    rc = os.system("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null")
-    if rc != 0 or not os.path.exists("/sys/kernel/tracing/events"):
-        raise LoadError("tracefs is not mounted and mounting it failed: mount -t tracefs nodev /sys/kernel/tracing")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(b"nodev", b"/sys/kernel/tracing", b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise LoadError(
+            f"tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({os.strerror(err)}): "
+            "mount it on the node (mount -t tracefs nodev /sys/kernel/tracing), or give the agent CAP_SYS_ADMIN"
+        )
     log.info("mounted tracefs at /sys/kernel/tracing")
 
 

@@ -21,6 +21,12 @@ class PodSandboxState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SANDBOX_READY: _ClassVar[PodSandboxState]
     SANDBOX_NOTREADY: _ClassVar[PodSandboxState]
 
+class MountPropagation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROPAGATION_PRIVATE: _ClassVar[MountPropagation]
+    PROPAGATION_HOST_TO_CONTAINER: _ClassVar[MountPropagation]
+    PROPAGATION_BIDIRECTIONAL: _ClassVar[MountPropagation]
+
 class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONTAINER_CREATED: _ClassVar[ContainerState]
@@ -34,6 +40,9 @@ NODE: NamespaceMode
 TARGET: NamespaceMode
 SANDBOX_READY: PodSandboxState
 SANDBOX_NOTREADY: PodSandboxState
+PROPAGATION_PRIVATE: MountPropagation
+PROPAGATION_HOST_TO_CONTAINER: MountPropagation
+PROPAGATION_BIDIRECTIONAL: MountPropagation
 CONTAINER_CREATED: ContainerState
 CONTAINER_RUNNING: ContainerState
 CONTAINER_EXITED: ContainerState
@@ -81,6 +90,129 @@ class NamespaceOption(_message.Message):
         target_id: _Optional[str] = ...,
     ) -> None: ...
 
+class Int64Value(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: int
+    def __init__(self, value: _Optional[int] = ...) -> None: ...
+
+class SELinuxOption(_message.Message):
+    __slots__ = ("user", "role", "type", "level")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    role: str
+    type: str
+    level: str
+    def __init__(
+        self,
+        user: _Optional[str] = ...,
+        role: _Optional[str] = ...,
+        type: _Optional[str] = ...,
+        level: _Optional[str] = ...,
+    ) -> None: ...
+
+class Capability(_message.Message):
+    __slots__ = ("add_capabilities", "drop_capabilities", "add_ambient_capabilities")
+    ADD_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DROP_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ADD_AMBIENT_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    add_capabilities: _containers.RepeatedScalarFieldContainer[str]
+    drop_capabilities: _containers.RepeatedScalarFieldContainer[str]
+    add_ambient_capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(
+        self,
+        add_capabilities: _Optional[_Iterable[str]] = ...,
+        drop_capabilities: _Optional[_Iterable[str]] = ...,
+        add_ambient_capabilities: _Optional[_Iterable[str]] = ...,
+    ) -> None: ...
+
+class SecurityProfile(_message.Message):
+    __slots__ = ("profile_type", "localhost_ref")
+    class ProfileType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RuntimeDefault: _ClassVar[SecurityProfile.ProfileType]
+        Unconfined: _ClassVar[SecurityProfile.ProfileType]
+        Localhost: _ClassVar[SecurityProfile.ProfileType]
+
+    RuntimeDefault: SecurityProfile.ProfileType
+    Unconfined: SecurityProfile.ProfileType
+    Localhost: SecurityProfile.ProfileType
+    PROFILE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LOCALHOST_REF_FIELD_NUMBER: _ClassVar[int]
+    profile_type: SecurityProfile.ProfileType
+    localhost_ref: str
+    def __init__(
+        self,
+        profile_type: _Optional[_Union[SecurityProfile.ProfileType, str]] = ...,
+        localhost_ref: _Optional[str] = ...,
+    ) -> None: ...
+
+class HugepageLimit(_message.Message):
+    __slots__ = ("page_size", "limit")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    page_size: str
+    limit: int
+    def __init__(self, page_size: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class LinuxContainerResources(_message.Message):
+    __slots__ = (
+        "cpu_period",
+        "cpu_quota",
+        "cpu_shares",
+        "memory_limit_in_bytes",
+        "oom_score_adj",
+        "cpuset_cpus",
+        "cpuset_mems",
+        "hugepage_limits",
+        "unified",
+        "memory_swap_limit_in_bytes",
+    )
+    class UnifiedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+    CPU_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    CPU_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    CPU_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_IN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OOM_SCORE_ADJ_FIELD_NUMBER: _ClassVar[int]
+    CPUSET_CPUS_FIELD_NUMBER: _ClassVar[int]
+    CPUSET_MEMS_FIELD_NUMBER: _ClassVar[int]
+    HUGEPAGE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    UNIFIED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SWAP_LIMIT_IN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu_period: int
+    cpu_quota: int
+    cpu_shares: int
+    memory_limit_in_bytes: int
+    oom_score_adj: int
+    cpuset_cpus: str
+    cpuset_mems: str
+    hugepage_limits: _containers.RepeatedCompositeFieldContainer[HugepageLimit]
+    unified: _containers.ScalarMap[str, str]
+    memory_swap_limit_in_bytes: int
+    def __init__(
+        self,
+        cpu_period: _Optional[int] = ...,
+        cpu_quota: _Optional[int] = ...,
+        cpu_shares: _Optional[int] = ...,
+        memory_limit_in_bytes: _Optional[int] = ...,
+        oom_score_adj: _Optional[int] = ...,
+        cpuset_cpus: _Optional[str] = ...,
+        cpuset_mems: _Optional[str] = ...,
+        hugepage_limits: _Optional[_Iterable[_Union[HugepageLimit, _Mapping]]] = ...,
+        unified: _Optional[_Mapping[str, str]] = ...,
+        memory_swap_limit_in_bytes: _Optional[int] = ...,
+    ) -> None: ...
+
 class PodSandboxMetadata(_message.Message):
     __slots__ = ("name", "uid", "namespace", "attempt")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -100,13 +232,54 @@ class PodSandboxMetadata(_message.Message):
     ) -> None: ...
 
 class LinuxSandboxSecurityContext(_message.Message):
-    __slots__ = ("namespace_options",)
+    __slots__ = (
+        "namespace_options",
+        "selinux_options",
+        "run_as_user",
+        "readonly_rootfs",
+        "supplemental_groups",
+        "privileged",
+        "seccomp_profile_path",
+        "run_as_group",
+        "seccomp",
+        "apparmor",
+    )
     NAMESPACE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SELINUX_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RUN_AS_USER_FIELD_NUMBER: _ClassVar[int]
+    READONLY_ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    SUPPLEMENTAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PRIVILEGED_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_PROFILE_PATH_FIELD_NUMBER: _ClassVar[int]
+    RUN_AS_GROUP_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_FIELD_NUMBER: _ClassVar[int]
+    APPARMOR_FIELD_NUMBER: _ClassVar[int]
     namespace_options: NamespaceOption
-    def __init__(self, namespace_options: _Optional[_Union[NamespaceOption, _Mapping]] = ...) -> None: ...
+    selinux_options: SELinuxOption
+    run_as_user: Int64Value
+    readonly_rootfs: bool
+    supplemental_groups: _containers.RepeatedScalarFieldContainer[int]
+    privileged: bool
+    seccomp_profile_path: str
+    run_as_group: Int64Value
+    seccomp: SecurityProfile
+    apparmor: SecurityProfile
+    def __init__(
+        self,
+        namespace_options: _Optional[_Union[NamespaceOption, _Mapping]] = ...,
+        selinux_options: _Optional[_Union[SELinuxOption, _Mapping]] = ...,
+        run_as_user: _Optional[_Union[Int64Value, _Mapping]] = ...,
+        readonly_rootfs: _Optional[bool] = ...,
+        supplemental_groups: _Optional[_Iterable[int]] = ...,
+        privileged: _Optional[bool] = ...,
+        seccomp_profile_path: _Optional[str] = ...,
+        run_as_group: _Optional[_Union[Int64Value, _Mapping]] = ...,
+        seccomp: _Optional[_Union[SecurityProfile, _Mapping]] = ...,
+        apparmor: _Optional[_Union[SecurityProfile, _Mapping]] = ...,
+    ) -> None: ...
 
 class LinuxPodSandboxConfig(_message.Message):
-    __slots__ = ("cgroup_parent", "security_context", "sysctls")
+    __slots__ = ("cgroup_parent", "security_context", "sysctls", "overhead", "resources")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,18 +291,39 @@ class LinuxPodSandboxConfig(_message.Message):
     CGROUP_PARENT_FIELD_NUMBER: _ClassVar[int]
     SECURITY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     cgroup_parent: str
     security_context: LinuxSandboxSecurityContext
     sysctls: _containers.ScalarMap[str, str]
+    overhead: LinuxContainerResources
+    resources: LinuxContainerResources
     def __init__(
         self,
         cgroup_parent: _Optional[str] = ...,
         security_context: _Optional[_Union[LinuxSandboxSecurityContext, _Mapping]] = ...,
         sysctls: _Optional[_Mapping[str, str]] = ...,
+        overhead: _Optional[_Union[LinuxContainerResources, _Mapping]] = ...,
+        resources: _Optional[_Union[LinuxContainerResources, _Mapping]] = ...,
+    ) -> None: ...
+
+class DNSConfig(_message.Message):
+    __slots__ = ("servers", "searches", "options")
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    searches: _containers.RepeatedScalarFieldContainer[str]
+    options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(
+        self,
+        servers: _Optional[_Iterable[str]] = ...,
+        searches: _Optional[_Iterable[str]] = ...,
+        options: _Optional[_Iterable[str]] = ...,
     ) -> None: ...
 
 class PodSandboxConfig(_message.Message):
-    __slots__ = ("metadata", "hostname", "log_directory", "labels", "annotations", "linux")
+    __slots__ = ("metadata", "hostname", "log_directory", "dns_config", "labels", "annotations", "linux")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,12 +343,14 @@ class PodSandboxConfig(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     LOG_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    DNS_CONFIG_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     LINUX_FIELD_NUMBER: _ClassVar[int]
     metadata: PodSandboxMetadata
     hostname: str
     log_directory: str
+    dns_config: DNSConfig
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
     linux: LinuxPodSandboxConfig
@@ -163,6 +359,7 @@ class PodSandboxConfig(_message.Message):
         metadata: _Optional[_Union[PodSandboxMetadata, _Mapping]] = ...,
         hostname: _Optional[str] = ...,
         log_directory: _Optional[str] = ...,
+        dns_config: _Optional[_Union[DNSConfig, _Mapping]] = ...,
         labels: _Optional[_Mapping[str, str]] = ...,
         annotations: _Optional[_Mapping[str, str]] = ...,
         linux: _Optional[_Union[LinuxPodSandboxConfig, _Mapping]] = ...,
@@ -433,17 +630,109 @@ class KeyValue(_message.Message):
     value: str
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
+class Mount(_message.Message):
+    __slots__ = ("container_path", "host_path", "readonly", "selinux_relabel", "propagation")
+    CONTAINER_PATH_FIELD_NUMBER: _ClassVar[int]
+    HOST_PATH_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    SELINUX_RELABEL_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATION_FIELD_NUMBER: _ClassVar[int]
+    container_path: str
+    host_path: str
+    readonly: bool
+    selinux_relabel: bool
+    propagation: MountPropagation
+    def __init__(
+        self,
+        container_path: _Optional[str] = ...,
+        host_path: _Optional[str] = ...,
+        readonly: _Optional[bool] = ...,
+        selinux_relabel: _Optional[bool] = ...,
+        propagation: _Optional[_Union[MountPropagation, str]] = ...,
+    ) -> None: ...
+
 class LinuxContainerSecurityContext(_message.Message):
-    __slots__ = ("namespace_options",)
+    __slots__ = (
+        "capabilities",
+        "privileged",
+        "namespace_options",
+        "selinux_options",
+        "run_as_user",
+        "run_as_username",
+        "readonly_rootfs",
+        "supplemental_groups",
+        "apparmor_profile",
+        "seccomp_profile_path",
+        "no_new_privs",
+        "run_as_group",
+        "masked_paths",
+        "readonly_paths",
+        "seccomp",
+        "apparmor",
+    )
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    PRIVILEGED_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SELINUX_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RUN_AS_USER_FIELD_NUMBER: _ClassVar[int]
+    RUN_AS_USERNAME_FIELD_NUMBER: _ClassVar[int]
+    READONLY_ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    SUPPLEMENTAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    APPARMOR_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_PROFILE_PATH_FIELD_NUMBER: _ClassVar[int]
+    NO_NEW_PRIVS_FIELD_NUMBER: _ClassVar[int]
+    RUN_AS_GROUP_FIELD_NUMBER: _ClassVar[int]
+    MASKED_PATHS_FIELD_NUMBER: _ClassVar[int]
+    READONLY_PATHS_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_FIELD_NUMBER: _ClassVar[int]
+    APPARMOR_FIELD_NUMBER: _ClassVar[int]
+    capabilities: Capability
+    privileged: bool
     namespace_options: NamespaceOption
-    def __init__(self, namespace_options: _Optional[_Union[NamespaceOption, _Mapping]] = ...) -> None: ...
+    selinux_options: SELinuxOption
+    run_as_user: Int64Value
+    run_as_username: str
+    readonly_rootfs: bool
+    supplemental_groups: _containers.RepeatedScalarFieldContainer[int]
+    apparmor_profile: str
+    seccomp_profile_path: str
+    no_new_privs: bool
+    run_as_group: Int64Value
+    masked_paths: _containers.RepeatedScalarFieldContainer[str]
+    readonly_paths: _containers.RepeatedScalarFieldContainer[str]
+    seccomp: SecurityProfile
+    apparmor: SecurityProfile
+    def __init__(
+        self,
+        capabilities: _Optional[_Union[Capability, _Mapping]] = ...,
+        privileged: _Optional[bool] = ...,
+        namespace_options: _Optional[_Union[NamespaceOption, _Mapping]] = ...,
+        selinux_options: _Optional[_Union[SELinuxOption, _Mapping]] = ...,
+        run_as_user: _Optional[_Union[Int64Value, _Mapping]] = ...,
+        run_as_username: _Optional[str] = ...,
+        readonly_rootfs: _Optional[bool] = ...,
+        supplemental_groups: _Optional[_Iterable[int]] = ...,
+        apparmor_profile: _Optional[str] = ...,
+        seccomp_profile_path: _Optional[str] = ...,
+        no_new_privs: _Optional[bool] = ...,
+        run_as_group: _Optional[_Union[Int64Value, _Mapping]] = ...,
+        masked_paths: _Optional[_Iterable[str]] = ...,
+        readonly_paths: _Optional[_Iterable[str]] = ...,
+        seccomp: _Optional[_Union[SecurityProfile, _Mapping]] = ...,
+        apparmor: _Optional[_Union[SecurityProfile, _Mapping]] = ...,
+    ) -> None: ...
 
 class LinuxContainerConfig(_message.Message):
-    __slots__ = ("security_context",)
+    __slots__ = ("resources", "security_context")
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     SECURITY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    resources: LinuxContainerResources
     security_context: LinuxContainerSecurityContext
-    def __init__(self, security_context: _Optional[_Union[LinuxContainerSecurityContext, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        resources: _Optional[_Union[LinuxContainerResources, _Mapping]] = ...,
+        security_context: _Optional[_Union[LinuxContainerSecurityContext, _Mapping]] = ...,
+    ) -> None: ...
 
 class ContainerConfig(_message.Message):
     __slots__ = (
@@ -453,6 +742,7 @@ class ContainerConfig(_message.Message):
         "args",
         "working_dir",
         "envs",
+        "mounts",
         "labels",
         "annotations",
         "log_path",
@@ -480,6 +770,7 @@ class ContainerConfig(_message.Message):
     ARGS_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     ENVS_FIELD_NUMBER: _ClassVar[int]
+    MOUNTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     LOG_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -490,6 +781,7 @@ class ContainerConfig(_message.Message):
     args: _containers.RepeatedScalarFieldContainer[str]
     working_dir: str
     envs: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    mounts: _containers.RepeatedCompositeFieldContainer[Mount]
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
     log_path: str
@@ -502,6 +794,7 @@ class ContainerConfig(_message.Message):
         args: _Optional[_Iterable[str]] = ...,
         working_dir: _Optional[str] = ...,
         envs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...,
+        mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...,
         labels: _Optional[_Mapping[str, str]] = ...,
         annotations: _Optional[_Mapping[str, str]] = ...,
         log_path: _Optional[str] = ...,
