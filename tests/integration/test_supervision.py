@@ -53,7 +53,10 @@ def test_every_loop_restarts_after_a_fault_and_works_again(ctd, tmp_path):
         send_dnstap(agent.dnstap_port, "first.faults.test.", "192.0.2.1")
         wait_faults(agent, [t for t in TASKS if t != "netns-scan"])
         # the follower works again: a container started now is reported, and its netns scanned (the
-        # netns-scan fault: the scan runs again)
+        # netns-scan fault: the scan runs again). Only once it follows containerd again: a task started
+        # while it waits to restart is found by the relisting, which scans no netns.
+        wait_until(lambda: agent.metric("netstatd_containerd_syncs_total") >= 2)
+        wait_until(lambda: agent.metric("netstatd_containerd_connected") == 1)
         later = ctd.run_pod("after-faults", {"app": ["sleep", "3600"]}, namespace="faults")
         node.wait_for(lambda e: e["type"] == "container.added" and e.get("podName") == "after-faults")
         wait_faults(agent, TASKS)
