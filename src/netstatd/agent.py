@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -14,11 +15,12 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .api.front import RELOAD_EVERY_S, Front
+from .api.front import Front
 from .diag import SockDiagChecks
 from .enrich.attribution import Attribution
 from .enrich.cgroups import PidContainers
 from .enrich.events import EventBuilder
+from .errors import StartupError
 from .hub import Hub
 from .listen import exposure
 from .metrics import Metric
@@ -44,10 +46,6 @@ log = logging.getLogger("netstatd")
 FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
 FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
 IP_REFRESH_S = 30.0  # host addresses change without a container event (DHCP, an admin): re-read this often
-
-
-class StartupError(RuntimeError):
-    """Start-up cannot continue; the message is the one line to print."""
 
 
 class Agent:
@@ -97,10 +95,12 @@ class Agent:
         self.follower = ContainerdFollower(
             settings.containerd_socket, self._containerd_changed, cgroup_root=cgroup2_root()
         )
-        try:  # cluster-wide view on --http-mux-port
-            self.mux = Mux(settings, self.clock.now, self.front, self.supervisor)
-        except ValueError as e:
-            raise StartupError(str(e)) from None
+        self.mux: Mux | None = None  # cluster-wide view on --http-mux-port; 0 turns it off
+        if settings.http_mux_port:
+            try:
+                self.mux = Mux(settings, self.clock.now, self.front, self.supervisor)
+            except ValueError as e:
+                raise StartupError(str(e)) from None
         self.checks = SockDiagChecks(self.pipeline, self.hub, self.kernel, self.supervisor, settings.loopback)
         # what /metrics reads, each its own (the ring's reader and drainer join once the probes load)
         self._collectors: list[Any] = [
@@ -117,7 +117,7 @@ class Agent:
             self.cgroup_pids,
             self.containers,
             self.follower,
-            self.mux,
+            *([self.mux] if self.mux else []),
         ]
 
     # -- lifecycle: every start has its stop --------------------------------
@@ -131,12 +131,13 @@ class Agent:
         warning = exposure(self.settings, self.front.addresses)
         if warning:
             log.warning("%s", warning)
-        self._set_own_addresses(host_addresses())  # before serving: requests may name us by any of them
+        self._set_own_addresses(addresses.host_ips())  # before serving: requests may name us by any of them
         await self._start_http()
-        try:
-            await self.mux.start(self.metrics)
-        except OSError as e:
-            raise StartupError(e.strerror or str(e)) from None
+        if self.mux:
+            try:
+                await self.mux.start(self.metrics)
+            except OSError as e:
+                raise StartupError(e.strerror or str(e)) from None
         try:
             ports = {"node": self.settings.dnstap_port, "mux": self.settings.dnstap_mux_port}
             await self.dnstap.start(ports, self.front.addresses)
@@ -155,7 +156,7 @@ class Agent:
         spawn("ring", self._drainer.run)
         spawn("flush", self._flush_loop)
         spawn("containerd", self.follower.run)
-        spawn("files", self._reload_loop)
+        spawn("files", functools.partial(self.front.reload_forever, self.mux.reload if self.mux else lambda: None))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.follower.first_attempt.wait(), FIRST_SYNC_WAIT_S)
         await self.refresh_ips()
@@ -173,7 +174,8 @@ class Agent:
 
     async def stop(self) -> None:
         await self.supervisor.stop()
-        await self.mux.stop()
+        if self.mux:
+            await self.mux.stop()
         await self.dnstap.stop()
         if self._reader:
             self._reader.close()
@@ -188,14 +190,6 @@ class Agent:
             self._runner = await self.front.serve(app, port, "--http-port")
         except OSError as e:
             raise StartupError(e.strerror or str(e)) from None
-
-    async def _reload_loop(self) -> None:
-        """Token and certificate files re-read when they change (a Secret or cert-manager update)."""
-        while True:
-            failpoint("files")
-            await self.front.reload()
-            self.mux.reload()
-            await asyncio.sleep(RELOAD_EVERY_S)
 
     def _set_own_addresses(self, ips: Iterable[str]) -> None:
         ips = set(ips)
@@ -311,14 +305,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-
-
-def host_addresses() -> list[str]:
-    try:
-        return [a.ip for a in addresses.interface_addresses()]
-    except OSError as e:
-        log.warning("cannot list host addresses: %s", e)
-        return []
 
 
 def pid_exe(pid: int) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""`netstatd` console script: flags -> settings -> agent."""
+"""`netstatd` console script: flags -> settings -> the node agent, or `netstatd mux`: the standalone
+multiplexer (the agent's modules, BPF and containerd among them, are not even imported then)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import time
 
 from . import settings as settings_mod
-from .agent import StartupError, run
+from .errors import StartupError
 
 TRACE = 5
 _LEVELS = {
@@ -35,8 +36,16 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    standalone_mux = argv[:1] == ["mux"]
+    if standalone_mux:
+        argv = argv[1:]
     settings = settings_mod.parse(argv)
     configure_logging(settings.log_level)
+    if standalone_mux:
+        from .mux.standalone import run
+    else:
+        from .agent import run
     try:
         asyncio.run(run(settings))
     except StartupError as e:

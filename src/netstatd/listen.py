@@ -49,20 +49,25 @@ def listen_addresses(settings: Settings) -> list[str]:
     return [a for a in defaults if _bindable(a)] or list(defaults[:1])
 
 
-def exposure(settings: Settings, addresses: Sequence[str]) -> str | None:
-    """The warning for listening beyond loopback with nobody's credentials checked, or None."""
+def exposure(settings: Settings, addresses: Sequence[str], mux_only: bool = False) -> str | None:
+    """The warning for listening beyond loopback with nobody's credentials checked, or None.
+    mux_only: for `netstatd mux`, which serves the cluster view alone."""
     if settings.authenticated:
         return None
     exposed = [a for a in addresses if not ipaddress.ip_address(a).is_loopback]
     if not exposed:
         return None
+    them = "them" if len(exposed) > 1 else "it"
+    reach = f"listening on {', '.join(exposed)} without authentication: anyone who can reach {them}"
+    advice = "Give --auth-token-file (docs/security.md), or listen on loopback only"
+    if mux_only:
+        port = settings.http_mux_port
+        return f"{reach} reads every connection, process, pod and DNS name of the cluster on port {port}. {advice}"
     mux = f", and the whole cluster's on port {settings.http_mux_port}" if settings.http_mux_port else ""
     return (
-        f"listening on {', '.join(exposed)} without authentication: anyone who can reach "
-        f"{'them' if len(exposed) > 1 else 'it'} reads every connection, process, pod and DNS name of this "
-        f"node on port {settings.http_port}{mux}, and can send it DNS names on ports {settings.dnstap_port} and "
-        f"{settings.dnstap_mux_port} (within --dnstap-allow). Give --auth-token-file (docs/security.md), "
-        "or listen on loopback only"
+        f"{reach} reads every connection, process, pod and DNS name of this node on port {settings.http_port}{mux}, "
+        f"and can send it DNS names on ports {settings.dnstap_port} and {settings.dnstap_mux_port} "
+        f"(within --dnstap-allow). {advice}"
     )
 
 

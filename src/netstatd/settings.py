@@ -66,7 +66,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("log_level", "log level", choices=LOG_LEVELS),
     Option("http_port", "HTTP/WebSocket port of this node's UI and API"),
-    Option("http_mux_port", "HTTP/WebSocket port of the cluster-wide multiplexer"),
+    Option("http_mux_port", "HTTP/WebSocket port of the cluster-wide multiplexer (0: none in the agent)"),
     Option("dnstap_port", "DNSTap (Frame Streams over TCP) port for this node's DNS server"),
     Option("dnstap_mux_port", "DNSTap port whose names are shared cluster-wide"),
     Option("disable_tcp", "do not capture TCP"),
@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(Settings)}
     p = argparse.ArgumentParser(
         prog="netstatd",
-        description="netstatd node agent: kernel connection events to a live WebSocket stream.",
+        description="netstatd node agent: kernel connection events to a live WebSocket stream. "
+        "`netstatd mux FLAGS` runs the cluster-wide multiplexer alone, unprivileged (docs/multiplexer.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for opt in OPTIONS:
@@ -136,8 +137,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.env
     if not values["node_name"]:
         values["node_name"] = socket.gethostname()
     for port in ("http_port", "http_mux_port", "dnstap_port", "dnstap_mux_port"):
-        if not 0 < values[port] < 65536:
-            raise SystemExit(f"netstatd: --{port.replace('_', '-')} must be 1-65535, got {values[port]}")
+        low = 0 if port == "http_mux_port" else 1  # 0: the agent serves no multiplexer
+        if not low <= values[port] < 65536:
+            raise SystemExit(f"netstatd: --{port.replace('_', '-')} must be {low}-65535, got {values[port]}")
     for path, other in (("tls_cert_file", "tls_key_file"), ("peer_cert_file", "peer_key_file")):
         if bool(values[path]) != bool(values[other]):
             raise SystemExit(f"netstatd: --{path.replace('_', '-')} and --{other.replace('_', '-')} go together")

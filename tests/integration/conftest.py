@@ -1,6 +1,3 @@
-import ipaddress
-import subprocess
-
 import pytest
 
 from netstatd.testing.agent import AgentProcess
@@ -27,11 +24,8 @@ def ctd():
 
 @pytest.fixture(scope="module")
 def host_ip(ctd):
-    """The pod bridge has no host address (CNI isGateway false); give it .1 so pods and host can talk."""
-    ctd.run_pod("first", {"main": ["sleep", "3600"]}, namespace="setup")  # creates the bridge
-    ip = str(ipaddress.ip_network(ctd.subnet).network_address + 1)
-    subprocess.run(["ip", "addr", "add", f"{ip}/24", "dev", ctd.bridge], check=True)
-    return ip
+    """The host's address on the pod bridge, where pods and host talk."""
+    return ctd.bridge_address()
 
 
 @pytest.fixture(scope="module")

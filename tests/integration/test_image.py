@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from netstatd.testing import image
-from netstatd.testing.agent_pod import AgentPod
+from netstatd.testing.agent_pod import SERVICE, AgentPod
+from netstatd.testing.kubelet import quantity
 from netstatd.testing.stream import StreamClient
 from tests.conftest import require
 from tests.integration.container_traffic import Server, connection_events
@@ -131,9 +132,45 @@ def test_cri_pod_connection_carries_pod_and_container(agent_pod, ctd, host_ip, s
 def test_the_multiplexer_reaches_the_agent_with_the_manifest_certificate(agent_pod):
     """The pod's own multiplexer finds the node through the cluster DNS (FANOUT_SERVICE) and gets in with
     the client certificate the manifest gives it: the cluster view streams this node."""
-    url, ssl_context = agent_pod.ws_url("http-mux"), agent_pod.ssl_context()
+    url, ssl_context = agent_pod.ws_url(agent_pod.settings.http_mux_port), agent_pod.ssl_context()
     with StreamClient(url, headers=agent_pod.headers, ssl_context=ssl_context) as client:
         status = client.wait_for(lambda e: e["type"] == "peer.status" and e["status"] != "reconnecting", timeout=30)
         assert (status["status"], status["nodeName"]) == ("connected", agent_pod.node.name), status
         assert agent_pod.node.ip in status["hostInfo"]["hostIPs"]
         client.wait_for(lambda e: e["type"] == "port.listening" and e["nodeName"] == agent_pod.node.name)
+
+
+def memory_limit(pid: int) -> int:
+    """The memory limit of the cgroup a process is in (cgroup v1 memory controller, or v2)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return int(Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text())
+        if controllers == "" and Path(f"/sys/fs/cgroup{path}/memory.max").exists():
+            return int(Path(f"/sys/fs/cgroup{path}/memory.max").read_text())
+    raise LookupError(f"no memory cgroup for pid {pid}")
+
+
+def test_the_multiplexer_deployment_runs_unprivileged_and_streams_the_node(agent_pod, ctd):
+    """The Deployment's replicas, each in its own pod network namespace as nobody with no capability,
+    find the agent through the cluster DNS and stream it to a client that reaches them by the Service's
+    name (the certificate's)."""
+    pods = agent_pod.run_mux()
+    deployment = agent_pod.mux_workload
+    assert len(pods) == deployment["spec"]["replicas"]
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for pod in pods:
+        pid = ctd.container_pid(pod.pod.containers[container["name"]])
+        fields = dict(re.findall(r"^(\w+):\s+(.*)$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE))
+        assert fields["Uid"].split()[0] == str(pod_security["runAsUser"])
+        assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
+        assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
+        assert memory_limit(pid) == quantity(container["resources"]["limits"]["memory"])
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")  # no host network
+        headers, ssl_context = agent_pod.headers, agent_pod.ssl_context()
+        url = agent_pod.mux_ws_url(pod)
+        with StreamClient(url, headers=headers, ssl_context=ssl_context, server_hostname=SERVICE) as client:
+            status = client.wait_for(lambda e: e["type"] == "peer.status" and e["status"] != "reconnecting", timeout=30)
+            assert (status["status"], status["nodeName"]) == ("connected", agent_pod.node.name), status
+            client.wait_for(lambda e: e["type"] == "port.listening" and e["nodeName"] == agent_pod.node.name)

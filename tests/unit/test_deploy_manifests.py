@@ -57,6 +57,9 @@ def obj(kind: str, name: str) -> dict:
 
 DAEMONSET = obj("DaemonSet", "netstatd")
 POD = DAEMONSET["spec"]["template"]["spec"]
+MUX = obj("Deployment", "netstatd-mux")
+MUX_POD = MUX["spec"]["template"]["spec"]
+(MUX_CONTAINER,) = MUX_POD["containers"]
 (CONTAINER,) = POD["containers"]
 CERT_OBJECTS = load(CERT_MANAGER / "certificates.yaml")
 CERT_MANAGER_API = "cert-manager.io/v1"
@@ -115,7 +118,7 @@ def key(o: dict) -> tuple[str, str, str]:
 def test_kustomize_renders_every_object(rendered):
     assert sorted(map(key, rendered)) == sorted(map(key, OBJECTS))
     kinds = {o["kind"] for o in rendered}
-    assert kinds == {"ServiceAccount", "DaemonSet", "Service", "NetworkPolicy"}
+    assert kinds == {"ServiceAccount", "DaemonSet", "Deployment", "Service", "NetworkPolicy"}
 
 
 def test_kustomization_lists_every_manifest():
@@ -215,17 +218,55 @@ def test_daemonset_environment_and_service_account():
 
 
 def test_services_expose_the_container_ports_by_name():
-    container_ports = {p["name"]: p["containerPort"] for p in CONTAINER["ports"]}
-    assert container_ports == {name: getattr(Settings, field) for name, field in PORTS.items()}
+    """The Service netstatd selects agents and multiplexers; each named port reaches only the pods
+    that declare it: http-mux the Deployment's, the others the agents'."""
+    agent_ports = {p["name"]: p["containerPort"] for p in CONTAINER["ports"]}
+    mux_ports = {p["name"]: p["containerPort"] for p in MUX_CONTAINER["ports"]}
+    assert not agent_ports.keys() & mux_ports.keys()
+    assert agent_ports | mux_ports == {name: getattr(Settings, field) for name, field in PORTS.items()}
+    assert mux_ports == {"http-mux": Settings.http_mux_port}
     service = obj("Service", "netstatd")["spec"]
-    assert {p["name"]: p["port"] for p in service["ports"]} == container_ports
+    assert {p["name"]: p["port"] for p in service["ports"]} == agent_ports | mux_ports
     assert all(p["targetPort"] == p["name"] for p in service["ports"])
+    agent_labels = DAEMONSET["spec"]["template"]["metadata"]["labels"]
+    mux_labels = MUX["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= agent_labels.items() & mux_labels.items()
     headless = obj("Service", "netstatd-headless")["spec"]
     assert headless["clusterIP"] == "None"
     assert [(p["name"], p["port"]) for p in headless["ports"]] == [("http", Settings.http_port)]
-    labels = DAEMONSET["spec"]["template"]["metadata"]["labels"]
-    for spec in (service, headless):
-        assert spec["selector"].items() <= labels.items()
+    # the multiplexers' peers are the agents alone
+    assert headless["selector"].items() <= agent_labels.items()
+    assert not headless["selector"].items() <= mux_labels.items()
+    # the controllers' selectors do not overlap
+    assert not DAEMONSET["spec"]["selector"]["matchLabels"].items() <= mux_labels.items()
+    assert not MUX["spec"]["selector"]["matchLabels"].items() <= agent_labels.items()
+
+
+def test_the_mux_deployment_runs_unprivileged():
+    assert MUX["spec"]["replicas"] == 2
+    assert not MUX_POD.get("hostNetwork") and not MUX_POD.get("hostPID")
+    pod_security, security = MUX_POD["securityContext"], MUX_CONTAINER["securityContext"]
+    assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert "memory" in MUX_CONTAINER["resources"]["limits"]
+    assert MUX_CONTAINER["args"][0] == "mux"
+    parsed = settings.parse(MUX_CONTAINER["args"][1:], environ={})
+    assert parsed.authenticated and parsed.tls and parsed.peer_ca_file and parsed.peer_cert_file
+    assert parsed.listen_address == ()  # authenticated: every address of its pod
+    env = {e["name"]: e for e in MUX_CONTAINER["env"]}
+    assert env["FANOUT_SERVICE"]["value"] == "netstatd-headless"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert MUX_CONTAINER[probe]["httpGet"] == {"path": "/healthz", "port": "http-mux", "scheme": "HTTPS"}
+    # its Secrets are readable by its group (fsGroup), not by others
+    assert pod_security["fsGroup"] == pod_security["runAsGroup"]
+    for volume in MUX_POD["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"]["defaultMode"] == 0o440
 
 
 def args() -> list[tuple[str, str]]:
@@ -330,10 +371,13 @@ def test_secrets_are_made_by_the_listed_commands_not_shipped():
 
 
 def test_network_policy_covers_every_port_and_the_agents():
-    policy = obj("NetworkPolicy", "netstatd")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= DAEMONSET["spec"]["template"]["metadata"]["labels"].items()
-    allowed = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert allowed == set(PORTS)  # named ports: they follow the container's
+    for name, workload, container in (("netstatd", DAEMONSET, CONTAINER), ("netstatd-mux", MUX, MUX_CONTAINER)):
+        policy = obj("NetworkPolicy", name)["spec"]
+        assert (
+            policy["podSelector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        )
+        allowed = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        assert allowed == {p["name"] for p in container["ports"]}  # named ports: they follow the container's
 
 
 def documented_capabilities() -> dict[str, bool]:

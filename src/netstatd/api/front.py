@@ -7,6 +7,7 @@ certificate files when they changed; the agent calls it every RELOAD_EVERY_S und
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import ssl
@@ -19,6 +20,7 @@ from ..hub import Hub
 from ..listen import listen_addresses, serve_http, urls
 from ..metrics import Metric
 from ..settings import Settings
+from ..supervisor import failpoint
 from ..tls import TLSFiles, server_tls
 from .access import AccessPolicy, HostNames
 from .app import Report, build_app, close_revoked
@@ -104,6 +106,14 @@ class Front:
                 await close_revoked(app)
         if self.tls:
             self.tls.reload_if_changed()
+
+    async def reload_forever(self, also: Callable[[], None] = lambda: None) -> None:
+        """reload() every RELOAD_EVERY_S, then `also` (the upstreams' certificate); under a supervisor."""
+        while True:
+            failpoint("files")
+            await self.reload()
+            also()
+            await asyncio.sleep(RELOAD_EVERY_S)
 
     def metrics(self) -> list[Metric]:
         out = self.policy.metrics()

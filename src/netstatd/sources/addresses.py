@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from dataclasses import dataclass
 
 from .netlink import NETLINK_ROUTE, dump, open_netlink, parse_attrs
+
+log = logging.getLogger("netstatd")
 
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
@@ -77,3 +80,12 @@ def interface_addresses(netns_path: str | None = None) -> list[InterfaceAddress]
             )
         )
     return out
+
+
+def host_ips() -> list[str]:
+    """This netns's addresses, for the Host check and the DNSTap allow list; [] (logged) on failure."""
+    try:
+        return [a.ip for a in interface_addresses()]
+    except OSError as e:
+        log.warning("cannot list host addresses: %s", e)
+        return []

@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _given: set[int] = set()  # every port free_port() handed out in this process
 _given_lock = threading.Lock()  # cluster.start_agents() starts agents (and their retries) in threads
@@ -275,3 +275,26 @@ class AgentProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class MuxProcess(AgentProcess):
+    """`netstatd mux --http-port AGENTS_PORT --http-mux-port PORT ARGS...`: the standalone multiplexer.
+    start() waits until it serves /metrics on its own port; url, ws_url and get() are that port's."""
+
+    def __init__(self, *args: str, agents_port: int, **kwargs: Any) -> None:
+        super().__init__(*args, port=agents_port, **kwargs)  # --http-port: where its peers listen
+
+    def _build_args(self) -> None:
+        super()._build_args()
+        self.args.insert(len(self._prefix) + 1, "mux")  # right after the binary
+
+    @property
+    def url(self) -> str:
+        return self.mux_url
+
+    @property
+    def ws_url(self) -> str:
+        return self.mux_ws_url
+
+    def seeded(self) -> bool:
+        return True  # nothing to seed

@@ -1,9 +1,15 @@
-"""The DaemonSet's pod as a cluster would run it: the image `make image` built, the rendered deploy/,
-the Secrets made by the manifest's own commands, run by testing.kubelet on a private containerd.
+"""deploy/'s pods as a cluster would run them: the image `make image` built, the rendered manifests,
+the Secrets made by the manifest's own commands, run by testing.kubelet on a private containerd. The
+DaemonSet's agent pod (this machine is the node), and the multiplexer Deployment's replicas in pod
+network namespaces.
 
-Used by tests/integration/test_image.py (`make test-image`) and bench/agent_pod.py. Run from the
+The node's address is the host's address on the pod bridge: pods reach the host only there (CNI has no
+gateway here). The cluster DNS, an unbound on that address's port 53, answers for the headless
+Services with it.
+
+Used by tests/integration/test_image.py (`make test-image`) and bench/image.py. Run from the
 repository (it reads deploy/ and runs scripts/make-certs.sh). Needs root, podman or buildah, kubectl,
-unbound, and the ports the manifest names free on this machine (hostNetwork).
+unbound, and the ports the agent's manifest names free on this machine (hostNetwork).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from netstatd import settings
 from netstatd.api.deployment import deployment_info
 from netstatd.testing import image
 from netstatd.testing.containerd import PrivateContainerd
@@ -30,17 +37,10 @@ from netstatd.testing.dns import Zone
 from netstatd.testing.kubelet import Kubelet, Node, RunningPod, find, render
 
 REPO = Path(__file__).resolve().parents[3]
-WORKLOAD = ("DaemonSet", "netstatd")
+AGENT = ("DaemonSet", "netstatd")
+MUX = ("Deployment", "netstatd-mux")
+SERVICE = "netstatd"  # the name a user reaches the multiplexers by: their certificate carries it
 HOST_PATHS_REPLACED = ("/run/containerd/containerd.sock",)  # by the tests' private containerd's socket
-
-
-def node_ip() -> str:
-    """The node's address: the first global IPv4 address of this machine (loopback if it has none).
-    Traffic to it stays on the machine."""
-    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        return line.split()[3].split("/")[0]
-    return "127.0.0.1"
 
 
 def secrets_from_commands(home: Path) -> dict[str, dict[str, bytes]]:
@@ -70,24 +70,25 @@ class AgentPod:
         self.ctd = ctd
         self.dir = Path(tempfile.mkdtemp(prefix="nsd-agent-pod-"))
         objects = render(REPO / "deploy")
-        workload = find(objects, *WORKLOAD)
+        workload = find(objects, *AGENT)
         self.namespace: str = workload["metadata"]["namespace"]
         self.template: dict[str, Any] = workload["spec"]["template"]
         self.container: dict[str, Any] = self.template["spec"]["containers"][0]
+        self.settings = settings.parse(self.container["args"], environ={})  # the agent's, from its args
+        self.mux_workload = find(objects, *MUX)
         self.objects = objects
         self.secrets = secrets_from_commands(self.dir)
         self.token = self.secrets["netstatd-tokens"]["tokens"].decode().strip().split(":", 1)[1]
         self.ca_file = self.dir / "ca.crt"
         self.ca_file.write_bytes(self.secrets["netstatd-tls"]["ca.crt"])
-        self.node = Node(name=socket.gethostname(), ip=node_ip(), cluster_dns=(_free_loopback_address(),))
+        address = ctd.bridge_address()
+        self.node = Node(name=socket.gethostname(), ip=address, cluster_dns=(address,))
         self.dns: Zone | None = None
         self.kubelet: Kubelet | None = None
         self.pod: RunningPod | None = None
+        self.mux_pods: list[RunningPod] = []
         self.ready_after = 0.0  # seconds from CreateContainer to the first /metrics answer
         self.serving_after = 0.0  # ... to the log's "serving node" (programs attached, sockets seeded)
-
-    def port(self, name: str) -> int:
-        return next(p["containerPort"] for p in self.container["ports"] if p["name"] == name)
 
     def env(self, name: str) -> str:
         return next(e["value"] for e in self.container["env"] if e["name"] == name)
@@ -108,16 +109,17 @@ class AgentPod:
         host_paths = dict.fromkeys(HOST_PATHS_REPLACED, self.ctd.socket)
         self.kubelet = Kubelet(self.ctd, self.node, self.secrets, host_paths)
         self.pod = self.kubelet.run(self.template, self.namespace, f"netstatd-{random.randrange(16**5):05x}")
-        created = self.pod.created[self.container["name"]]
+        name = self.container["name"]
+        created = self.pod.created[name]
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self.get("/metrics", timeout=1)
                 break
             except (urllib.error.URLError, OSError) as e:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.ctd.container_exited(self.pod.pod.containers[name]):
                     raise RuntimeError(
-                        f"no /metrics within {timeout}s ({e}); agent log:\n{self.log()[-4000:]}"
+                        f"no /metrics within {timeout}s or the agent exited ({e}); its log:\n{self.log()[-4000:]}"
                     ) from None
                 time.sleep(0.05)
         self.ready_after = time.monotonic() - created
@@ -129,11 +131,34 @@ class AgentPod:
         self.serving_after = time.monotonic() - created
         return self
 
+    def run_mux(self, timeout: float = 60) -> list[RunningPod]:
+        """The multiplexer Deployment's replicas (after start()), each once it answers /healthz."""
+        assert self.kubelet is not None
+        template = self.mux_workload["spec"]["template"]
+        name = self.mux_workload["metadata"]["name"]
+        for _ in range(self.mux_workload["spec"].get("replicas", 1)):
+            pod = self.kubelet.run(template, self.namespace, f"{name}-{random.randrange(16**5):05x}")
+            self.mux_pods.append(pod)
+            container = pod.spec["containers"][0]["name"]
+            deadline = time.monotonic() + timeout
+            while not self.kubelet.probe(pod, container, "readinessProbe"):
+                if time.monotonic() > deadline or self.ctd.container_exited(pod.pod.containers[container]):
+                    raise RuntimeError(
+                        f"{pod.name} not ready within {timeout}s, or exited:\n{pod.log(container)[-4000:]}"
+                    )
+                time.sleep(0.1)
+        return self.mux_pods
+
+    def mux_ws_url(self, pod: RunningPod) -> str:
+        port = next(p["containerPort"] for p in pod.spec["containers"][0]["ports"] if p["name"] == "http-mux")
+        return f"wss://{self.ctd.pod_ip(pod.pod)}:{port}/netstat"
+
     def stop_pod(self) -> None:
-        """Remove the pod (StopPodSandbox kills the agent), keep the rest: start() runs it again."""
-        if self.pod is not None:
-            self.ctd.remove_pod(self.pod.pod)
-            self.pod = None
+        """Remove the pods (StopPodSandbox kills their processes), keep the rest: start() runs it again."""
+        for pod in [*self.mux_pods, *([self.pod] if self.pod else [])]:
+            self.ctd.remove_pod(pod.pod)
+        self.mux_pods.clear()
+        self.pod = None
         if self.kubelet is not None:
             self.kubelet.close()
             self.kubelet = None
@@ -168,19 +193,20 @@ class AgentPod:
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
-    def url(self, port_name: str = "http", path: str = "") -> str:
-        return f"https://localhost:{self.port(port_name)}{path}"
+    def url(self, path: str = "", port: int = 0) -> str:
+        """The agent's node port (its --http-port), or another of its ports."""
+        return f"https://localhost:{port or self.settings.http_port}{path}"
 
-    def ws_url(self, port_name: str = "http") -> str:
-        return f"wss://localhost:{self.port(port_name)}/netstat"
+    def ws_url(self, port: int = 0) -> str:
+        return f"wss://localhost:{port or self.settings.http_port}/netstat"
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def get(self, path: str, port_name: str = "http", timeout: float = 5, token: bool = True) -> bytes:
+    def get(self, path: str, timeout: float = 5, token: bool = True) -> bytes:
         headers = self.headers if token else {}
-        request = urllib.request.Request(self.url(port_name, path), headers=headers)
+        request = urllib.request.Request(self.url(path), headers=headers)
         return urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context()).read()
 
     def pid(self) -> int:
@@ -190,16 +216,3 @@ class AgentPod:
 
     def log(self) -> str:
         return self.pod.log(self.container["name"]) if self.pod else ""
-
-
-def _free_loopback_address() -> str:
-    """A loopback address whose port 53 is free, for the cluster DNS server (resolv.conf takes no port)."""
-    for _ in range(50):
-        address = f"127.53.{random.randrange(256)}.{random.randrange(1, 255)}"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((address, 53))
-                return address
-            except OSError:
-                continue
-    raise RuntimeError("no loopback address with a free port 53 (is a DNS server bound to 0.0.0.0:53?)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import secrets
@@ -567,6 +568,28 @@ state = "{d}/state"
                 raise RuntimeError(f"task {container_id} did not exit")
             time.sleep(0.05)
         self.ctr("containers", "delete", container_id, namespace=namespace)
+
+    def bridge_address(self) -> str:
+        """The host's address on the pod bridge (.1 of the pod subnet), made on first use: CNI here has no
+        gateway (isGateway false), so pods reach the host only at this address."""
+        ip = str(ipaddress.ip_network(self.subnet).network_address + 1)
+        if f" {self.bridge}:" not in _sh("ip", "-o", "link", "show"):
+            self.run_pod("bridge", {"main": ["sleep", "3600"]}, namespace="setup")  # CNI creates the bridge
+        if f" {ip}/" not in _sh("ip", "-o", "-4", "addr", "show", "dev", self.bridge):
+            _sh("ip", "addr", "add", f"{ip}/24", "dev", self.bridge)
+        return ip
+
+    def container_exited(self, container_id: str) -> bool:
+        """Its process has exited (CRI's CONTAINER_EXITED)."""
+        assert self.cri is not None
+        request = cri_pb2.ContainerStatusRequest(container_id=container_id)
+        return self.cri.ContainerStatus(request, timeout=10).status.state == cri_pb2.CONTAINER_EXITED
+
+    def pod_ip(self, pod: Pod) -> str:
+        """The pod's address from CRI (empty for a hostNetwork pod)."""
+        assert self.cri is not None
+        request = cri_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id)
+        return self.cri.PodSandboxStatus(request, timeout=10).status.network.ip
 
     def make_netns(self) -> Netns:
         """A named network namespace with a veth to the host (a /30: host .1, namespace .2), for ctr

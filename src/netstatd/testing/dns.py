@@ -107,6 +107,7 @@ _UNBOUND_COMMON = """server:
     verbosity: 1
     do-ip6: no
     access-control: 127.0.0.0/8 allow
+    access-control: 10.0.0.0/8 allow
     module-config: "iterator"
     num-threads: 1
 """

@@ -157,7 +157,8 @@ class Kubelet:
             raise NotImplementedError("initContainers")
         uid = str(uuid.uuid4())
         pod_dir = self.dir / uid
-        volumes = {v["name"]: self._volume(v, pod_dir / "volumes") for v in spec.get("volumes", [])}
+        fs_group = spec.get("securityContext", {}).get("fsGroup")
+        volumes = {v["name"]: self._volume(v, pod_dir / "volumes", fs_group) for v in spec.get("volumes", [])}
         self._check_host_ports(spec)
         running = RunningPod(name, namespace, spec, self.ctd.run_sandbox(self._sandbox(template, namespace, name, uid)))
         running.log_dir = running.pod.sandbox_config.log_directory
@@ -253,7 +254,7 @@ class Kubelet:
 
     # ---- volumes
 
-    def _volume(self, volume: dict[str, Any], base: Path) -> str:
+    def _volume(self, volume: dict[str, Any], base: Path, fs_group: int | None) -> str:
         name = volume["name"]
         if "hostPath" in volume:
             source = volume["hostPath"]
@@ -276,6 +277,7 @@ class Kubelet:
             if source.get("medium") == "Memory":
                 size = int(quantity(source.get("sizeLimit", self.node.memory_bytes)))
                 self._tmpfs(path, size)
+            path.chmod(0o777)  # an emptyDir is writable by any user of the pod
             return str(path)
         if "secret" in volume:
             source = volume["secret"]
@@ -288,7 +290,7 @@ class Kubelet:
             path = base / "secret" / name
             path.mkdir(parents=True)
             self._tmpfs(path, 16 * 2**20)
-            self._write_atomic(path, data, source.get("items"), source.get("defaultMode", 0o644))
+            self._write_atomic(path, data, source.get("items"), source.get("defaultMode", 0o644), fs_group)
             return str(path)
         raise NotImplementedError(f"volume {name}: {sorted(set(volume) - {'name'})}")
 
@@ -297,9 +299,12 @@ class Kubelet:
         self._mounts.append(path)
 
     @staticmethod
-    def _write_atomic(path: Path, data: dict[str, bytes], items: list[dict] | None, mode: int) -> None:
+    def _write_atomic(
+        path: Path, data: dict[str, bytes], items: list[dict] | None, mode: int, fs_group: int | None = None
+    ) -> None:
         """The kubelet's layout: files in a timestamped folder, `..data` linking to it, and each key a
-        link through `..data`; an update swaps `..data` at once."""
+        link through `..data`; an update swaps `..data` at once. With the pod's fsGroup, files belong to
+        that group."""
         version = path / time.strftime("..%Y_%m_%d_%H_%M_%S.0", time.gmtime())
         version.mkdir()
         files = (
@@ -312,6 +317,8 @@ class Kubelet:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(value)
             target.chmod(file_mode)
+            if fs_group is not None:
+                os.chown(target, 0, fs_group)
         (path / "..data").symlink_to(version.name)
         for top in {rel.split("/", 1)[0] for rel in files}:
             (path / top).symlink_to(f"..data/{top}")
@@ -327,8 +334,7 @@ class Kubelet:
             "spec.serviceAccountName": running.spec.get("serviceAccountName", "default"),
             "status.hostIP": self.node.ip,
         }
-        if running.spec.get("hostNetwork"):
-            fields["status.podIP"] = self.node.ip
+        fields["status.podIP"] = self.node.ip if running.spec.get("hostNetwork") else self.ctd.pod_ip(running.pod)
         env: dict[str, str] = {}
         for e in container.get("env", []):
             if "value" in e or "valueFrom" not in e:
@@ -426,8 +432,6 @@ class Kubelet:
         pod_sc = running.spec.get("securityContext", {})
         sc = {**pod_sc, **container.get("securityContext", {})}
         seccomp, seccomp_path = self._profile(sc.get("seccompProfile"))
-        # AppArmor: the runtime's default profile unless the spec says otherwise (ignored without AppArmor).
-        apparmor, apparmor_name = self._profile(sc.get("appArmorProfile", {"type": "RuntimeDefault"}))
         out = cri_pb2.LinuxContainerSecurityContext(
             capabilities=cri_pb2.Capability(
                 add_capabilities=sc.get("capabilities", {}).get("add", []),
@@ -440,9 +444,13 @@ class Kubelet:
             no_new_privs=sc.get("allowPrivilegeEscalation") is False,
             seccomp=seccomp,
             seccomp_profile_path=seccomp_path,
-            apparmor=apparmor,
-            apparmor_profile=apparmor_name,
         )
+        # AppArmor: the runtime's default profile unless the spec says otherwise; on a node without
+        # AppArmor the kubelet sets none (containerd refuses a profile there).
+        if apparmor_enabled():
+            apparmor, apparmor_name = self._profile(sc.get("appArmorProfile", {"type": "RuntimeDefault"}))
+            out.apparmor.CopyFrom(apparmor)
+            out.apparmor_profile = apparmor_name
         if not out.privileged:
             out.masked_paths.extend(MASKED_PATHS)
             out.readonly_paths.extend(READONLY_PATHS)
@@ -457,9 +465,7 @@ class Kubelet:
     def probe(self, running: RunningPod, container: str, kind: str = "readinessProbe", timeout: float = 0) -> bool:
         """One probe of `kind` as the kubelet runs it: True when it succeeds."""
         spec = running.container(container)[kind]
-        host = self.node.ip if running.spec.get("hostNetwork") else ""
-        if not host:
-            raise NotImplementedError("probes of pods with their own network namespace")
+        host = self.node.ip if running.spec.get("hostNetwork") else self.ctd.pod_ip(running.pod)
         timeout = timeout or spec.get("timeoutSeconds", 1)
         if "tcpSocket" in spec:
             port = self._port(running, container, spec["tcpSocket"]["port"])
@@ -497,6 +503,11 @@ class Kubelet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def apparmor_enabled() -> bool:
+    path = Path("/sys/module/apparmor/parameters/enabled")
+    return path.exists() and path.read_text().strip() == "Y"
 
 
 def expand(text: str, env: dict[str, str]) -> str:

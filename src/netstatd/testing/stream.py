@@ -26,14 +26,17 @@ class StreamClient:
         headers: dict[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         protocols: tuple[str, ...] = (),
+        server_hostname: str | None = None,
     ) -> None:
         """defer_live: after the first snapshot, keep frames as received and parse them only in
         parse_deferred(), so a benchmark's client costs the machine as little as it can.
-        headers, ssl_context, protocols: for ws_connect (an agent with a token, TLS)."""
+        headers, ssl_context, protocols, server_hostname: for ws_connect (an agent with a token, TLS;
+        the name its certificate must carry, when the URL has an address)."""
         self.ws_url = ws_url
         self.headers = headers or {}
         self.ssl = ssl_context
         self.protocols = protocols
+        self.server_hostname = server_hostname
         self.events: list[Event] = []
         self.arrivals: list[float] = []
         self.frames = 0
@@ -70,6 +73,7 @@ class StreamClient:
                     headers=self.headers,
                     ssl=self.ssl if self.ssl is not None else True,
                     protocols=self.protocols,
+                    server_hostname=self.server_hostname,
                 ) as ws,
             ):
                 self._connected.set()
