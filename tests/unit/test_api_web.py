@@ -89,8 +89,11 @@ def test_manifest_ports_match_the_settings_defaults():
         "dnstap": Settings.dnstap_port,
         "dnstap-mux": Settings.dnstap_mux_port,
     }
-    for key in (("DaemonSet", "netstatd"), ("Service", "netstatd")):
-        assert {p["name"]: p["port"] for p in docs[key]["ports"]} == want
+    ports = {key: {p["name"]: p["port"] for p in docs[key]["ports"]} for key in docs}
+    assert ports[("Service", "netstatd")] == want
+    # the agents serve all but http-mux, which is the multiplexer Deployment's
+    assert ports[("DaemonSet", "netstatd")] | ports[("Deployment", "netstatd-mux")] == want
+    assert ports[("Deployment", "netstatd-mux")] == {"http-mux": Settings.http_mux_port}
     text = docs[("DaemonSet", "netstatd")]["text"]
     for needle in (
         "hostNetwork: true",
