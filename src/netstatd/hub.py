@@ -10,6 +10,10 @@ it, so memory holds one frame per client, not the whole state twice, and the
 event loop is never blocked for the length of a large snapshot. Live events
 queued meanwhile follow the snapshot; each is the latest word on its
 connection, so the client converges on the current state.
+
+Each subscriber has a filter (subscription.py): its snapshot holds only what
+matches, and each batch is encoded once per distinct filter. A new filter
+replaces what is queued with a stream.reset and the snapshot for that filter.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import orjson
 
 from .metrics import Metric, single
 from .protocol import SNAPSHOT_COMPLETE, STREAM_RESET
+from .subscription import EVERYTHING, Filter
 
 log = logging.getLogger("netstatd.hub")
 
@@ -50,9 +55,10 @@ def exact(data: bytes) -> bytes:
 class Subscriber:
     """One client's bounded queue of frames."""
 
-    def __init__(self, hub: Hub, peer: str, max_events: int, max_bytes: int) -> None:
+    def __init__(self, hub: Hub, peer: str, max_events: int, max_bytes: int, filter: Filter = EVERYTHING) -> None:
         self.hub = hub
         self.peer = peer
+        self.filter = filter
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.queue: deque[tuple[bytes, int]] = deque()
@@ -91,7 +97,28 @@ class Subscriber:
 
     def start_snapshot(self, head: bytes) -> None:
         self._head.append(head)
-        self._snapshot = self.hub.snapshot_frames()
+        self._snapshot = self.hub.snapshot_frames(self.filter)
+        self.wake.set()
+
+    def resubscribe(self, new: Filter) -> None:
+        """A new filter: what is queued goes (the new snapshot supersedes it), then a stream.reset
+        (reason "subscribe": drop every row), the new filter's snapshot and snapshot.complete."""
+        self.filter = new
+        self.queue.clear()
+        self.queued_events = self.queued_bytes = 0
+        self.needs_reset, self.missed = False, 0
+        reset = {
+            "type": STREAM_RESET,
+            "reason": "subscribe",
+            "filter": new.to_json(),
+            "timestamp": self.hub.now(),
+            "nodeName": self.hub.node_name,
+        }
+        self.start_snapshot(orjson.dumps(reset))
+
+    def notify(self, event: Event) -> None:
+        """An event for this client alone (subscribe.error), sent before anything queued."""
+        self._head.append(orjson.dumps(event))
         self.wake.set()
 
     def take(self) -> list[bytes]:
@@ -152,6 +179,7 @@ class Hub:
         self.stalled = 0  # clients closed for taking no frame for api.app.STALL_S
         self.overflows = 0
         self.clients_total = 0
+        self.subscribe_errors = 0  # subscribe frames refused (the client got a subscribe.error)
 
     def metrics(self, prefix: str = "netstatd_") -> list[Metric]:
         """Its clients, under `prefix` (the node's hub "netstatd_", the multiplexer's "netstatd_mux_")."""
@@ -173,6 +201,12 @@ class Hub:
                 self.overflows,
             ),
             single(
+                f"{prefix}subscribe_errors_total",
+                "counter",
+                "Subscribe frames refused: malformed, or an unknown key (the client got a subscribe.error).",
+                self.subscribe_errors,
+            ),
+            single(
                 f"{prefix}clients_stalled_total",
                 "counter",
                 "WebSocket clients closed as too slow: they took no frame for 30 s.",
@@ -180,11 +214,13 @@ class Hub:
             ),
         ]
 
-    def snapshot_frames(self) -> Iterator[bytes]:
-        """The current state in frames of FRAME_EVENTS events, then snapshot.complete, encoded lazily."""
+    def snapshot_frames(self, filter: Filter = EVERYTHING) -> Iterator[bytes]:
+        """The current state (what `filter` lets through) in frames of FRAME_EVENTS events, then
+        snapshot.complete, encoded lazily."""
         batch: list[Event] = []
         count = 0
-        for event in self._snapshot():
+        events = self._snapshot()
+        for event in events if filter.empty else filter_events(filter, events):
             batch.append(event)
             if len(batch) == FRAME_EVENTS:
                 count += len(batch)
@@ -194,11 +230,11 @@ class Hub:
         batch.append({"type": SNAPSHOT_COMPLETE, "timestamp": self.now(), "nodeName": self.node_name, "count": count})
         yield orjson.dumps(batch)
 
-    def subscribe(self, peer: str, first: Event) -> Subscriber | None:
+    def subscribe(self, peer: str, first: Event, filter: Filter = EVERYTHING) -> Subscriber | None:
         """New client: `first` (host.info), the snapshot, then live frames. None when full."""
         if len(self.subscribers) >= self.max_clients:
             return None
-        sub = Subscriber(self, peer, self.client_max_events, self.client_max_bytes)
+        sub = Subscriber(self, peer, self.client_max_events, self.client_max_bytes, filter)
         sub.start_snapshot(orjson.dumps(first))
         self.subscribers.add(sub)
         self.clients_total += 1
@@ -210,9 +246,18 @@ class Hub:
     def publish(self, events: list[Event]) -> None:
         if not events or not self.subscribers:
             return
-        frames = encode_frames(events)
+        self._offer(events)
+
+    def _offer(self, events: list[Event]) -> None:
+        """Each subscriber the frames of what its filter lets through, encoded once per filter."""
+        frames_by_filter: dict[Filter, list[tuple[bytes, int]]] = {}
         for sub in self.subscribers:
-            sub.offer(frames)
+            frames = frames_by_filter.get(sub.filter)
+            if frames is None:
+                selected = events if sub.filter.empty else sub.filter.select(events)
+                frames = frames_by_filter[sub.filter] = encode_frames(selected)
+            if frames:
+                sub.offer(frames)
 
     def publish_lazily(self, events: Iterable[Event]) -> None:
         """publish() for events made on demand (a start-up seed of 100k sockets): made a frame's worth
@@ -221,6 +266,8 @@ class Hub:
             return
         it = iter(events)
         while batch := list(itertools.islice(it, FRAME_EVENTS)):
-            frames = encode_frames(batch)
-            for sub in self.subscribers:
-                sub.offer(frames)
+            self._offer(batch)
+
+
+def filter_events(filter: Filter, events: Iterable[Event]) -> Iterator[Event]:
+    return (e for e in events if filter.matches(e))

@@ -27,6 +27,8 @@ DNS_EXPIRED = "dns.expired"
 MUX_STATUS = "mux.status"
 PEER_STATUS = "peer.status"
 NODE_REMOVED = "node.removed"
+SUBSCRIBE = "subscribe"  # client -> server: a new filter (subscription.py)
+SUBSCRIBE_ERROR = "subscribe.error"  # server -> client: that subscribe (or a frame) could not be taken
 # every type a node's stream carries
 NODE_EVENT_TYPES = frozenset(
     (

@@ -307,7 +307,7 @@ def test_store_classifies_endpoints_dedups_and_resets_per_node(ui_agent, page):
     assert out["ipTypes"]["10.0.0.2"] == ["host", ""]
     assert out["ipTypes"]["93.184.216.34"] == ["external", "example.com"]
     assert out["afterExpiry"] == ["", "one.one"]
-    assert out["afterReset"] == [["n1", 3, 0], ["n2", 0, 0]]
+    assert out["afterReset"] == [["n1", 0, 0], ["n2", 0, 0]]
     assert out["lingering"] == 2  # the closed TCP connection and the expired UDP flow
     assert out["afterLinger"] == ["2", "3"]
     assert out["afterSession"] == [["n1", ["4"]]]  # the old rows were replaced, the absent node dropped
@@ -453,6 +453,7 @@ def check_filter(page, url: str, view: str, settings: dict, keep, present=(), ab
 
     # before: the rows to hide are there (the agent has sent them)
     wait_grid(page, view, lambda rows: set(present) | set(absent) <= {key(r) for r in rows}, f"{settings}: before")
+    before = shown_counts(page)[0]
     for k, v in settings.items():
         set_control(page, view, k, v)
     for k, v in settings.items():
@@ -460,8 +461,8 @@ def check_filter(page, url: str, view: str, settings: dict, keep, present=(), ab
     what = f"{view} {settings}"
     rows = wait_grid(page, view, ok, what)
     shown, total = shown_counts(page)
-    if narrows:
-        assert shown < total, f"{what}: did not narrow ({shown} of {total})"
+    if narrows:  # in the page, or at the server (a subscription: the page then holds fewer rows)
+        assert shown < before, f"{what}: did not narrow ({shown} shown of {total}, {before} before)"
     page.reload()
     for k, v in settings.items():
         assert control_value(page, view, k) == (v if isinstance(v, bool) else str(v)), (what, k)
@@ -730,3 +731,31 @@ def test_mux_page_shows_the_nodes_it_found(hosts, tmp_path, page):
             assert page.inner_text("#status-nodes") == "node node-x"
         finally:
             finish(client, server)
+
+
+def test_url_filters_become_the_subscription_and_clearing_one_restores_every_row(ui_agent, held, page):
+    """The Connections filters that the server applies go to /netstat: in the URL the page opens, and as a
+    subscribe frame when they change (checked on the wire); the page then holds only matching rows."""
+    _, _, port = held
+    sent: list[dict] = []
+    opened: list[str] = []
+
+    def on_socket(ws) -> None:
+        opened.append(ws.url)
+        ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
+
+    page.on("websocket", on_socket)
+    page.goto(f"{ui_agent.url}/?view=conn&conn.ns=no-such-namespace")
+    page.wait_for_function("() => window.netstatd.store.snapshotDone")
+    assert "namespace=no-such-namespace" in opened[-1]
+    assert page.evaluate("() => [...window.netstatd.store.nodes.values()].reduce((n, x) => n + x.conns.size, 0)") == 0
+    set_control(page, "conn", "ns", "")
+    wait_rows(page, lambda texts: any(str(port) in t for t in texts))
+    assert {"type": "subscribe", "filter": {}} in sent
+    set_control(page, "conn", "port", port)
+    for _ in range(TIMEOUT_MS // 100):  # the frame goes out as soon as the control changes
+        if {"type": "subscribe", "filter": {"port": [port]}} in sent:
+            break
+        page.wait_for_timeout(100)
+    assert {"type": "subscribe", "filter": {"port": [port]}} in sent, sent
+    wait_rows(page, lambda texts: texts and all(str(port) in t for t in texts))

@@ -9,7 +9,9 @@ import { test } from "node:test";
 const WEB = new URL("../../src/netstatd/web/", import.meta.url);
 const { Store, UDP_EXPIRE_MS } = await import(new URL("store.js", WEB));
 const rows = await import(new URL("rows.js", WEB));
-const { FILTERS, VIEWS, contains, fromQuery, toQuery } = await import(new URL("filters.js", WEB));
+const { FILTERS, VIEWS, contains, fromQuery, subscriptionOf, subscriptionQuery, toQuery } = await import(
+  new URL("filters.js", WEB)
+);
 
 const T0 = 1_000_000;
 const defaults = () => fromQuery("").filters;
@@ -77,7 +79,7 @@ test("the shared store scenario gives what test_web_ui.py asserts in Chromium", 
   assert.deepEqual(out.ipTypes["10.0.0.2"], ["host", ""]);
   assert.deepEqual(out.ipTypes["93.184.216.34"], ["external", "example.com"]);
   assert.deepEqual(out.afterExpiry, ["", "one.one"]);
-  assert.deepEqual(out.afterReset, [["n1", 3, 0], ["n2", 0, 0]]);
+  assert.deepEqual(out.afterReset, [["n1", 0, 0], ["n2", 0, 0]]);
   assert.equal(out.lingering, 2);
   assert.deepEqual(out.afterLinger, ["2", "3"]);
   assert.deepEqual(out.afterSession, [["n1", ["4"]]]);
@@ -124,14 +126,29 @@ test("port.listening and port.closed keep the node's listeners by socket cookie"
   assert.equal(s.dirty.ports, true);
 });
 
-test("stream.reset clears the node it names, or every node without a name", () => {
+test("stream.reset clears every node: the whole stream's state follows (the mux's names the mux)", () => {
   const s = new Store();
   s.apply([conn("n1", 1), conn("n2", 2), port("n1", 3)]);
-  s.apply([{ type: "stream.reset", nodeName: "n2", reason: "overflow", missedEvents: 9 }]);
-  assert.equal(s.node("n1").conns.size, 1);
-  assert.equal(s.node("n2").conns.size, 0);
-  s.apply([{ type: "stream.reset", reason: "overflow", missedEvents: 1 }]);
+  s.apply([{ type: "stream.reset", nodeName: "mux-node", reason: "subscribe", filter: { port: [443] } }]);
   for (const n of s.nodes.values()) assert.equal(n.conns.size + n.ports.size, 0);
+  assert.equal(s.nodes.has("mux-node"), false);
+});
+
+test("the Connections filters become the subscription; free text and the rest stay local", () => {
+  const f = { ...defaults().conn, q: "curl", ns: "shop, bank", pod: "", node: "n1", proto: "TCP", port: "443" };
+  const s = subscriptionOf({ ...f, state: "open", lo: false, side: "remote", ext: false });
+  assert.deepEqual(s, {
+    namespace: ["shop", "bank"],
+    nodeName: ["n1"],
+    protocol: ["TCP"],
+    state: ["open"],
+    port: [443],
+    loopback: false,
+  });
+  assert.equal(subscriptionQuery(s), "?namespace=shop%2Cbank&nodeName=n1&protocol=TCP&state=open&port=443&loopback=false");
+  assert.deepEqual(subscriptionOf(defaults().conn), {});
+  assert.equal(subscriptionQuery({}), "");
+  assert.deepEqual(subscriptionOf({ ...defaults().conn, port: "99999" }), {});
 });
 
 test("node.removed drops the node; the mux's own events do not start a node's session", () => {

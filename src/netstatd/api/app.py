@@ -13,11 +13,14 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .. import subscription
 from ..hub import Hub, Subscriber
 from ..metrics import CONTENT_TYPE, Metric, render
+from ..protocol import SUBSCRIBE, SUBSCRIBE_ERROR
 from . import login
 from .access import IDENTITY, AccessPolicy, HostNames, refusal
 from .deployment import deployment_info
@@ -142,8 +145,13 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
             "clients_per_address",
             f"{clients[peer]} WebSocket clients from {peer} already (--max-clients-per-address); close one",
         )
+    try:
+        wanted = subscription.parse(request.query)
+    except subscription.FilterError as e:
+        hub.subscribe_errors += 1
+        return refusal(400, "filter", f"bad subscription in the query: {e}")
     # Subscribing takes the slot before any await, so clients arriving together cannot overshoot.
-    sub = hub.subscribe(peer, app[HOST_INFO]())
+    sub = hub.subscribe(peer, app[HOST_INFO](), wanted)
     if sub is None:
         policy.refused["clients"] += 1
         log.warning("refused WebSocket client %s: %d clients already connected", peer, hub.max_clients)
@@ -151,7 +159,7 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
     clients[peer] += 1
     sender: asyncio.Task | None = None
     try:
-        # Outgoing frames are JSON we made; incoming messages are not expected, so keep them tiny.
+        # Outgoing frames are JSON we made; incoming ones are subscribe frames, small.
         ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=64 << 10, protocols=(STREAM_PROTOCOL,))
         await ws.prepare(request)
         app[SOCKETS][ws] = request
@@ -161,6 +169,7 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
+            _received(sub, msg)
     finally:
         hub.unsubscribe(sub)
         clients[peer] -= 1
@@ -170,6 +179,32 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
     return ws
+
+
+def _received(sub: Subscriber, msg: aiohttp.WSMessage) -> None:
+    """A client's frame: a `subscribe` changes its filter; anything else gets a subscribe.error, and the
+    stream goes on as it was."""
+    try:
+        if msg.type != WSMsgType.TEXT:
+            raise subscription.FilterError(f"expected a text frame, got {msg.type.name}")
+        try:
+            frame = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as e:
+            raise subscription.FilterError(f"not JSON: {e}") from None
+        if not isinstance(frame, dict) or frame.get("type") != SUBSCRIBE:
+            raise subscription.FilterError('expected {"type": "subscribe", "filter": {...}}')
+        given = frame.get("filter", {})
+        if not isinstance(given, dict):
+            raise subscription.FilterError("filter: expected an object")
+        wanted = subscription.parse(given)
+    except subscription.FilterError as e:
+        sub.hub.subscribe_errors += 1
+        log.info("WebSocket client %s: subscribe refused: %s", sub.peer, e)
+        sub.notify(
+            {"type": SUBSCRIBE_ERROR, "error": str(e), "timestamp": sub.hub.now(), "nodeName": sub.hub.node_name}
+        )
+        return
+    sub.resubscribe(wanted)
 
 
 async def _send_loop(ws: web.WebSocketResponse, sub: Subscriber, request: web.Request, report: Report) -> None:

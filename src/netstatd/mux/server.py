@@ -25,6 +25,7 @@ from ..hub import Hub, Subscriber
 from ..metrics import Metric, single
 from ..protocol import HOST_INFO, MUX_STATUS
 from ..settings import Settings
+from ..subscription import EVERYTHING, Filter
 from ..supervisor import Supervisor, failpoint
 from .discovery import Discovery
 from .peer import CONNECTED, GARBAGE_REASONS, RECONNECTING, Peer, PeerStats, upstream_tls
@@ -41,8 +42,8 @@ class MuxHub(Hub):
 
     on_subscribe: Callable[[], None] = staticmethod(lambda: None)
 
-    def subscribe(self, peer: str, first: Event) -> Subscriber | None:
-        sub = super().subscribe(peer, first)
+    def subscribe(self, peer: str, first: Event, filter: Filter = EVERYTHING) -> Subscriber | None:
+        sub = super().subscribe(peer, first, filter)
         if sub is not None:
             self.on_subscribe()
         return sub

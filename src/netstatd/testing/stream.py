@@ -48,6 +48,7 @@ class StreamClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._task: asyncio.Future | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
 
     def start(self, timeout: float = 10) -> StreamClient:
         """Connected; raises what the connection attempt raised (e.g. aiohttp.WSServerHandshakeError)."""
@@ -76,6 +77,7 @@ class StreamClient:
                     server_hostname=self.server_hostname,
                 ) as ws,
             ):
+                self._ws = ws
                 self._connected.set()
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:
@@ -102,6 +104,12 @@ class StreamClient:
         for now, frame in self._deferred:
             self._add(now, frame)
         self._deferred.clear()
+
+    def send(self, data: str | dict) -> None:
+        """A frame to the server (a dict is sent as JSON), once it is written."""
+        assert self._ws is not None, "not connected"
+        text = data if isinstance(data, str) else orjson.dumps(data).decode()
+        asyncio.run_coroutine_threadsafe(self._ws.send_str(text), self._loop).result(timeout=5)
 
     def wait_for(self, pred: Callable[[Event], bool], timeout: float = 10) -> Event:
         """The first recorded event matching pred, waiting up to timeout seconds."""

@@ -4,7 +4,7 @@
 
 import { deploymentRows, loadDeployment, renderDeployment } from "./deployment.js";
 import { el } from "./dom.js";
-import { FILTERS, VIEWS, fromQuery, toQuery } from "./filters.js";
+import { FILTERS, VIEWS, fromQuery, subscriptionOf, subscriptionQuery, toQuery } from "./filters.js";
 import { connectionPass, connectionRows, ipRows, portRows } from "./rows.js";
 import { Store } from "./store.js";
 import { Stream, streamURL } from "./stream.js";
@@ -15,6 +15,8 @@ import { createGrid, showRows, shownRows, sortRows } from "./views.js";
 // most a fifth of the time, so the page stays responsive at cluster scale. What the user does (a
 // filter, a sort, a tab) is drawn at the next frame instead, without waiting for the loop.
 const MIN_REDRAW_MS = 200;
+// A text filter that is part of the subscription re-subscribes once typing pauses this long.
+const SUBSCRIBE_TYPING_MS = 400;
 const LOOP_MS = 100;
 const SWEEP_MS = 500;
 const FADE_TO = 0.25; // opacity of a closed connection just before it leaves
@@ -37,6 +39,8 @@ let counts = { shown: 0, total: 0 };
 let link = { state: "connecting", attempt: 0 };
 let frameRequested = false;
 let pass = null; // a sliced redraw of the Connections view in progress: {p, work, startedAt}
+let stream = null;
+let subscribeTimer = 0;
 
 const $ = (id) => document.getElementById(id);
 
@@ -219,6 +223,10 @@ function filterInput(view, spec) {
   const update = (v) => {
     ui.filters[view][spec.key] = v;
     saveURL();
+    if (view === "conn") {
+      clearTimeout(subscribeTimer);
+      subscribeTimer = setTimeout(resubscribe, spec.kind === "text" ? SUBSCRIBE_TYPING_MS : 0);
+    }
     // Typing redraws at the next frame, not after the throttle. (Redrawing inside the input event
     // instead measured no faster with bench/ui.py, and a frame coalesces fast keystrokes.)
     renderSoon();
@@ -248,6 +256,12 @@ function filterInput(view, spec) {
     input.value = value;
   }
   return el("label", { class: "filter" }, el("span", { text: spec.label }), input);
+}
+
+// The Connections filters that the server applies (filters.js subscriptionOf); the server answers a
+// change with a stream.reset and the matching snapshot.
+function resubscribe() {
+  stream?.subscribe(subscriptionOf(ui.filters.conn));
 }
 
 function buildFilters() {
@@ -306,14 +320,15 @@ function boot() {
     button.addEventListener("click", () => show(button.dataset.view));
   }
   show(ui.view);
-  const stream = new Stream(streamURL(), {
+  const handlers = {
     onSession: () => store.beginSession(),
     onEvents: (events) => store.apply(events),
     onStatus: (s) => {
       link = s;
       if (s.refused) checkSession();
     },
-  });
+  };
+  stream = new Stream((filter) => streamURL(window.location, subscriptionQuery(filter)), handlers, subscriptionOf(ui.filters.conn));
   stream.start();
   checkSession();
   setInterval(loop, LOOP_MS);

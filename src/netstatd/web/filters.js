@@ -116,3 +116,30 @@ export function contains(haystack, needle) {
   if (!needle) return true;
   return haystack != null && String(haystack).toLowerCase().includes(needle.toLowerCase());
 }
+
+// What the server filters for this page (docs/protocol.md, "Subscriptions"): the Connections view's
+// namespace, pod and node (exact names, comma-separated), protocol, state, port and the loopback
+// toggle. The page receives only that, in every view. The rest stays in the browser, over what was
+// received: free text, the port side, the family, and the host, pod and external toggles (they are
+// about an endpoint's kind, which the page knows from the IP inventory; the server's `host` key is
+// about the socket's owner).
+export function subscriptionOf(f) {
+  const names = (v) => v.split(",").map((x) => x.trim()).filter(Boolean);
+  const s = {};
+  if (names(f.ns).length) s.namespace = names(f.ns);
+  if (names(f.pod).length) s.podName = names(f.pod);
+  if (names(f.node).length) s.nodeName = names(f.node);
+  if (f.proto) s.protocol = [f.proto];
+  if (f.state) s.state = [f.state];
+  if (/^\d+$/.test(f.port) && Number(f.port) <= 65535) s.port = [Number(f.port)];
+  if (!f.lo) s.loopback = false;
+  return s;
+}
+
+// The same as /netstat query parameters.
+export function subscriptionQuery(s) {
+  const params = new URLSearchParams();
+  for (const [key, value] of Object.entries(s)) params.set(key, Array.isArray(value) ? value.join(",") : String(value));
+  const query = params.toString();
+  return query ? "?" + query : "";
+}

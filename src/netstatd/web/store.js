@@ -188,6 +188,12 @@ const SESSION_HANDLERS = {
     // drop everything of that node; a rebuilt snapshot may follow
     if (store.nodes.delete(ev.nodeName)) store.markAll();
   },
+  "stream.reset"(store) {
+    // The whole stream starts again (we fell behind, or the subscription changed) and every node's
+    // state follows; on the multiplexer port the reset names the multiplexer, not a node.
+    for (const n of store.nodes.values()) n.clear();
+    store.markAll();
+  },
 };
 
 // One handler per event type. Each keeps its node's maps in step and marks what changed.
@@ -197,12 +203,6 @@ const HANDLERS = {
     node.clear();
     node.stale = false;
     node.hostInfo = ev;
-    store.markAll();
-  },
-  "stream.reset"(store, node) {
-    // We fell behind and missed events; the node's state is sent again right after.
-    const nodes = node.name ? [node] : [...store.nodes.values()];
-    for (const n of nodes) n.clear();
     store.markAll();
   },
   "snapshot.complete"(store) {

@@ -4,21 +4,24 @@
 const FIRST_DELAY_MS = 500;
 const MAX_DELAY_MS = 15_000;
 
-export function streamURL(loc = window.location) {
+export function streamURL(loc = window.location, query = "") {
   // Relative to the page, so the UI also works behind a path prefix (e.g. kubectl proxy).
   const url = new URL("netstat", loc.href);
   url.protocol = loc.protocol === "https:" ? "wss:" : "ws:";
-  url.search = "";
+  url.search = query;
   url.hash = "";
   return url.toString();
 }
 
 // Calls onSession() when a connection opens (a fresh snapshot follows), onEvents(list) per frame and
 // onStatus({state, attempt, retryAt, refused}) when the connection state changes (refused: closed before it
-// opened, e.g. a 401 once the session expired). Reconnects with backoff.
+// opened, e.g. a 401 once the session expired). Reconnects with backoff. urlFor(filter) is the URL to
+// open with a subscription; subscribe(filter) changes it on the open connection (the server answers
+// with a stream.reset and the new snapshot) and for the next reconnect.
 export class Stream {
-  constructor(url, { onSession, onEvents, onStatus }) {
-    this.url = url;
+  constructor(urlFor, { onSession, onEvents, onStatus }, filter = {}) {
+    this.urlFor = urlFor;
+    this.filter = filter;
     this.onSession = onSession;
     this.onEvents = onEvents;
     this.onStatus = onStatus;
@@ -28,7 +31,7 @@ export class Stream {
 
   start() {
     this.onStatus({ state: "connecting", attempt: this.attempt });
-    const ws = new WebSocket(this.url);
+    const ws = new WebSocket(this.urlFor(this.filter));
     this.ws = ws;
     let opened = false;
     ws.onopen = () => {
@@ -56,5 +59,13 @@ export class Stream {
       this.onStatus({ state: "reconnecting", attempt: this.attempt, retryAt: Date.now() + delay, refused: !opened });
       setTimeout(() => this.start(), delay);
     };
+  }
+
+  // True when the filter changed (and was sent, when connected).
+  subscribe(filter) {
+    if (JSON.stringify(filter) === JSON.stringify(this.filter)) return false;
+    this.filter = filter;
+    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify({ type: "subscribe", filter }));
+    return true;
   }
 }

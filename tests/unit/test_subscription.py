@@ -1,0 +1,157 @@
+"""Subscriptions: the filter a /netstat client gives (subscription.py), and the hub applying it."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from netstatd.hub import Hub
+from netstatd.subscription import EVERYTHING, FilterError, parse
+
+
+def conn(**fields) -> dict:
+    base = {
+        "type": "connection.event",
+        "nodeName": "node-a",
+        "protocol": "TCP",
+        "state": "ESTABLISHED",
+        "localIP": "10.1.0.5",
+        "localPort": 40000,
+        "remoteIP": "10.2.0.9",
+        "remotePort": 443,
+        "host": False,
+        "podName": "web-1",
+        "namespace": "shop",
+        "remotePodName": None,
+        "remoteNamespace": None,
+    }
+    return base | fields
+
+
+def port_event(**fields) -> dict:
+    base = {"type": "port.listening", "nodeName": "node-a", "protocol": "TCP", "ip": "0.0.0.0", "port": 8080}
+    return base | {"host": False, "podName": "web-1", "namespace": "shop"} | fields
+
+
+def test_every_key_narrows_connections():
+    assert parse({"namespace": "shop"}).matches(conn())
+    assert not parse({"namespace": "bank"}).matches(conn())
+    assert parse({"namespace": "bank"}).matches(conn(remoteNamespace="bank"))  # either end
+    assert parse({"podName": "web-1,db-0"}).matches(conn())
+    assert not parse({"nodeName": "node-b"}).matches(conn())
+    assert parse({"protocol": "udp"}).matches(conn(protocol="UDP"))
+    assert parse({"port": "443"}).matches(conn()) and parse({"port": "40000"}).matches(conn())
+    assert not parse({"port": "80"}).matches(conn())
+    assert parse({"ip": "10.2.0.0/16"}).matches(conn()) and parse({"ip": "10.1.0.5"}).matches(conn())
+    assert not parse({"ip": "192.168.0.0/16"}).matches(conn())
+    assert not parse({"host": "false"}).matches(conn(host=True))
+    assert not parse({"loopback": "false"}).matches(conn(localIP="127.0.0.1", remoteIP="127.0.0.1"))
+    assert parse({"loopback": False}).matches(conn())
+
+
+def test_keys_combine_with_and_and_values_with_or():
+    f = parse({"namespace": ["shop", "bank"], "port": [443]})
+    assert f.matches(conn()) and f.matches(conn(namespace="bank"))
+    assert not f.matches(conn(remotePort=80))
+
+
+def test_a_close_always_passes_a_state_filter():
+    established = parse({"state": "ESTABLISHED"})
+    assert established.matches(conn())
+    assert not established.matches(conn(state="SYN_SENT"))
+    assert established.matches(conn(state="CLOSE"))  # the row the client holds goes away
+    assert parse({"state": "open"}).matches(conn(state="ACTIVE"))
+    assert not parse({"state": "closed"}).matches(conn())
+
+
+def test_keys_apply_only_to_events_that_carry_them():
+    f = parse({"namespace": "shop", "port": "8080", "ip": "10.0.0.0/8"})
+    assert f.matches({"type": "dns.resolved", "nodeName": "node-a", "ip": "10.9.9.9", "name": "x."})
+    assert not f.matches({"type": "dns.resolved", "nodeName": "node-a", "ip": "192.0.2.1", "name": "x."})
+    container = {"type": "container.added", "nodeName": "node-a", "namespace": "shop", "podName": "web-1"}
+    assert f.matches(container) and not f.matches(container | {"namespace": "bank"})
+    assert parse({"port": "8080"}).matches(port_event()) and not parse({"port": "80"}).matches(port_event())
+
+
+def test_what_describes_the_stream_always_passes():
+    f = parse({"nodeName": "node-b", "namespace": "nothing"})
+    for kind in ("host.info", "snapshot.complete", "stream.reset", "mux.status", "peer.status", "node.removed"):
+        assert f.matches({"type": kind, "nodeName": "node-a"}), kind
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"namespaces": "shop"}, "unknown key 'namespaces'"),
+        ({"port": "http"}, "port: 'http' is not a port"),
+        ({"port": "70000"}, "port: '70000'"),
+        ({"ip": "10.0.0.300"}, "ip: '10.0.0.300' is not an address or a CIDR"),
+        ({"protocol": "SCTP"}, "protocol: 'SCTP' is not TCP or UDP"),
+        ({"state": "OPENISH"}, "state: 'OPENISH' is not a state"),
+        ({"host": "maybe"}, "host: expected true or false"),
+        ({"namespace": {"a": 1}}, "namespace: expected a comma-separated string or a list"),
+        ({"namespace": ",".join(f"n{i}" for i in range(300))}, "namespace: at most 256 values"),
+    ],
+)
+def test_bad_subscriptions_name_what_is_wrong(given, message):
+    with pytest.raises(FilterError, match=message.replace("(", r"\(")):
+        parse(given)
+
+
+def test_filters_are_values_and_round_trip():
+    a = parse({"namespace": "shop,bank", "port": "443", "host": "false"})
+    b = parse({"namespace": ["bank", "shop"], "port": [443], "host": False})
+    assert a == b and hash(a) == hash(b)
+    assert parse(a.to_json()) == a
+    assert parse({}) == EVERYTHING and EVERYTHING.empty
+
+
+def frames(sub) -> list[dict]:
+    """The events of the frames a subscriber has to send now (a head frame is one event)."""
+    out = []
+    for frame in sub.take():
+        data = orjson.loads(frame)
+        out += data if isinstance(data, list) else [data]
+    return out
+
+
+def test_the_hub_sends_each_subscriber_what_its_filter_lets_through():
+    state = [conn(), conn(namespace="bank", localPort=40001)]
+    hub = Hub("node-a", lambda: state, lambda: "t")
+    shop = hub.subscribe("a", {"type": "host.info"}, parse({"namespace": "shop"}))
+    everyone = hub.subscribe("b", {"type": "host.info"})
+    snapshot = [e for e in frames(shop) if e["type"] == "connection.event"]
+    assert [e["localPort"] for e in snapshot] == [40000]
+    assert len([e for e in frames(everyone) if e["type"] == "connection.event"]) == 2
+    hub.publish([conn(namespace="bank", localPort=40002), conn(localPort=40003)])
+    assert [e["localPort"] for e in frames(shop)] == [40003]
+    assert [e["localPort"] for e in frames(everyone)] == [40002, 40003]
+
+
+def test_a_new_filter_resets_the_stream_and_sends_its_snapshot():
+    state = [conn(), conn(namespace="bank", localPort=40001)]
+    hub = Hub("node-a", lambda: state, lambda: "t")
+    sub = hub.subscribe("a", {"type": "host.info"}, parse({"namespace": "shop"}))
+    frames(sub)
+    hub.publish([conn(localPort=40005)])  # queued under the old filter: superseded by the new snapshot
+    sub.resubscribe(parse({"namespace": "bank"}))
+    got = frames(sub) + frames(sub)
+    assert got[0]["type"] == "stream.reset" and got[0]["reason"] == "subscribe"
+    assert got[0]["filter"] == {"namespace": ["bank"]}
+    assert [e["localPort"] for e in got if e["type"] == "connection.event"] == [40001]
+    assert got[-1]["type"] == "snapshot.complete" and got[-1]["count"] == 1
+
+
+def test_encoded_events_are_filtered_too():
+    """Short connections come from the native helper, and the mux's rows, as encoded JSON."""
+    f = parse({"port": "443"})
+    assert f.matches(orjson.Fragment(orjson.dumps(conn())))
+    assert not f.matches(orjson.Fragment(orjson.dumps(conn(remotePort=80))))
+
+
+def test_a_namespace_filter_leaves_out_what_has_no_pod():
+    """A host process's socket carries no pod fields at all: it is in no namespace."""
+    host_socket = {k: v for k, v in conn(host=True).items() if k not in ("podName", "namespace")}
+    assert not parse({"namespace": "shop"}).matches(host_socket)
+    assert not parse({"podName": "web-1"}).matches(host_socket)
+    assert parse({"port": "443"}).matches(host_socket)
