@@ -10,6 +10,7 @@ A filter is immutable and hashable: the hub encodes each batch once per distinct
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -126,8 +127,10 @@ class Filter:
         if not self.host and "host" in applies and e.get("host") is True:
             return False
         if self.port and "port" in applies:
-            ports = (e.get("localPort"), e.get("remotePort")) if kind == CONNECTION_EVENT else (e.get("port"),)
-            if not any(p in self.port for p in ports):
+            if kind == CONNECTION_EVENT:
+                if e.get("localPort") not in self.port and e.get("remotePort") not in self.port:
+                    return False
+            elif e.get("port") not in self.port:
                 return False
         if (self.ip or not self.loopback) and "ip" in applies:
             fields = ("localIP", "remoteIP") if kind == CONNECTION_EVENT else ("ip",)
@@ -149,6 +152,7 @@ def _either(e: Event, key: str, remote_key: str, wanted: frozenset[str]) -> bool
     return e.get(key) in wanted or e.get(remote_key) in wanted
 
 
+@functools.lru_cache(maxsize=8192)  # a node's peers repeat: parsing is most of an ip filter's cost
 def _parse(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text)

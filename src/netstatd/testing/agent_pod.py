@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import os
 import random
+import shutil
 import socket
 import ssl
 import subprocess
@@ -89,11 +90,6 @@ class AgentPod:
         self.mux_pods: list[RunningPod] = []
         self.ready_after = 0.0  # seconds from CreateContainer to the first /metrics answer
         self.serving_after = 0.0  # ... to the log's "serving node" (programs attached, sockets seeded)
-
-    def env(self, name: str) -> str:
-        return next(e["value"] for e in self.container["env"] if e["name"] == name)
-
-    # ---- lifecycle
 
     def import_image(self) -> None:
         if not image.built():
@@ -170,7 +166,7 @@ class AgentPod:
         try:
             self.stop_pod()
         finally:
-            subprocess.run(["rm", "-rf", str(self.dir)])
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> AgentPod:
         return self
