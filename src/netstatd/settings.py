@@ -42,6 +42,7 @@ class Settings:
     peer_server_name: str = ""  # empty: the fanout service's name
     peer_max_bytes_per_second: int = 256 << 20
     peer_max_rows: int = 1_500_000
+    mux_max_bytes: int = 512 << 20  # half the Deployment's memory limit: a row costs more than its JSON
     dnstap_allow: tuple[str, ...] = ()
 
     @property
@@ -99,6 +100,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("peer_server_name", "name the multiplexer checks in agents' certificates (default: the fanout service)"),
     Option("peer_max_bytes_per_second", "live bytes/s an agent may send the mux, 3 s in a row, before it is cut"),
     Option("peer_max_rows", "rows (connections, ports, containers, IPs, names) the multiplexer holds per agent"),
+    Option("mux_max_bytes", "bytes of rows (their JSON) the multiplexer holds in all; an agent over its share is cut"),
     Option("dnstap_allow", "CIDRs allowed to send DNSTap besides loopback and this node's addresses"),
 )
 
@@ -148,7 +150,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.env
             "netstatd: --peer-ca-file lets agents in by their client certificates, which needs TLS: "
             "give --tls-cert-file and --tls-key-file too"
         )
-    for name in ("max_clients_per_address", "peer_max_bytes_per_second", "peer_max_rows"):
+    for name in ("max_clients_per_address", "peer_max_bytes_per_second", "peer_max_rows", "mux_max_bytes"):
         if values[name] < 1:
             raise SystemExit(f"netstatd: --{name.replace('_', '-')} must be at least 1, got {values[name]}")
     return Settings(**values)

@@ -516,3 +516,25 @@ async def test_second_peer_with_the_same_node_name_is_refused(mux, session):
         assert error_of(mux, other) == "duplicate: node 'same-node' is already streamed by peer 127.0.0.1"
         assert mux.owners["same-node"] is owner and owner.status and owner.status["status"] == "connected"
         assert not mux.of("same-node", "node.removed") and "same-node" in mux.state.nodes
+
+
+async def test_a_node_over_its_share_of_the_byte_budget_is_cut(mux, session):
+    """--mux-max-bytes: each node may hold its share; a snapshot whose rows' JSON is over it is cut while
+    staged, and clients saw nothing of it. The share is read at every frame (it shrinks as peers come)."""
+    snapshot = one_of_each("wide", 3)
+    size = sum(len(orjson.dumps(e)) for e in snapshot)
+    share = {"bytes": size * 2}
+    async with (
+        NodeServer(lambda ws, n: hello(ws, "wide", snapshot)) as fits,
+        NodeServer(lambda ws, n: hello(ws, "wider", one_of_each("wider", 3)), "127.0.0.2") as over,
+    ):
+        mux.peer(session, fits.port, max_state_bytes=lambda: share["bytes"])
+        await until(lambda: "wide" in mux.state.nodes, what="the snapshot merged")
+        held = mux.state.nodes["wide"].bytes
+        assert size <= held <= size * 1.2  # each row's JSON as kept (connections with their "states")
+        share["bytes"] = held // 2
+        p = mux.peer(session, over.port, ip="127.0.0.2", max_state_bytes=lambda: share["bytes"])
+        await until(lambda: mux.stats.garbage, what="a peer cut")
+        assert set(mux.stats.garbage) == {"budget"}
+        assert error_of(mux, p).startswith(f"budget: more than {share['bytes']} bytes of rows in its snapshot")
+        assert "wider" not in mux.state.nodes

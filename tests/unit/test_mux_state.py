@@ -119,3 +119,21 @@ def test_flooding_peer_is_dropped():
     assert [e for e in published if e["type"] == "node.removed"] == [
         {"type": "node.removed", "timestamp": "t", "nodeName": "fake"}
     ]
+
+
+def test_node_tables_count_the_bytes_of_their_rows_and_give_them_back():
+    """--mux-max-bytes counts each row's JSON: an update replaces its size, a removal gives it back."""
+    t = NodeTables("n1")
+    conn = {"type": "connection.event", "nodeName": "n1", "protocol": "TCP", "sockCookie": 7, "state": "ESTABLISHED"}
+    port = {"type": "port.listening", "nodeName": "n1", "sockCookie": 9, "port": 80}
+    container = {"type": "container.added", "nodeName": "n1", "containerId": "c1", "name": "x"}
+    for e in (conn, port, container):
+        t.apply(dict(e))
+    first = t.bytes
+    assert first >= sum(len(orjson.dumps(e)) for e in (conn, port, container))
+    t.apply({**container, "name": "a much longer name than before"})
+    assert t.bytes == first + len("a much longer name than before") - len("x")
+    t.apply({**conn, "state": "CLOSE"})
+    t.apply({**port, "type": "port.closed"})
+    t.apply({**container, "type": "container.deleted"})
+    assert t.bytes == 0 and t.count() == 0

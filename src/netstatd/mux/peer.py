@@ -51,6 +51,7 @@ GARBAGE_REASONS = (
     "flood",
     "bytes",
     "rows",
+    "budget",
     "mux",
     "duplicate",
 )
@@ -222,6 +223,7 @@ class Peer:
         max_events_per_s: int,
         max_bytes_per_s: int,
         max_rows: int,
+        max_state_bytes: Callable[[], int] = lambda: 1 << 62,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
@@ -239,6 +241,7 @@ class Peer:
         self.max_events_per_s = max_events_per_s
         self.max_bytes_per_s = max_bytes_per_s
         self.max_rows = max_rows
+        self.max_state_bytes = max_state_bytes  # its share of --mux-max-bytes (it shrinks as peers come)
         self.node: str | None = None
         self.host_info: Event | None = None
         self.status: Event | None = None  # the latest peer.status, repeated in snapshots
@@ -405,10 +408,13 @@ class Peer:
         return staging
 
     def _check_rows(self, tables: NodeTables, when: str) -> None:
-        """Checked once per frame (count() is five len()s): a frame that takes the peer over max_rows cuts
-        it before anything of that frame reaches a client."""
+        """Checked once per frame (count() is five len()s): a frame that takes the peer over max_rows, or
+        over its share of the mux's byte budget, cuts it before anything of that frame reaches a client."""
         if tables.count() > self.max_rows:
             raise Garbage("rows", f"more than {self.max_rows} rows {when} (--peer-max-rows)")
+        budget = self.max_state_bytes()
+        if tables.bytes > budget:
+            raise Garbage("budget", f"more than {budget} bytes of rows {when} (its share of --mux-max-bytes)")
 
     def _hello(self, events: list[Event]) -> NodeTables:
         """The first frame: the peer's host.info, which names its node."""

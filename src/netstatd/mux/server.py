@@ -132,6 +132,10 @@ class Mux:
                 log.info("multiplexer: no client for %.0fs; closing the upstreams", self.linger_s)
                 await self._deactivate()
 
+    def _share(self) -> int:
+        """One agent's share of --mux-max-bytes: the budget over the agents listed now."""
+        return self.settings.mux_max_bytes // max(1, len(self.peers))
+
     def _peers_changed(self, ips: set[str]) -> None:
         if not self.active:
             ips = set()  # discovery alone: no upstreams until a client comes
@@ -149,6 +153,7 @@ class Mux:
                 max_events_per_s=self.max_peer_events_per_s,
                 max_bytes_per_s=self.settings.peer_max_bytes_per_second,
                 max_rows=self.settings.peer_max_rows,
+                max_state_bytes=self._share,
                 ssl=self.peer_tls.context if self.peer_tls else None,
                 server_hostname=self.peer_server_name,
             )

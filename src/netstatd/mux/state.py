@@ -35,6 +35,7 @@ class ConnectionRow(NamedTuple):
     event: orjson.Fragment  # the latest connection.event, with "states": [its state]
     remote_hostname: str | None
     local_hostname: str | None
+    size: int  # bytes of its JSON (what --mux-max-bytes counts)
 
 
 class NodeTables:
@@ -47,41 +48,55 @@ class NodeTables:
         self.names: dict[str, Event] = {}
         self.ports: dict[int, Event] = {}
         self.connections: dict[tuple[Any, ...], ConnectionRow] = {}
+        self.bytes = 0  # the JSON of every row held: what --mux-max-bytes bounds
+        self._sizes: dict[tuple[int, Any], int] = {}  # (id of its table, key) -> bytes, for the dict tables
 
     def apply(self, e: Event) -> None:
         t = e["type"]
         if t == CONNECTION_EVENT:
             key = connection_key(e)
+            old = self.connections.get(key)
+            if old:
+                self.bytes -= old.size
             if e.get("state") == CLOSED:
                 self.connections.pop(key, None)
             else:
-                old = self.connections.get(key)
                 if old:  # a name, once given, stays for the connection's lifetime (docs/protocol.md)
                     if old.remote_hostname is not None and "remoteHostname" not in e:
                         e["remoteHostname"] = old.remote_hostname
                     if old.local_hostname is not None and "localHostname" not in e:
                         e["localHostname"] = old.local_hostname
+                text = exact(orjson.dumps({**e, "states": [e.get("state")]}))
                 self.connections[key] = ConnectionRow(
-                    orjson.Fragment(exact(orjson.dumps({**e, "states": [e.get("state")]}))),
-                    e.get("remoteHostname"),
-                    e.get("localHostname"),
+                    orjson.Fragment(text), e.get("remoteHostname"), e.get("localHostname"), len(text)
                 )
+                self.bytes += len(text)
         elif t == PORT_LISTENING:
-            self.ports[e.get("sockCookie")] = e
+            self._set(self.ports, e.get("sockCookie"), e)
         elif t == PORT_CLOSED:
-            self.ports.pop(e.get("sockCookie"), None)
+            self._drop(self.ports, e.get("sockCookie"))
         elif t == CONTAINER_ADDED:
-            self.containers[e.get("containerId")] = e
+            self._set(self.containers, e.get("containerId"), e)
         elif t == CONTAINER_DELETED:
-            self.containers.pop(e.get("containerId"), None)
+            self._drop(self.containers, e.get("containerId"))
         elif t == IP_ADDED:
-            self.ips[(e.get("ip"), e.get("podUID") or "")] = e
+            self._set(self.ips, (e.get("ip"), e.get("podUID") or ""), e)
         elif t == IP_REMOVED:
-            self.ips.pop((e.get("ip"), e.get("podUID") or ""), None)
+            self._drop(self.ips, (e.get("ip"), e.get("podUID") or ""))
         elif t == DNS_RESOLVED:
-            self.names[e.get("ip")] = e
+            self._set(self.names, e.get("ip"), e)
         elif t == DNS_EXPIRED:
-            self.names.pop(e.get("ip"), None)
+            self._drop(self.names, e.get("ip"))
+
+    def _set(self, table: dict[Any, Event], key: Any, e: Event) -> None:
+        size = len(orjson.dumps(e))
+        self.bytes += size - self._sizes.get((id(table), key), 0)
+        self._sizes[(id(table), key)] = size
+        table[key] = e
+
+    def _drop(self, table: dict[Any, Event], key: Any) -> None:
+        if table.pop(key, None) is not None:
+            self.bytes -= self._sizes.pop((id(table), key), 0)
 
     def snapshot(self) -> list[Event | orjson.Fragment]:
         """This node's state as events, in the node stream's order (connections already encoded)."""
