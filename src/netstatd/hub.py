@@ -29,7 +29,7 @@ import orjson
 
 from .metrics import Metric, single
 from .protocol import SNAPSHOT_COMPLETE, STREAM_RESET
-from .subscription import EVERYTHING, Filter
+from .subscription import EVERYTHING, Added, Subscription
 
 log = logging.getLogger("netstatd.hub")
 
@@ -55,10 +55,11 @@ def exact(data: bytes) -> bytes:
 class Subscriber:
     """One client's bounded queue of frames."""
 
-    def __init__(self, hub: Hub, peer: str, max_events: int, max_bytes: int, filter: Filter = EVERYTHING) -> None:
+    def __init__(self, hub: Hub, peer: str, max_events: int, max_bytes: int, filter: Subscription = EVERYTHING) -> None:
         self.hub = hub
         self.peer = peer
         self.filter = filter
+        self.held = False  # nothing is sent while held (a mux client waiting for its nodes: server.py)
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.queue: deque[tuple[bytes, int]] = deque()
@@ -100,7 +101,7 @@ class Subscriber:
         self._snapshot = self.hub.snapshot_frames(self.filter)
         self.wake.set()
 
-    def resubscribe(self, new: Filter) -> None:
+    def resubscribe(self, new: Subscription) -> None:
         """A new filter: what is queued goes (the new snapshot supersedes it), then a stream.reset
         (reason "subscribe": drop every row), the new filter's snapshot and snapshot.complete."""
         self.filter = new
@@ -116,6 +117,24 @@ class Subscriber:
         }
         self.start_snapshot(orjson.dumps(reset))
 
+    def widen(self, new: Subscription, version: int) -> None:
+        """A partial re-subscription (what a mux sends its upstreams): nothing is dropped; after any
+        snapshot in progress come a stream.reset marked partial, the rows `new` lets through that the
+        old filter did not, and a snapshot.complete marked partial, both carrying `version`."""
+        old, self.filter = self.filter, new
+        marker = {
+            "type": STREAM_RESET,
+            "reason": "subscribe",
+            "partial": True,
+            "subscription": version,
+            "timestamp": self.hub.now(),
+            "nodeName": self.hub.node_name,
+        }
+        added = self.hub.snapshot_frames(Added(new, old), {"partial": True, "subscription": version})
+        frames = itertools.chain((orjson.dumps(marker),), added)
+        self._snapshot = frames if self._snapshot is None else itertools.chain(self._snapshot, frames)
+        self.wake.set()
+
     def notify(self, event: Event) -> None:
         """An event for this client alone (subscribe.error), sent before anything queued."""
         self._head.append(orjson.dumps(event))
@@ -126,6 +145,9 @@ class Subscriber:
 
         While snapshot frames remain, `wake` stays set so the send loop comes straight back.
         """
+        if self.held:
+            self.wake.clear()
+            return []
         if self.needs_reset:
             self.needs_reset = False
             self.start_snapshot(
@@ -214,9 +236,11 @@ class Hub:
             ),
         ]
 
-    def snapshot_frames(self, filter: Filter = EVERYTHING) -> Iterator[bytes]:
+    def snapshot_frames(
+        self, filter: Subscription | Added = EVERYTHING, complete: Event | None = None
+    ) -> Iterator[bytes]:
         """The current state (what `filter` lets through) in frames of FRAME_EVENTS events, then
-        snapshot.complete, encoded lazily."""
+        snapshot.complete (with `complete`'s fields), encoded lazily."""
         batch: list[Event] = []
         count = 0
         events = self._snapshot()
@@ -227,10 +251,11 @@ class Hub:
                 yield orjson.dumps(batch)
                 batch = []
         count += len(batch)
-        batch.append({"type": SNAPSHOT_COMPLETE, "timestamp": self.now(), "nodeName": self.node_name, "count": count})
+        done = {"type": SNAPSHOT_COMPLETE, "timestamp": self.now(), "nodeName": self.node_name, "count": count}
+        batch.append(done | (complete or {}))
         yield orjson.dumps(batch)
 
-    def subscribe(self, peer: str, first: Event, filter: Filter = EVERYTHING) -> Subscriber | None:
+    def subscribe(self, peer: str, first: Event, filter: Subscription = EVERYTHING) -> Subscriber | None:
         """New client: `first` (host.info), the snapshot, then live frames. None when full."""
         if len(self.subscribers) >= self.max_clients:
             return None
@@ -243,6 +268,13 @@ class Hub:
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
 
+    def resubscribe(self, sub: Subscriber, new: Subscription, partial: bool = False, version: int = 0) -> None:
+        """A client's subscribe frame (the mux's hub defers it until its nodes have the rows)."""
+        if partial:
+            sub.widen(new, version)
+        else:
+            sub.resubscribe(new)
+
     def publish(self, events: list[Event]) -> None:
         if not events or not self.subscribers:
             return
@@ -250,7 +282,7 @@ class Hub:
 
     def _offer(self, events: list[Event]) -> None:
         """Each subscriber the frames of what its filter lets through, encoded once per filter."""
-        frames_by_filter: dict[Filter, list[tuple[bytes, int]]] = {}
+        frames_by_filter: dict[Subscription, list[tuple[bytes, int]]] = {}
         for sub in self.subscribers:
             frames = frames_by_filter.get(sub.filter)
             if frames is None:
@@ -269,5 +301,5 @@ class Hub:
             self._offer(batch)
 
 
-def filter_events(filter: Filter, events: Iterable[Event]) -> Iterator[Event]:
+def filter_events(filter: Subscription | Added, events: Iterable[Event]) -> Iterator[Event]:
     return (e for e in events if filter.matches(e))

@@ -148,6 +148,58 @@ class Filter:
 EVERYTHING = Filter()
 
 
+@dataclass(frozen=True)
+class AnyOf:
+    """Several filters: an event passes when one of them lets it through. What a multiplexer subscribes
+    its upstream with: the union of its clients' filters (push-down). Two or more filters, none empty."""
+
+    filters: frozenset[Filter]
+
+    @property
+    def empty(self) -> bool:
+        return False
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return sorted((f.to_json() for f in self.filters), key=lambda f: orjson.dumps(f, option=orjson.OPT_SORT_KEYS))
+
+    def matches(self, e: Event | orjson.Fragment) -> bool:
+        if not isinstance(e, dict):
+            e = orjson.loads(orjson.dumps(e))
+        return any(f.matches(e) for f in self.filters)
+
+    def select(self, events: Iterable[Any]) -> list[Any]:
+        return [e for e in events if self.matches(e)]
+
+
+Subscription = Filter | AnyOf
+
+
+def union(filters: Iterable[Filter]) -> Subscription | None:
+    """The subscription that lets through what any of `filters` does; None for no filter at all."""
+    distinct = frozenset(filters)
+    if not distinct:
+        return None
+    if EVERYTHING in distinct:
+        return EVERYTHING
+    return next(iter(distinct)) if len(distinct) == 1 else AnyOf(distinct)
+
+
+@dataclass(frozen=True)
+class Added:
+    """What `new` lets through and `old` did not: the rows a widened subscription sends (a partial
+    snapshot), on top of what the client holds."""
+
+    new: Subscription
+    old: Subscription
+
+    empty = False
+
+    def matches(self, e: Event | orjson.Fragment) -> bool:
+        if not isinstance(e, dict):
+            e = orjson.loads(orjson.dumps(e))
+        return self.new.matches(e) and not self.old.matches(e)
+
+
 def _either(e: Event, key: str, remote_key: str, wanted: frozenset[str]) -> bool:
     return e.get(key) in wanted or e.get(remote_key) in wanted
 
@@ -239,3 +291,15 @@ def parse(given: Mapping[str, Any]) -> Filter:
         if key in given:
             fields[key] = _flag(key, given[key])
     return Filter(**fields)
+
+
+def parse_subscription(given: Any) -> Subscription:
+    """A `subscribe` frame's `filter` (one filter: an object) or `filters` (a list of objects, any of
+    which lets an event through; [] is everything)."""
+    if isinstance(given, Mapping):
+        return parse(given)
+    if not isinstance(given, list) or not all(isinstance(f, Mapping) for f in given):
+        raise FilterError("filters: expected a list of filter objects")
+    if len(given) > MAX_VALUES:
+        raise FilterError(f"filters: at most {MAX_VALUES}")
+    return union(parse(f) for f in given) or EVERYTHING

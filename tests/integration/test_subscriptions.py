@@ -144,3 +144,37 @@ def test_two_clients_filters_stay_their_own(agent, listeners):
         closed_on(on_a, a.port)
         closed_on(on_b, b.port)
     assert b.port not in ports_seen(on_a) and a.port not in ports_seen(on_b)
+
+
+def test_push_down_the_nodes_send_the_mux_only_what_its_clients_want(agent, listeners):
+    """On the mux port, the upstream subscribes to the union of the clients' filters. With one client on
+    a's port, fifty connections to b's port do not leave the node; a second client that wants everything
+    widens the upstream (the node adds b's rows, and its traffic flows) without a reset or a second
+    snapshot for the first client."""
+    a, b = listeners
+    bytes_in = lambda: agent.metric("netstatd_mux_peer_bytes_total")  # noqa: E731
+    with StreamClient(f"{agent.mux_ws_url}?port={a.port}") as narrow:
+        narrow.wait_snapshot()  # held until the node answered the narrower subscription
+        narrow.wait_for(lambda e: e["type"] == "port.listening" and e["port"] == a.port)
+        before = bytes_in()
+        for _ in range(50):
+            b.connect()
+        a.connect()
+        closed_on(narrow, a.port)
+        narrow_bytes = bytes_in() - before
+        with StreamClient(agent.mux_ws_url) as wide:
+            wide.wait_snapshot()  # held until the node sent the rows the widening adds
+            held = [e for e in wide.events if e["type"] == "port.listening"]
+            assert b.port in {e["port"] for e in held}
+            before = bytes_in()
+            for _ in range(50):
+                b.connect()
+            a.connect()
+            closed_on(wide, a.port)
+            closed_on(narrow, a.port)
+            wide_bytes = bytes_in() - before
+    print(f"node -> mux bytes: {narrow_bytes} with the narrow client alone, {wide_bytes} with a wide one")
+    assert narrow_bytes * 5 < wide_bytes, (narrow_bytes, wide_bytes)
+    assert b.port not in ports_seen(narrow)
+    assert [e["type"] for e in narrow.events].count("snapshot.complete") == 1
+    assert not [e for e in narrow.events if e["type"] == "stream.reset"]

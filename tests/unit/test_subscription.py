@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from netstatd.hub import Hub
-from netstatd.subscription import EVERYTHING, FilterError, parse
+from netstatd.subscription import EVERYTHING, AnyOf, FilterError, parse, parse_subscription, union
 
 
 def conn(**fields) -> dict:
@@ -155,3 +155,32 @@ def test_a_namespace_filter_leaves_out_what_has_no_pod():
     assert not parse({"namespace": "shop"}).matches(host_socket)
     assert not parse({"podName": "web-1"}).matches(host_socket)
     assert parse({"port": "443"}).matches(host_socket)
+
+
+def test_any_of_several_filters_and_their_union():
+    shop, bank = parse({"namespace": "shop"}), parse({"namespace": "bank"})
+    both = union([shop, bank, shop])
+    assert isinstance(both, AnyOf) and both.matches(conn()) and both.matches(conn(namespace="bank"))
+    assert not both.matches(conn(namespace="other"))
+    assert union([shop]) == shop and union([shop, EVERYTHING]) == EVERYTHING and union([]) is None
+    assert parse_subscription(both.to_json()) == both and parse_subscription([]) == EVERYTHING
+    with pytest.raises(FilterError, match="filters: expected a list of filter objects"):
+        parse_subscription(["shop"])
+
+
+def test_a_widened_subscription_adds_rows_and_drops_nothing():
+    """What a mux asks its upstream: the rows the new filter adds, between a partial stream.reset and a
+    partial snapshot.complete carrying its version; what was queued stays."""
+    state = [conn(), conn(namespace="bank", localPort=40001)]
+    hub = Hub("node-a", lambda: state, lambda: "t")
+    sub = hub.subscribe("mux", {"type": "host.info"}, parse({"namespace": "shop"}))
+    frames(sub)
+    hub.publish([conn(localPort=40005)])  # queued under the old filter: kept
+    hub.resubscribe(sub, union([parse({"namespace": "shop"}), parse({"namespace": "bank"})]), True, 7)
+    got = frames(sub) + frames(sub) + frames(sub)
+    kinds = [e["type"] for e in got]
+    assert kinds == ["stream.reset", "connection.event", "snapshot.complete", "connection.event"]
+    assert got[0]["partial"] is True and got[0]["subscription"] == 7
+    assert got[1]["localPort"] == 40001  # only the added row: shop's was sent already
+    assert got[2]["partial"] is True and got[2]["subscription"] == 7 and got[2]["count"] == 1
+    assert got[3]["localPort"] == 40005

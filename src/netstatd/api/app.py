@@ -9,7 +9,7 @@ import asyncio
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -146,7 +146,7 @@ async def netstat_ws(request: web.Request) -> web.StreamResponse:
             f"{clients[peer]} WebSocket clients from {peer} already (--max-clients-per-address); close one",
         )
     try:
-        wanted = subscription.parse(request.query)
+        wanted = _query_subscription(request.query)
     except subscription.FilterError as e:
         hub.subscribe_errors += 1
         return refusal(400, "filter", f"bad subscription in the query: {e}")
@@ -193,10 +193,15 @@ def _received(sub: Subscriber, msg: aiohttp.WSMessage) -> None:
             raise subscription.FilterError(f"not JSON: {e}") from None
         if not isinstance(frame, dict) or frame.get("type") != SUBSCRIBE:
             raise subscription.FilterError('expected {"type": "subscribe", "filter": {...}}')
-        given = frame.get("filter", {})
-        if not isinstance(given, dict):
+        if "filters" in frame:  # a multiplexer's upstream: any of several filters
+            wanted = subscription.parse_subscription(frame["filters"])
+        elif isinstance(frame.get("filter", {}), dict):
+            wanted = subscription.parse(frame.get("filter", {}))
+        else:
             raise subscription.FilterError("filter: expected an object")
-        wanted = subscription.parse(given)
+        partial, version = frame.get("partial") is True, frame.get("version", 0)
+        if not isinstance(version, int):
+            raise subscription.FilterError("version: expected an integer")
     except subscription.FilterError as e:
         sub.hub.subscribe_errors += 1
         log.info("WebSocket client %s: subscribe refused: %s", sub.peer, e)
@@ -204,7 +209,20 @@ def _received(sub: Subscriber, msg: aiohttp.WSMessage) -> None:
             {"type": SUBSCRIBE_ERROR, "error": str(e), "timestamp": sub.hub.now(), "nodeName": sub.hub.node_name}
         )
         return
-    sub.resubscribe(wanted)
+    sub.hub.resubscribe(sub, wanted, partial, version)
+
+
+def _query_subscription(query: Mapping[str, str]) -> subscription.Subscription:
+    """The filter keys, or `filters` (a JSON list of filter objects: a multiplexer's upstream) alone."""
+    if "filters" not in query:
+        return subscription.parse(query)
+    if len(query) > 1:
+        raise subscription.FilterError("filters: give it alone, or the filter keys")
+    try:
+        given = orjson.loads(query["filters"])
+    except orjson.JSONDecodeError as e:
+        raise subscription.FilterError(f"filters: not JSON: {e}") from None
+    return subscription.parse_subscription(given)
 
 
 async def _send_loop(ws: web.WebSocketResponse, sub: Subscriber, request: web.Request, report: Report) -> None:

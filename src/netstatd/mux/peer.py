@@ -26,6 +26,7 @@ import orjson
 from ..hub import FRAME_EVENTS
 from ..protocol import HOST_INFO, NODE_EVENT_TYPES, NODE_REMOVED, PEER_STATUS, SNAPSHOT_COMPLETE, STREAM_RESET
 from ..settings import Settings
+from ..subscription import EVERYTHING, AnyOf, Subscription
 from ..supervisor import Supervisor, failpoint
 from ..tls import TLSFiles, client_tls
 from .state import Event, MergedState, NodeTables
@@ -79,6 +80,7 @@ class PeerStats:
 
     connections: int = 0  # upstreams opened
     events: int = 0  # events received
+    bytes: int = 0  # bytes of the text frames received
     missed_events: int = 0  # events peers dropped for us (their stream.reset missedEvents)
     garbage: dict[str, int] = field(default_factory=dict)  # disconnects for bad input, by reason
 
@@ -224,6 +226,8 @@ class Peer:
         max_bytes_per_s: int,
         max_rows: int,
         max_state_bytes: Callable[[], int] = lambda: 1 << 62,
+        interest: Callable[[], tuple[int, Subscription]] = lambda: (0, EVERYTHING),
+        on_ack: Callable[[], None] = lambda: None,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
@@ -242,6 +246,16 @@ class Peer:
         self.max_bytes_per_s = max_bytes_per_s
         self.max_rows = max_rows
         self.max_state_bytes = max_state_bytes  # its share of --mux-max-bytes (it shrinks as peers come)
+        # Push-down: the upstream subscribes with what the mux's clients want (server.py), a version
+        # and a subscription; `acked` is the version whose rows the node has sent (then on_ack()).
+        self.interest = interest
+        self.on_ack = on_ack
+        self.acked = -1
+        self._opened_version = -1  # the version the upstream was opened with (its first snapshot's)
+        self._send_lock = asyncio.Lock()  # re-subscriptions go out in the order they were made
+        self._sends: set[asyncio.Task] = set()  # held until sent: the loop keeps only weak references
+        self._adding = False  # inside a partial snapshot (rows a widened subscription adds)
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self.node: str | None = None
         self.host_info: Event | None = None
         self.status: Event | None = None  # the latest peer.status, repeated in snapshots
@@ -308,22 +322,32 @@ class Peer:
         """One upstream, read until it ends."""
         self._delivered = self._upgraded = False
         failpoint("peer")
-        ws = await self._connect()
+        self._opened_version, opened = self.interest()
+        self._adding = False
+        ws = await self._connect(opened)
         self._upgraded = True
+        self._ws = ws
+        version, current = self.interest()
+        if version != self._opened_version:  # the clients changed while it connected
+            self.resubscribe(version, current)
         try:
             await self._read(ws)
         finally:
+            self._ws = None
             # Without a deadline, closing waits for the peer's close frame, which a flooding peer never sends.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_WAIT_S):
                     await ws.close()
 
-    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+    async def _connect(self, subscription: Subscription) -> aiohttp.ClientWebSocketResponse:
         """TCP, TLS and the WebSocket upgrade within CONNECT_TIMEOUT_S; a failure says why (Unreachable)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                wanted = {"filters": orjson.dumps(_as_list(subscription)).decode()}
+                query = {} if subscription.empty else wanted
                 return await self.session.ws_connect(
                     self.url,
+                    params=query,
                     ssl=self.ssl if self.ssl is not None else True,  # True: aiohttp's default, unused by ws://
                     server_hostname=self.server_hostname if self.ssl is not None else None,
                     max_msg_size=MAX_FRAME_BYTES,
@@ -360,6 +384,7 @@ class Peer:
             else:
                 return  # closed
             self.stats.events += len(events)
+            self.stats.bytes += len(msg.data)
             # A snapshot may come fast (it is the node's whole state): bounded by rows, not by rate.
             if staging is None and self.node is not None:
                 if flood.add(len(events)):
@@ -383,22 +408,34 @@ class Peer:
             t = e["type"]
             if t == HOST_INFO:
                 raise Garbage("protocol", "a second host.info")
-            if t == STREAM_RESET:  # the peer dropped events for us; a fresh snapshot follows
+            if t == STREAM_RESET and e.get("partial"):
+                self._adding = True  # rows a widened subscription adds, live, until its snapshot.complete
+            elif t == STREAM_RESET:  # the peer dropped events for us; a fresh snapshot follows
                 missed = e.get("missedEvents")
                 self.stats.missed_events += missed if isinstance(missed, int) else 0
                 staging = NodeTables(self.node)
             elif staging is None:
-                if t == SNAPSHOT_COMPLETE:
+                if t == SNAPSHOT_COMPLETE and self._adding and e.get("partial"):
+                    self._adding = False
+                    self._acked(e.get("subscription"))
+                elif t == SNAPSHOT_COMPLETE:
                     raise Garbage("protocol", "snapshot.complete outside a snapshot")
-                live.append(e)
+                else:
+                    live.append(e)
             elif t == SNAPSHOT_COMPLETE:
                 self._check_rows(staging, "in its snapshot")
                 self._replace(staging)
                 staging, self._delivered = None, True
+                self._acked(self._opened_version)
             else:
                 self.state.apply(staging, [e])
         if staging is not None:
             self._check_rows(staging, "in its snapshot")
+        interest = self.interest()[1]
+        if live and not interest.empty:
+            # after a narrower re-subscription, what the node sent before it took effect: no client wants
+            # it, and the rows it would add would never be closed
+            live = [e for e in live if interest.matches(e)]
         if live:
             tables = self.state.nodes.get(self.node)
             if tables is not None:
@@ -406,6 +443,28 @@ class Peer:
                 self._check_rows(tables, "after live events")  # before clients see them
                 self.publish(live)
         return staging
+
+    def _acked(self, version: Any) -> None:
+        if isinstance(version, int) and version > self.acked:
+            self.acked = version
+            self.on_ack()
+
+    def resubscribe(self, version: int, subscription: Subscription) -> None:
+        """What the mux's clients want changed: an open upstream is re-subscribed partially (the node sends
+        the rows it adds; what it no longer sends the mux prunes itself); one opening catches up once open."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            return
+        frame = {"type": "subscribe", "filters": _as_list(subscription), "partial": True, "version": version}
+
+        async def send() -> None:
+            async with self._send_lock:
+                with contextlib.suppress(ConnectionError, RuntimeError):  # the upstream ended: it reopens with it
+                    await ws.send_str(orjson.dumps(frame).decode())
+
+        task = asyncio.get_running_loop().create_task(send(), name=f"mux-resubscribe-{self.ip}")
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     def _check_rows(self, tables: NodeTables, when: str) -> None:
         """Checked once per frame (count() is five len()s): a frame that takes the peer over max_rows, or
@@ -460,3 +519,10 @@ class Peer:
         e.update(extra)
         self.status = e
         self.publish([e])
+
+
+def _as_list(subscription: Subscription) -> list[dict[str, Any]]:
+    """A subscription as a `filters` list ([] is everything)."""
+    if isinstance(subscription, AnyOf):
+        return subscription.to_json()
+    return [] if subscription.empty else [subscription.to_json()]

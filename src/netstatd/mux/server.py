@@ -25,7 +25,7 @@ from ..hub import Hub, Subscriber
 from ..metrics import Metric, single
 from ..protocol import HOST_INFO, MUX_STATUS
 from ..settings import Settings
-from ..subscription import EVERYTHING, Filter
+from ..subscription import EVERYTHING, Subscription, union
 from ..supervisor import Supervisor, failpoint
 from .discovery import Discovery
 from .peer import CONNECTED, GARBAGE_REASONS, RECONNECTING, Peer, PeerStats, upstream_tls
@@ -35,18 +35,28 @@ log = logging.getLogger("netstatd.mux")
 
 MAX_PEER_EVENTS_PER_S = 500_000  # 10x what a node delivers at full churn (tens of thousands/s, docs/benchmarks.md)
 LINGER_S = 60.0  # upstreams stay open this long after the last client left (a page reload keeps them)
+WAIT_S = 10.0  # a client held for its nodes' rows gets its snapshot after this long anyway
 
 
 class MuxHub(Hub):
-    """A hub that tells the mux when a client arrives, so upstreams open on demand."""
+    """A hub that tells the mux when its clients come, go or change filter: upstreams open on demand,
+    and subscribe to what the clients want (push-down)."""
 
-    on_subscribe: Callable[[], None] = staticmethod(lambda: None)
+    mux: Mux
 
-    def subscribe(self, peer: str, first: Event, filter: Filter = EVERYTHING) -> Subscriber | None:
+    def subscribe(self, peer: str, first: Event, filter: Subscription = EVERYTHING) -> Subscriber | None:
         sub = super().subscribe(peer, first, filter)
         if sub is not None:
-            self.on_subscribe()
+            self.mux.client_changed(sub)
         return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        super().unsubscribe(sub)
+        self.mux.client_left(sub)
+
+    def resubscribe(self, sub: Subscriber, new: Subscription, partial: bool = False, version: int = 0) -> None:
+        sub.resubscribe(new)  # its reset and snapshot, held until the nodes have its rows
+        self.mux.client_changed(sub)
 
 
 class Mux:
@@ -67,7 +77,14 @@ class Mux:
         self.max_peer_events_per_s = max_peer_events_per_s
         self.state = MergedState()
         self.hub = MuxHub(settings.node_name, self.snapshot, now, client_max_events=settings.client_queue_events)
-        self.hub.on_subscribe = self._activate
+        self.hub.mux = self
+        # Push-down: the upstreams subscribe to the union of the clients' filters, versioned; a client
+        # whose filter widened it is held until every connected node has sent the rows it adds.
+        self.interest: Subscription = EVERYTHING
+        self.interest_version = 0
+        self.interest_changes = 0
+        self.waits_expired = 0  # clients released by WAIT_S before every node had answered
+        self._waiting: dict[Subscriber, tuple[int, float]] = {}  # held client -> (version, deadline)
         self.linger_s = linger_s
         self.active = False  # upstreams open (a client is here, or left less than linger_s ago)
         self._idle_since = 0.0
@@ -103,6 +120,58 @@ class Mux:
             await self._session.close()
         if self._runner:
             await self._runner.cleanup()
+
+    # -- push-down ------------------------------------------------------------
+    def client_changed(self, sub: Subscriber) -> None:
+        """A client came or changed filter: re-subscribe the upstreams if the union changed, and hold the
+        client until the connected nodes have sent the rows it adds."""
+        changed = self._update_interest()
+        if not self.active:
+            self._activate()  # the upstreams open with the new interest; their states arrive live
+        elif changed and any(p.node is not None for p in self.peers.values()):
+            sub.held = True
+            self._waiting[sub] = (self.interest_version, time.monotonic() + WAIT_S)
+            asyncio.get_running_loop().call_later(WAIT_S, self._release_ready)
+
+    def client_left(self, sub: Subscriber) -> None:
+        self._waiting.pop(sub, None)
+        self._update_interest()
+
+    def _update_interest(self) -> bool:
+        """The union of the clients' filters; when it changed, every upstream is re-subscribed and the
+        rows it no longer lets through are dropped. No client: the last one stays (upstreams linger)."""
+        new = union(s.filter for s in self.hub.subscribers)
+        if new is None or new == self.interest:
+            return False
+        self.interest, self.interest_version = new, self.interest_version + 1
+        self.interest_changes += 1
+        for peer in self.peers.values():
+            peer.resubscribe(self.interest_version, new)
+        if not new.empty:
+            for tables in self.state.nodes.values():
+                tables.prune(new)
+        return True
+
+    def _current_interest(self) -> tuple[int, Subscription]:
+        return self.interest_version, self.interest
+
+    def _release_ready(self) -> None:
+        """Held clients whose nodes have all answered (or who waited WAIT_S) get their snapshot now."""
+        connected = [p for p in self.peers.values() if p.node is not None]
+        now = time.monotonic()
+        for sub, (version, deadline) in list(self._waiting.items()):
+            ready = all(p.acked >= version for p in connected)
+            if ready or now >= deadline:
+                if not ready:
+                    self.waits_expired += 1
+                    log.warning(
+                        "multiplexer: client %s waited %.0f s for its nodes' rows; sending what it has",
+                        sub.peer,
+                        WAIT_S,
+                    )
+                del self._waiting[sub]
+                sub.held = False
+                sub.wake.set()
 
     def _activate(self) -> None:
         if not self.active:
@@ -154,6 +223,8 @@ class Mux:
                 max_bytes_per_s=self.settings.peer_max_bytes_per_second,
                 max_rows=self.settings.peer_max_rows,
                 max_state_bytes=self._share,
+                interest=self._current_interest,
+                on_ack=self._release_ready,
                 ssl=self.peer_tls.context if self.peer_tls else None,
                 server_hostname=self.peer_server_name,
             )
@@ -229,6 +300,19 @@ class Mux:
                 [({"reason": r}, st.garbage.get(r, 0)) for r in GARBAGE_REASONS],
             ),
             single("netstatd_mux_peer_events_total", "counter", "Events received from peers.", st.events),
+            single("netstatd_mux_peer_bytes_total", "counter", "Bytes of the frames received from peers.", st.bytes),
+            single(
+                "netstatd_mux_subscription_changes_total",
+                "counter",
+                "Times the union of the clients' filters changed and the upstreams were re-subscribed.",
+                self.interest_changes,
+            ),
+            single(
+                "netstatd_mux_client_waits_expired_total",
+                "counter",
+                "Clients given their snapshot before every node had sent the rows their filter adds.",
+                self.waits_expired,
+            ),
             single(
                 "netstatd_mux_peer_events_dropped_total",
                 "counter",

@@ -109,6 +109,18 @@ class NodeTables:
         out.extend(row.event for row in self.connections.values())
         return out
 
+    def prune(self, wanted: Any) -> int:
+        """Drop the rows `wanted` (a subscription) no longer lets through; returns how many."""
+        dropped = 0
+        for table in (self.containers, self.ips, self.names, self.ports):
+            for key in [k for k, e in table.items() if not wanted.matches(e)]:
+                self._drop(table, key)
+                dropped += 1
+        for key in [k for k, row in self.connections.items() if not wanted.matches(row.event)]:
+            self.bytes -= self.connections.pop(key).size
+            dropped += 1
+        return dropped
+
     def count(self) -> int:
         """The rows held (what --peer-max-rows bounds): five len()s, cheap enough for every frame."""
         return sum(map(len, (self.containers, self.ips, self.names, self.ports, self.connections)))
