@@ -227,7 +227,7 @@ class Peer:
         max_rows: int,
         max_state_bytes: Callable[[], int] = lambda: 1 << 62,
         interest: Callable[[], tuple[int, Subscription]] = lambda: (0, EVERYTHING),
-        on_ack: Callable[[], None] = lambda: None,
+        on_progress: Callable[[], None] = lambda: None,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
@@ -247,9 +247,10 @@ class Peer:
         self.max_rows = max_rows
         self.max_state_bytes = max_state_bytes  # its share of --mux-max-bytes (it shrinks as peers come)
         # Push-down: the upstream subscribes with what the mux's clients want (server.py), a version
-        # and a subscription; `acked` is the version whose rows the node has sent (then on_ack()).
+        # and a subscription; `acked` is the version whose rows the node has sent. on_progress() is called
+        # when that grows or the upstream fails: held clients may go.
         self.interest = interest
-        self.on_ack = on_ack
+        self.on_progress = on_progress
         self.acked = -1
         self._opened_version = -1  # the version the upstream was opened with (its first snapshot's)
         self._send_lock = asyncio.Lock()  # re-subscriptions go out in the order they were made
@@ -444,10 +445,15 @@ class Peer:
                 self.publish(live)
         return staging
 
+    @property
+    def failing(self) -> bool:
+        """Its last upstream failed or ended (it is retried): a held client does not wait for it."""
+        return self.status is not None and self.status["status"] == RECONNECTING
+
     def _acked(self, version: Any) -> None:
         if isinstance(version, int) and version > self.acked:
             self.acked = version
-            self.on_ack()
+            self.on_progress()
 
     def resubscribe(self, version: int, subscription: Subscription) -> None:
         """What the mux's clients want changed: an open upstream is re-subscribed partially (the node sends
@@ -519,6 +525,8 @@ class Peer:
         e.update(extra)
         self.status = e
         self.publish([e])
+        if status == RECONNECTING:
+            self.on_progress()  # a held client stops waiting for it
 
 
 def _as_list(subscription: Subscription) -> list[dict[str, Any]]:

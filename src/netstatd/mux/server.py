@@ -127,8 +127,11 @@ class Mux:
         client until the connected nodes have sent the rows it adds."""
         changed = self._update_interest()
         if not self.active:
-            self._activate()  # the upstreams open with the new interest; their states arrive live
-        elif changed and any(p.node is not None for p in self.peers.values()):
+            self._activate()  # the upstreams open with the new interest: held until they delivered
+            hold = bool(self.peers)
+        else:
+            hold = changed and any(p.node is not None for p in self.peers.values())
+        if hold:
             sub.held = True
             self._waiting[sub] = (self.interest_version, time.monotonic() + WAIT_S)
             asyncio.get_running_loop().call_later(WAIT_S, self._release_ready)
@@ -156,11 +159,11 @@ class Mux:
         return self.interest_version, self.interest
 
     def _release_ready(self) -> None:
-        """Held clients whose nodes have all answered (or who waited WAIT_S) get their snapshot now."""
-        connected = [p for p in self.peers.values() if p.node is not None]
+        """Held clients whose nodes have all answered (or who waited WAIT_S) get their snapshot now. A peer
+        that failed (reconnecting) is not waited for: its state comes live once it is back."""
         now = time.monotonic()
         for sub, (version, deadline) in list(self._waiting.items()):
-            ready = all(p.acked >= version for p in connected)
+            ready = all(p.acked >= version or p.failing for p in self.peers.values())
             if ready or now >= deadline:
                 if not ready:
                     self.waits_expired += 1
@@ -224,7 +227,7 @@ class Mux:
                 max_rows=self.settings.peer_max_rows,
                 max_state_bytes=self._share,
                 interest=self._current_interest,
-                on_ack=self._release_ready,
+                on_progress=self._release_ready,
                 ssl=self.peer_tls.context if self.peer_tls else None,
                 server_hostname=self.peer_server_name,
             )
