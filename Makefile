@@ -108,6 +108,8 @@ lint: setup
 # make bench-live CONNECTIONS=100000: agent started beside live connections, writes bench/out/live.json.
 # make bench-soak [SECONDS=600 RATE=10000]: RSS every 30 s under churn, writes bench/out/soak.json.
 # make bench-mux [NODES=3 CONNECTIONS=100000]: the multiplexer with large nodes, writes bench/out/mux.json.
+# make bench-cluster [NODES=200 CONNECTIONS=5000 RATE=50]: the standalone multiplexer over simulated nodes
+# and 3 real agents, a one-namespace client against an unfiltered one, writes bench/out/cluster.json.
 # make bench-image: build times (cold, cached base, no change), image size, pod start to first /metrics,
 # writes bench/out/image.json.
 BENCH_PACKAGES := bpftrace
@@ -115,7 +117,7 @@ SECONDS ?= 20
 RATE ?= max
 CONNECTIONS ?= 100000
 NODES ?= 3
-.PHONY: bench-churn bench-live bench-soak bench-mux bench-image bench-packages
+.PHONY: bench-churn bench-live bench-soak bench-mux bench-image bench-cluster bench-packages
 
 bench-packages:
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
@@ -132,6 +134,11 @@ bench-live: setup
 bench-mux: setup
 	@scripts/ensure-packages.sh unbound
 	$(SUDO) $(VENV)/bin/python bench/mux.py --nodes $(NODES) --connections $(CONNECTIONS) $(ARGS)
+
+bench-cluster: setup test-packages
+	$(SUDO) $(VENV)/bin/python bench/cluster.py --nodes $(if $(filter command line,$(origin NODES)),$(NODES),200) \
+		--connections $(if $(filter command line,$(origin CONNECTIONS)),$(CONNECTIONS),5000) \
+		--rate $(if $(filter command line,$(origin RATE)),$(RATE),50) $(ARGS)
 
 bench-image: setup test-packages image
 	$(SUDO) $(VENV)/bin/python bench/image.py $(ARGS)

@@ -40,6 +40,7 @@ class StreamClient:
         self.events: list[Event] = []
         self.arrivals: list[float] = []
         self.frames = 0
+        self.bytes = 0  # of the frames received
         self.defer_live = defer_live
         self._deferred: list[tuple[float, bytes | str]] = []
         self._snapshot_seen = False
@@ -84,6 +85,7 @@ class StreamClient:
                         break
                     now = time.time()
                     self.frames += 1
+                    self.bytes += len(msg.data)
                     if self._snapshot_seen and self.defer_live:
                         self._deferred.append((now, msg.data))
                         continue
