@@ -72,6 +72,8 @@ class Subscriber:
         self._snapshot: Iterator[bytes] | None = None  # frames still to encode, sent before the queue
 
     def offer(self, frames: list[tuple[bytes, int]]) -> None:
+        if self.held:  # its snapshot is made once it is released: nothing older is worth keeping
+            return
         for frame, n in frames:
             if self.needs_reset:
                 self.missed += n
@@ -133,6 +135,11 @@ class Subscriber:
         added = self.hub.snapshot_frames(Added(new, old), {"partial": True, "subscription": version})
         frames = itertools.chain((orjson.dumps(marker),), added)
         self._snapshot = frames if self._snapshot is None else itertools.chain(self._snapshot, frames)
+        self.wake.set()
+
+    def release(self) -> None:
+        """No longer held: its snapshot, made from now on, follows."""
+        self.held = False
         self.wake.set()
 
     def notify(self, event: Event) -> None:

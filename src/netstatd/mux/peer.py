@@ -405,6 +405,7 @@ class Peer:
         """One frame after host.info; returns the snapshot still being read, if any."""
         assert self.node is not None
         live: list[Event] = []
+        added: list[Event] = []  # rows of a partial snapshot: for the merged state, not published
         for e in events:
             t = e["type"]
             if t == HOST_INFO:
@@ -421,6 +422,8 @@ class Peer:
                     self._acked(e.get("subscription"))
                 elif t == SNAPSHOT_COMPLETE:
                     raise Garbage("protocol", "snapshot.complete outside a snapshot")
+                elif self._adding:
+                    added.append(e)  # a client held for them gets them in its snapshot; others never wanted them
                 else:
                     live.append(e)
             elif t == SNAPSHOT_COMPLETE:
@@ -437,12 +440,14 @@ class Peer:
             # after a narrower re-subscription, what the node sent before it took effect: no client wants
             # it, and the rows it would add would never be closed
             live = [e for e in live if interest.matches(e)]
-        if live:
-            tables = self.state.nodes.get(self.node)
-            if tables is not None:
-                self.state.apply(tables, live)
-                self._check_rows(tables, "after live events")  # before clients see them
-                self.publish(live)
+        tables = self.state.nodes.get(self.node)
+        if added and tables is not None:
+            self.state.apply(tables, added)
+            self._check_rows(tables, "in a partial snapshot")
+        if live and tables is not None:
+            self.state.apply(tables, live)
+            self._check_rows(tables, "after live events")  # before clients see them
+            self.publish(live)
         return staging
 
     @property

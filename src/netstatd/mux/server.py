@@ -173,8 +173,7 @@ class Mux:
                         WAIT_S,
                     )
                 del self._waiting[sub]
-                sub.held = False
-                sub.wake.set()
+                sub.release()
 
     def _activate(self) -> None:
         if not self.active:

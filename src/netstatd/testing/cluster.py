@@ -192,7 +192,8 @@ remote-control:
 
     def lookup(self, name: str) -> list[str]:
         with in_netns(self.switch.netns_path), contextlib.suppress(dns.exception.Timeout, OSError):
-            msg = dns.query.udp(dns.message.make_query(name, "A"), self.dns_ip, timeout=0.5)
+            # over TCP when the answer is truncated (hundreds of nodes), as the resolver in a pod does
+            msg, _ = dns.query.udp_with_fallback(dns.message.make_query(name, "A"), self.dns_ip, timeout=0.5)
             return sorted(rd.address for rrset in msg.answer for rd in rrset)
         return []
 
