@@ -522,6 +522,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             page.add_init_script(INIT_SCRIPT)
             t0 = time.monotonic()
             page.goto(server.url + "/?view=conn" + (f"&conn.sort={args.sort}" if args.sort else ""))
+            page.wait_for_selector("#grid-conn .tabulator-row", timeout=120_000)
+            result["first_screen_s"] = round(time.monotonic() - t0, 2)
             page.wait_for_function(
                 "n => window.netstatd?.store.snapshotDone && "
                 "+document.getElementById('status-rows').textContent.split(' of ')[0].replace(/,/g, '') >= n",
@@ -580,7 +582,7 @@ def summary(r: dict[str, Any]) -> str:
     lines = [
         f"{r['rows']:,} rows, {r['rate_per_s']:,} updates/s ({u['events_per_s_received']:,}/s received), "
         f"{r['seconds']} s, sort {r['sort'] or 'none'}, UI from {r['web_dir']}; "
-        f"snapshot shown after {r['snapshot_shown_s']} s",
+        f"first screen after {r['first_screen_s']} s, snapshot shown after {r['snapshot_shown_s']} s",
         f"frame gaps ms: p50 {g['p50']} p95 {g['p95']} p99 {g['p99']} max {g['max']} "
         f"({u['fps']} fps, {u['gaps_over_50ms']} gaps > 50 ms)",
         f"long tasks: {u['longtasks']['count']}, {u['longtasks']['total_ms']} ms in total"
