@@ -206,6 +206,8 @@ def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int
             "window_s": seconds,
             **window,
             "stream_resets": sum(e["type"] == "stream.reset" for e in client.events),
+            # released before every node had sent its rows (WAIT_S): the rest came live
+            "mux_waits_expired_total": mux.metric("netstatd_mux_client_waits_expired_total"),
             "mux_cores": round((mux.cpu_seconds() - cpu0) / elapsed, 3),
         }
         if expected_rows is not None:

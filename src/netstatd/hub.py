@@ -35,6 +35,10 @@ log = logging.getLogger("netstatd.hub")
 
 Event = dict[str, Any]
 FRAME_EVENTS = 2000  # events per WebSocket frame: keeps frames under ~1 MB
+# While a snapshot is being sent, a client's queue may hold this many times its bounds: the live events
+# behind a large snapshot (a cluster's, through the mux) are needed after it, and an overflow would only
+# start the snapshot again.
+SNAPSHOT_SLACK = 4
 
 
 def encode_frames(events: list[Event]) -> list[tuple[bytes, int]]:
@@ -80,7 +84,11 @@ class Subscriber:
                 self.hub.dropped_events += n
                 continue
             # Bounded, but one frame always fits: a flush can exceed a small bound by itself.
-            over = self.queued_events + n > self.max_events or self.queued_bytes + len(frame) > self.max_bytes
+            slack = SNAPSHOT_SLACK if self._snapshot is not None else 1
+            over = (
+                self.queued_events + n > self.max_events * slack
+                or self.queued_bytes + len(frame) > self.max_bytes * slack
+            )
             if over and self.queue:
                 lost = self.queued_events + n
                 self.missed += lost

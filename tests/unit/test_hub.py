@@ -118,3 +118,19 @@ def test_small_frames_take_the_memory_their_size_says():
     finally:
         tracemalloc.stop()
     assert held_per_frame < 4 * len(frames[0]) + 200, f"{held_per_frame:.0f} bytes per {len(frames[0])}-byte frame"
+
+
+def test_a_client_still_taking_its_snapshot_may_queue_more_before_it_overflows():
+    """The live events behind a snapshot being sent are needed after it: until it is done the bounds
+    are SNAPSHOT_SLACK times larger (an overflow would only start the snapshot again)."""
+    from netstatd.hub import FRAME_EVENTS, SNAPSHOT_SLACK
+
+    hub = Hub("n1", lambda: ({"type": "connection.event", "sockCookie": i} for i in range(2 * FRAME_EVENTS)),
+              lambda: "T", client_max_events=10)  # fmt: skip
+    sub = hub.subscribe("c", {"type": "host.info"})
+    sub.take()  # host.info and the first snapshot frame: one frame still to come
+    for i in range(SNAPSHOT_SLACK * 10 // 5):
+        hub.publish([{"type": "connection.event", "sockCookie": 10_000 + i}] * 5)
+    assert hub.overflows == 0 and sub.queued_events == SNAPSHOT_SLACK * 10
+    hub.publish([{"type": "connection.event", "sockCookie": 1}])
+    assert hub.overflows == 1

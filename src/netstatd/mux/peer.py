@@ -405,7 +405,6 @@ class Peer:
         """One frame after host.info; returns the snapshot still being read, if any."""
         assert self.node is not None
         live: list[Event] = []
-        added: list[Event] = []  # rows of a partial snapshot: for the merged state, not published
         for e in events:
             t = e["type"]
             if t == HOST_INFO:
@@ -422,9 +421,9 @@ class Peer:
                     self._acked(e.get("subscription"))
                 elif t == SNAPSHOT_COMPLETE:
                     raise Garbage("protocol", "snapshot.complete outside a snapshot")
-                elif self._adding:
-                    added.append(e)  # a client held for them gets them in its snapshot; others never wanted them
                 else:
+                    # A partial snapshot's rows too: a client held for them queues nothing and gets them in
+                    # its snapshot; one released before they came (WAIT_S) gets them live.
                     live.append(e)
             elif t == SNAPSHOT_COMPLETE:
                 self._check_rows(staging, "in its snapshot")
@@ -441,9 +440,6 @@ class Peer:
             # it, and the rows it would add would never be closed
             live = [e for e in live if interest.matches(e)]
         tables = self.state.nodes.get(self.node)
-        if added and tables is not None:
-            self.state.apply(tables, added)
-            self._check_rows(tables, "in a partial snapshot")
         if live and tables is not None:
             self.state.apply(tables, live)
             self._check_rows(tables, "after live events")  # before clients see them
