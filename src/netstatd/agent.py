@@ -8,7 +8,6 @@ import functools
 import gc
 import logging
 import os
-import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -23,7 +22,7 @@ from .enrich.events import EventBuilder
 from .errors import StartupError
 from .hub import Hub
 from .listen import exposure
-from .metrics import Metric
+from .metrics import Metric, build_info
 from .mux.server import Mux
 from .pipeline import Pipeline
 from .protocol import HOST_INFO, WallClock
@@ -268,7 +267,7 @@ class Agent:
         out: list[Metric] = []
         for component in self._collectors:
             out += component.metrics()
-        out.append(Metric("netstatd_build_info", "gauge", "Agent version.", [({"version": __version__}, 1)]))
+        out.append(build_info())
         return out
 
 
@@ -312,17 +311,3 @@ def pid_exe(pid: int) -> dict[str, Any] | None:
         return None
     info = procfs.ProcessCache(capacity=1).lookup(pid)
     return {"pid": pid, "exe": info.exe, "comm": info.comm}
-
-
-async def run(settings: Settings) -> None:
-    agent = Agent(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await agent.start()
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await agent.stop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from . import settings as settings_mod
 from .errors import StartupError
@@ -35,6 +38,26 @@ def configure_logging(level: str) -> None:
     logging.getLogger("grpc").setLevel(max(_LEVELS[level], logging.INFO) if level != "trace" else TRACE)
 
 
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def serve(make: Callable[[], Service]) -> None:
+    """Make the service (in the loop), start it, and stop it on SIGINT or SIGTERM, also after a failed start."""
+    service = make()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        await stop.wait()
+        logging.getLogger("netstatd").info("stopping")
+    finally:
+        await service.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     standalone_mux = argv[:1] == ["mux"]
@@ -43,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_mod.parse(argv)
     configure_logging(settings.log_level)
     if standalone_mux:
-        from .mux.standalone import run
+        from .mux.standalone import StandaloneMux as kind
     else:
-        from .agent import run
+        from .agent import Agent as kind
     try:
-        asyncio.run(run(settings))
+        asyncio.run(serve(lambda: kind(settings)))
     except StartupError as e:
         logging.getLogger("netstatd").error("%s", e)
         return 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from . import __version__
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Labels = dict[str, str]
@@ -45,3 +47,8 @@ def render(metrics: Iterable[Metric]) -> str:
 
 def single(name: str, kind: str, help_: str, value: Callable[[], float] | float) -> Metric:
     return Metric(name, kind, help_, [({}, value() if callable(value) else value)])
+
+
+def build_info() -> Metric:
+    """netstatd_build_info, which the agent and `netstatd mux` both serve."""
+    return Metric("netstatd_build_info", "gauge", "Agent version.", [({"version": __version__}, 1)])

@@ -8,16 +8,14 @@ and no kernel feature: it runs as any user.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import signal
 
 from .. import __version__
 from ..api.front import Front
 from ..errors import StartupError
 from ..listen import exposure
-from ..metrics import Metric
+from ..metrics import Metric, build_info
 from ..protocol import WallClock
 from ..settings import Settings
 from ..sources.addresses import host_ips
@@ -57,20 +55,4 @@ class StandaloneMux:
         await self.mux.stop()
 
     def metrics(self) -> list[Metric]:
-        out = [*self.supervisor.metrics(), *self.front.metrics(), *self.mux.metrics()]
-        out.append(Metric("netstatd_build_info", "gauge", "Agent version.", [({"version": __version__}, 1)]))
-        return out
-
-
-async def run(settings: Settings) -> None:
-    mux = StandaloneMux(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await mux.start()
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await mux.stop()
+        return [*self.supervisor.metrics(), *self.front.metrics(), *self.mux.metrics(), build_info()]
