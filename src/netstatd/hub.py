@@ -118,28 +118,14 @@ class Subscriber:
         self.queue.clear()
         self.queued_events = self.queued_bytes = 0
         self.needs_reset, self.missed = False, 0
-        reset = {
-            "type": STREAM_RESET,
-            "reason": "subscribe",
-            "filter": new.to_json(),
-            "timestamp": self.hub.now(),
-            "nodeName": self.hub.node_name,
-        }
-        self.start_snapshot(orjson.dumps(reset))
+        self.start_snapshot(orjson.dumps(self.hub.event(STREAM_RESET, reason="subscribe", filter=new.to_json())))
 
     def widen(self, new: Subscription, version: int) -> None:
         """A partial re-subscription (what a mux sends its upstreams): nothing is dropped; after any
         snapshot in progress come a stream.reset marked partial, the rows `new` lets through that the
         old filter did not, and a snapshot.complete marked partial, both carrying `version`."""
         old, self.filter = self.filter, new
-        marker = {
-            "type": STREAM_RESET,
-            "reason": "subscribe",
-            "partial": True,
-            "subscription": version,
-            "timestamp": self.hub.now(),
-            "nodeName": self.hub.node_name,
-        }
+        marker = self.hub.event(STREAM_RESET, reason="subscribe", partial=True, subscription=version)
         added = self.hub.snapshot_frames(Added(new, old), {"partial": True, "subscription": version})
         frames = itertools.chain((orjson.dumps(marker),), added)
         self._snapshot = frames if self._snapshot is None else itertools.chain(self._snapshot, frames)
@@ -165,17 +151,7 @@ class Subscriber:
             return []
         if self.needs_reset:
             self.needs_reset = False
-            self.start_snapshot(
-                orjson.dumps(
-                    {
-                        "type": STREAM_RESET,
-                        "reason": "overflow",
-                        "missedEvents": self.missed,
-                        "timestamp": self.hub.now(),
-                        "nodeName": self.hub.node_name,
-                    }
-                )
-            )
+            self.start_snapshot(orjson.dumps(self.hub.event(STREAM_RESET, reason="overflow", missedEvents=self.missed)))
             self.missed = 0
         frames, self._head = self._head, []
         if self._snapshot is not None:
@@ -217,6 +193,10 @@ class Hub:
         self.overflows = 0
         self.clients_total = 0
         self.subscribe_errors = 0  # subscribe frames refused (the client got a subscribe.error)
+
+    def event(self, kind: str, **fields: Any) -> Event:
+        """An event of this hub's own (a reset, a refusal): its fields, then timestamp and nodeName."""
+        return {"type": kind, **fields, "timestamp": self.now(), "nodeName": self.node_name}
 
     def metrics(self, prefix: str = "netstatd_") -> list[Metric]:
         """Its clients, under `prefix` (the node's hub "netstatd_", the multiplexer's "netstatd_mux_")."""
@@ -266,8 +246,7 @@ class Hub:
                 yield orjson.dumps(batch)
                 batch = []
         count += len(batch)
-        done = {"type": SNAPSHOT_COMPLETE, "timestamp": self.now(), "nodeName": self.node_name, "count": count}
-        batch.append(done | (complete or {}))
+        batch.append(self.event(SNAPSHOT_COMPLETE, count=count, **(complete or {})))
         yield orjson.dumps(batch)
 
     def subscribe(self, peer: str, first: Event, filter: Subscription = EVERYTHING) -> Subscriber | None:
@@ -301,7 +280,7 @@ class Hub:
         for sub in self.subscribers:
             frames = frames_by_filter.get(sub.filter)
             if frames is None:
-                selected = events if sub.filter.empty else sub.filter.select(events)
+                selected = events if sub.filter.empty else list(filter_events(sub.filter, events))
                 frames = frames_by_filter[sub.filter] = encode_frames(selected)
             if frames:
                 sub.offer(frames)

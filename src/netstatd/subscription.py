@@ -100,10 +100,7 @@ class Filter:
         return out
 
     def matches(self, e: Event | orjson.Fragment) -> bool:
-        if not isinstance(e, dict):
-            # An event encoded already (short connections from the native helper, the mux's rows):
-            # read back, which only filtered subscribers pay.
-            e = orjson.loads(orjson.dumps(e))
+        e = _decoded(e)
         kind = e.get("type")
         if kind in ALWAYS:
             return True
@@ -141,9 +138,6 @@ class Filter:
                 return False
         return True
 
-    def select(self, events: Iterable[Any]) -> list[Any]:
-        return list(events) if self.empty else [e for e in events if self.matches(e)]
-
 
 EVERYTHING = Filter()
 
@@ -163,12 +157,8 @@ class AnyOf:
         return sorted((f.to_json() for f in self.filters), key=lambda f: orjson.dumps(f, option=orjson.OPT_SORT_KEYS))
 
     def matches(self, e: Event | orjson.Fragment) -> bool:
-        if not isinstance(e, dict):
-            e = orjson.loads(orjson.dumps(e))
+        e = _decoded(e)
         return any(f.matches(e) for f in self.filters)
-
-    def select(self, events: Iterable[Any]) -> list[Any]:
-        return [e for e in events if self.matches(e)]
 
 
 Subscription = Filter | AnyOf
@@ -195,9 +185,14 @@ class Added:
     empty = False
 
     def matches(self, e: Event | orjson.Fragment) -> bool:
-        if not isinstance(e, dict):
-            e = orjson.loads(orjson.dumps(e))
+        e = _decoded(e)
         return self.new.matches(e) and not self.old.matches(e)
+
+
+def _decoded(e: Event | orjson.Fragment) -> Event:
+    """An event encoded already (short connections from the native helper, the mux's rows) read back,
+    which only filtered subscribers pay."""
+    return e if isinstance(e, dict) else orjson.loads(orjson.dumps(e))
 
 
 def _either(e: Event, key: str, remote_key: str, wanted: frozenset[str]) -> bool:
@@ -303,3 +298,10 @@ def parse_subscription(given: Any) -> Subscription:
     if len(given) > MAX_VALUES:
         raise FilterError(f"filters: at most {MAX_VALUES}")
     return union(parse(f) for f in given) or EVERYTHING
+
+
+def filters_of(subscription: Subscription) -> list[dict[str, Any]]:
+    """A subscription as a `filters` list, what parse_subscription reads back ([] is everything)."""
+    if isinstance(subscription, AnyOf):
+        return subscription.to_json()
+    return [] if subscription.empty else [subscription.to_json()]

@@ -205,9 +205,7 @@ def _received(sub: Subscriber, msg: aiohttp.WSMessage) -> None:
     except subscription.FilterError as e:
         sub.hub.subscribe_errors += 1
         log.info("WebSocket client %s: subscribe refused: %s", sub.peer, e)
-        sub.notify(
-            {"type": SUBSCRIBE_ERROR, "error": str(e), "timestamp": sub.hub.now(), "nodeName": sub.hub.node_name}
-        )
+        sub.notify(sub.hub.event(SUBSCRIBE_ERROR, error=str(e)))
         return
     sub.hub.resubscribe(sub, wanted, partial, version)
 

@@ -26,7 +26,7 @@ import orjson
 from ..hub import FRAME_EVENTS
 from ..protocol import HOST_INFO, NODE_EVENT_TYPES, NODE_REMOVED, PEER_STATUS, SNAPSHOT_COMPLETE, STREAM_RESET
 from ..settings import Settings
-from ..subscription import EVERYTHING, AnyOf, Subscription
+from ..subscription import EVERYTHING, Subscription, filters_of
 from ..supervisor import Supervisor, failpoint
 from ..tls import TLSFiles, client_tls
 from .state import Event, MergedState, NodeTables
@@ -344,7 +344,7 @@ class Peer:
         """TCP, TLS and the WebSocket upgrade within CONNECT_TIMEOUT_S; a failure says why (Unreachable)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                wanted = {"filters": orjson.dumps(_as_list(subscription)).decode()}
+                wanted = {"filters": orjson.dumps(filters_of(subscription)).decode()}
                 query = {} if subscription.empty else wanted
                 return await self.session.ws_connect(
                     self.url,
@@ -462,7 +462,7 @@ class Peer:
         ws = self._ws
         if ws is None or ws.closed:
             return
-        frame = {"type": "subscribe", "filters": _as_list(subscription), "partial": True, "version": version}
+        frame = {"type": "subscribe", "filters": filters_of(subscription), "partial": True, "version": version}
 
         async def send() -> None:
             async with self._send_lock:
@@ -528,10 +528,3 @@ class Peer:
         self.publish([e])
         if status == RECONNECTING:
             self.on_progress()  # a held client stops waiting for it
-
-
-def _as_list(subscription: Subscription) -> list[dict[str, Any]]:
-    """A subscription as a `filters` list ([] is everything)."""
-    if isinstance(subscription, AnyOf):
-        return subscription.to_json()
-    return [] if subscription.empty else [subscription.to_json()]
