@@ -38,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 from harness import OUT, git, interrupted, prepare
+from live import status_kib
 
 from netstatd.api.access import AccessPolicy, HostNames
 from netstatd.api.app import build_app
@@ -167,10 +168,7 @@ async def worker(ips: list[str], connections: int, rate: int, first: int) -> Non
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+    return round(status_kib(pid, "VmRSS") / 1024, 1)
 
 
 def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int | None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from netstatd.testing import image
+from netstatd.testing.agent import process_status
 from netstatd.testing.agent_pod import SERVICE, AgentPod
 from netstatd.testing.kubelet import quantity
 from netstatd.testing.stream import StreamClient
@@ -83,8 +83,7 @@ def test_the_container_holds_only_the_manifest_capabilities(agent_pod):
     assert security["capabilities"]["drop"] == ["ALL"]
     wanted = sum(1 << CAPABILITY_BITS[name] for name in security["capabilities"]["add"])
     pid = agent_pod.pid()
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = dict(re.findall(r"^(\w+):\s+(.*)$", status, re.MULTILINE))
+    fields = process_status(pid)
     assert int(fields["CapEff"], 16) == wanted, fields["CapEff"]
     assert int(fields["CapBnd"], 16) == wanted, fields["CapBnd"]
     assert fields["Uid"].split()[0] == str(security["runAsUser"])
@@ -162,7 +161,7 @@ def test_the_multiplexer_deployment_runs_unprivileged_and_streams_the_node(agent
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     for pod in pods:
         pid = ctd.container_pid(pod.pod.containers[container["name"]])
-        fields = dict(re.findall(r"^(\w+):\s+(.*)$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE))
+        fields = process_status(pid)
         assert fields["Uid"].split()[0] == str(pod_security["runAsUser"])
         assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
         assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"

@@ -3,13 +3,11 @@ agent with `--http-mux-port 0`, which serves no multiplexer."""
 
 from __future__ import annotations
 
-import re
 import socket
-from pathlib import Path
 
 import pytest
 
-from netstatd.testing.agent import AgentProcess, MuxProcess
+from netstatd.testing.agent import AgentProcess, MuxProcess, process_status
 from netstatd.testing.stream import StreamClient
 from tests.conftest import require_root
 
@@ -34,8 +32,7 @@ def test_the_agent_serves_no_multiplexer_with_port_zero(agent):
 def test_the_standalone_mux_streams_the_agents_as_nobody(agent, tmp_path):
     mux = MuxProcess(agents_port=agent.port, prefix=NOBODY, log_path=tmp_path / "mux.log")
     with mux, StreamClient(mux.ws_url) as client:
-        status = Path(f"/proc/{mux.proc.pid}/status").read_text()
-        fields = dict(re.findall(r"^(\w+):\s+(.*)$", status, re.MULTILINE))
+        fields = process_status(mux.proc.pid)
         assert fields["Uid"].split()[:2] == ["65534", "65534"]
         assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
 

@@ -73,6 +73,12 @@ def port_in_use(log: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def process_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as field -> value (Uid, CapEff, CapBnd, Seccomp, NoNewPrivs, VmRSS, ...)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL if it has not exited within timeout seconds."""
     if proc is None or proc.poll() is not None:
