@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -64,6 +64,10 @@ class Subscriber:
         self.peer = peer
         self.filter = filter
         self.held = False  # nothing is sent while held (a mux client waiting for its nodes: server.py)
+        # Its snapshot.complete waits for release(), after what is queued by then (a mux client whose
+        # nodes are still sending the rows its new filter adds: they reach it live meanwhile).
+        self.completion_held = False
+        self._completion: Event | None = None  # the held snapshot.complete, once its rows are sent
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.queue: deque[tuple[bytes, int]] = deque()
@@ -109,7 +113,17 @@ class Subscriber:
     def start_snapshot(self, head: bytes) -> None:
         self._head.append(head)
         self._snapshot = self.hub.snapshot_frames(self.filter)
+        self._completion, self.completion_held = None, False
         self.wake.set()
+
+    def hold_completion(self) -> None:
+        """The snapshot just started goes out now, its snapshot.complete only after release()."""
+        self.completion_held = True
+        self._snapshot = self._rows_then_completion()
+
+    def _rows_then_completion(self) -> Iterator[bytes]:
+        count = yield from self.hub.snapshot_frames(self.filter, last=False)
+        self._completion = self.hub.event(SNAPSHOT_COMPLETE, count=count)
 
     def resubscribe(self, new: Subscription) -> None:
         """A new filter: what is queued goes (the new snapshot supersedes it), then a stream.reset
@@ -132,8 +146,8 @@ class Subscriber:
         self.wake.set()
 
     def release(self) -> None:
-        """No longer held: its snapshot, made from now on, follows."""
-        self.held = False
+        """No longer held: its snapshot, made from now on, follows (or its held snapshot.complete)."""
+        self.held = self.completion_held = False
         self.wake.set()
 
     def notify(self, event: Event) -> None:
@@ -165,6 +179,9 @@ class Subscriber:
             self.queued_events -= n
             self.queued_bytes -= len(frame)
             frames.append(frame)
+        if self._completion is not None and not self.completion_held:
+            frames.append(orjson.dumps(self._completion))
+            self._completion = None
         self.wake.clear()
         return frames
 
@@ -232,10 +249,11 @@ class Hub:
         ]
 
     def snapshot_frames(
-        self, filter: Subscription | Added = EVERYTHING, complete: Event | None = None
-    ) -> Iterator[bytes]:
+        self, filter: Subscription | Added = EVERYTHING, complete: Event | None = None, *, last: bool = True
+    ) -> Generator[bytes, None, int]:
         """The current state (what `filter` lets through) in frames of FRAME_EVENTS events, then
-        snapshot.complete (with `complete`'s fields), encoded lazily."""
+        snapshot.complete (with `complete`'s fields), encoded lazily. last=False: without it. Returns
+        the number of events."""
         batch: list[Event] = []
         count = 0
         events = self._snapshot()
@@ -246,8 +264,11 @@ class Hub:
                 yield orjson.dumps(batch)
                 batch = []
         count += len(batch)
-        batch.append(self.event(SNAPSHOT_COMPLETE, count=count, **(complete or {})))
-        yield orjson.dumps(batch)
+        if last:
+            batch.append(self.event(SNAPSHOT_COMPLETE, count=count, **(complete or {})))
+        if batch:
+            yield orjson.dumps(batch)
+        return count
 
     def subscribe(self, peer: str, first: Event, filter: Subscription = EVERYTHING) -> Subscriber | None:
         """New client: `first` (host.info), the snapshot, then live frames. None when full."""

@@ -189,6 +189,22 @@ class Added:
         return self.new.matches(e) and not self.old.matches(e)
 
 
+def covers(old: Subscription, new: Subscription) -> bool:
+    """True when `old` lets through everything `new` does (so a holder of old's rows has new's). False
+    when unsure: a caller then asks for the rows."""
+    if isinstance(new, AnyOf):
+        return all(covers(old, f) for f in new.filters)
+    if isinstance(old, AnyOf):
+        return any(covers(f, new) for f in old.filters)
+    for key in ("namespace", "podName", "nodeName", "protocol", "state", "port"):
+        wanted, held = getattr(new, key), getattr(old, key)
+        if held and not (wanted and wanted <= held):
+            return False
+    if old.ip and not (new.ip and all(any(n.version == o.version and n.subnet_of(o) for o in old.ip) for n in new.ip)):
+        return False
+    return (old.host or not new.host) and (old.loopback or not new.loopback)
+
+
 def _decoded(e: Event | orjson.Fragment) -> Event:
     """An event encoded already (short connections from the native helper, the mux's rows) read back,
     which only filtered subscribers pay."""

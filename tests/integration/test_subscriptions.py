@@ -163,9 +163,9 @@ def test_push_down_the_nodes_send_the_mux_only_what_its_clients_want(agent, list
         closed_on(narrow, a.port)
         narrow_bytes = bytes_in() - before
         with StreamClient(agent.mux_ws_url) as wide:
-            wide.wait_snapshot()  # held until the node sent the rows the widening adds
-            held = [e for e in wide.events if e["type"] == "port.listening"]
-            assert b.port in {e["port"] for e in held}
+            complete = wide.wait_snapshot()  # only once the node sent the rows the widening adds
+            before_complete = wide.events[: wide.events.index(complete)]
+            assert b.port in {e["port"] for e in before_complete if e["type"] == "port.listening"}
             before = bytes_in()
             for _ in range(50):
                 b.connect()

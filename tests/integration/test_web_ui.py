@@ -313,7 +313,8 @@ def test_store_classifies_endpoints_dedups_and_resets_per_node(ui_agent, page):
     assert out["ipTypes"]["10.0.0.2"] == ["host", ""]
     assert out["ipTypes"]["93.184.216.34"] == ["external", "example.com"]
     assert out["afterExpiry"] == ["", "one.one"]
-    assert out["afterReset"] == [["n1", 0, 0], ["n2", 0, 0]]
+    assert out["duringReset"] == [["n1", 3, 0], ["n2", 1, 1]]
+    assert out["afterReset"] == [["n1", 3, 0], ["n2", 0, 0]]
     assert out["lingering"] == 2  # the closed TCP connection and the expired UDP flow
     assert out["afterLinger"] == ["2", "3"]
     assert out["afterSession"] == [["n1", ["4"]]]  # the old rows were replaced, the absent node dropped

@@ -32,10 +32,12 @@ async () => {
   out.ipTypes = Object.fromEntries(rows.ipRows(s, fromQuery("").filters.ips).rows.map((r) => [r.ip, [r.type, r.hostname]]));
   s.apply([{ type: "dns.expired", nodeName: "n1", ip: "93.184.216.34", hostname: "example.com" }]);
   out.afterExpiry = rows.connectionRows(s, { ...f, port: "443", side: "remote" }).rows.map((r) => r.remoteLabel).sort();
-  // a reset drops every node's state (it may name the multiplexer); the whole snapshot follows
+  // a reset (it may name the multiplexer): the rows stay until each node's are sent again; a node sent
+  // nothing is empty at snapshot.complete
   s.apply([{ type: "stream.reset", nodeName: "n2", reason: "overflow", missedEvents: 5 }]);
+  out.duringReset = [...s.nodes.values()].map((n) => [n.name, n.conns.size, n.ips.size]);
+  s.apply([conn("n1", 1), conn("n1", 2), conn("n1", 3), { type: "snapshot.complete", nodeName: "n2" }]);
   out.afterReset = [...s.nodes.values()].map((n) => [n.name, n.conns.size, n.ips.size]);
-  s.apply([conn("n1", 1), conn("n1", 2), conn("n1", 3)]);
   // a close lingers, then leaves; a silent UDP flow expires
   s.apply([conn("n1", 1, { state: "CLOSE", states: ["FIN_WAIT1", "FIN_WAIT2", "CLOSE"] })]);
   s.apply([conn("n1", 7, { protocol: "UDP", state: "ACTIVE", states: ["ACTIVE"] })], Date.now() - 80000);

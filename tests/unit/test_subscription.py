@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from netstatd.hub import Hub
-from netstatd.subscription import EVERYTHING, AnyOf, FilterError, parse, parse_subscription, union
+from netstatd.subscription import EVERYTHING, AnyOf, FilterError, covers, parse, parse_subscription, union
 
 
 def conn(**fields) -> dict:
@@ -184,3 +184,36 @@ def test_a_widened_subscription_adds_rows_and_drops_nothing():
     assert got[1]["localPort"] == 40001  # only the added row: shop's was sent already
     assert got[2]["partial"] is True and got[2]["subscription"] == 7 and got[2]["count"] == 1
     assert got[3]["localPort"] == 40005
+
+
+def test_a_held_snapshot_complete_comes_after_the_rows_that_reach_the_client_live():
+    """A mux client whose nodes are still sending the rows its new filter adds: its snapshot goes out at
+    once, and its snapshot.complete only once released, after what was queued by then."""
+    state = [conn()]
+    hub = Hub("mux", lambda: state, lambda: "t")
+    sub = hub.subscribe("a", {"type": "host.info"})
+    frames(sub)
+    sub.resubscribe(parse({"port": "443,5432"}))
+    sub.hold_completion()
+    got = frames(sub) + frames(sub)
+    assert [e["type"] for e in got] == ["stream.reset", "connection.event"]
+    hub.publish([conn(localPort=40001, remotePort=5432)])  # a row a node sends for the new filter
+    assert [e["remotePort"] for e in frames(sub)] == [5432]
+    hub.publish([conn(localPort=40002, remotePort=5432)])
+    sub.release()
+    got = frames(sub)
+    assert [e["type"] for e in got] == ["connection.event", "snapshot.complete"]
+    assert got[1]["count"] == 1  # the snapshot's own rows
+
+
+def test_covers_tells_whether_held_rows_already_hold_a_filters():
+    shop, shop_tcp = parse({"namespace": "shop"}), parse({"namespace": "shop", "protocol": "TCP"})
+    assert covers(EVERYTHING, shop) and covers(shop, shop_tcp) and covers(shop, shop)
+    assert not covers(shop_tcp, shop) and not covers(shop, EVERYTHING)
+    assert not covers(shop, parse({"namespace": "shop,bank"}))
+    assert covers(parse({"ip": "10.0.0.0/8"}), parse({"ip": "10.1.0.0/16"}))
+    assert not covers(parse({"ip": "10.1.0.0/16"}), parse({"ip": "10.0.0.0/8"}))
+    assert not covers(parse({"ip": "10.0.0.0/8"}), parse({"ip": "fd00::/8"}))
+    assert covers(EVERYTHING, parse({"loopback": False})) and not covers(parse({"host": False}), EVERYTHING)
+    both = union([shop, parse({"namespace": "bank"})])
+    assert covers(both, shop_tcp) and covers(both, both) and not covers(shop, both)

@@ -9,7 +9,7 @@ import { test } from "node:test";
 const WEB = new URL("../../src/netstatd/web/", import.meta.url);
 const { Store, UDP_EXPIRE_MS } = await import(new URL("store.js", WEB));
 const rows = await import(new URL("rows.js", WEB));
-const { FILTERS, VIEWS, contains, fromQuery, subscriptionOf, subscriptionQuery, toQuery } = await import(
+const { FILTERS, VIEWS, contains, fromQuery, subscriptionOf, subscriptionQuery, toQuery, widens } = await import(
   new URL("filters.js", WEB)
 );
 
@@ -79,7 +79,8 @@ test("the shared store scenario gives what test_web_ui.py asserts in Chromium", 
   assert.deepEqual(out.ipTypes["10.0.0.2"], ["host", ""]);
   assert.deepEqual(out.ipTypes["93.184.216.34"], ["external", "example.com"]);
   assert.deepEqual(out.afterExpiry, ["", "one.one"]);
-  assert.deepEqual(out.afterReset, [["n1", 0, 0], ["n2", 0, 0]]);
+  assert.deepEqual(out.duringReset, [["n1", 3, 0], ["n2", 1, 1]]);
+  assert.deepEqual(out.afterReset, [["n1", 3, 0], ["n2", 0, 0]]);
   assert.equal(out.lingering, 2);
   assert.deepEqual(out.afterLinger, ["2", "3"]);
   assert.deepEqual(out.afterSession, [["n1", ["4"]]]);
@@ -126,11 +127,22 @@ test("port.listening and port.closed keep the node's listeners by socket cookie"
   assert.equal(s.dirty.ports, true);
 });
 
-test("stream.reset clears every node: the whole stream's state follows (the mux's names the mux)", () => {
+test("stream.reset: each node's rows stay until they are sent again; those not sent go at snapshot.complete", () => {
   const s = new Store();
-  s.apply([conn("n1", 1), conn("n2", 2), port("n1", 3)]);
+  s.apply([{ type: "host.info", nodeName: "n2", hostIPs: ["10.0.0.2"] }]);
+  s.apply([conn("n1", 1), conn("n1", 4), conn("n2", 2), port("n1", 3)]);
   s.apply([{ type: "stream.reset", nodeName: "mux-node", reason: "subscribe", filter: { port: [443] } }]);
-  for (const n of s.nodes.values()) assert.equal(n.conns.size + n.ports.size, 0);
+  assert.equal(s.snapshotDone, false);
+  assert.deepEqual(keys(s.node("n1").conns), ["1", "4"]); // still on screen
+  s.apply([conn("n1", 4)]); // n1's first event of the new snapshot replaces all it had
+  assert.deepEqual(keys(s.node("n1").conns), ["4"]);
+  assert.equal(s.node("n1").ports.size, 0);
+  assert.deepEqual(keys(s.node("n2").conns), ["2"]);
+  s.apply([{ type: "snapshot.complete", nodeName: "mux-node", count: 1 }]);
+  assert.equal(s.snapshotDone, true);
+  assert.equal(s.node("n2").conns.size, 0); // nothing of n2 matches now: it is empty, not gone
+  assert.deepEqual(s.node("n2").hostInfo.hostIPs, ["10.0.0.2"]);
+  assert.deepEqual(keys(s.node("n1").conns), ["4"]);
   assert.equal(s.nodes.has("mux-node"), false);
 });
 
@@ -176,7 +188,7 @@ test("a node's host.info starts its state afresh; a new session drops nodes that
   assert.deepEqual(s.node("n1").hostInfo.hostIPs, ["10.0.0.1"]);
   s.beginSession();
   s.apply([conn("n1", 3)]);
-  assert.equal(s.node("n2").stale, true); // still shown until the snapshot ends
+  assert.equal(s.node("n2").stale, "session"); // still shown until the snapshot ends
   s.apply([{ type: "snapshot.complete", nodeName: "n1", count: 1 }]);
   assert.equal(s.snapshotDone, true);
   assert.deepEqual(keys(s.nodes), ["n1"]);
@@ -392,4 +404,13 @@ test("contains: case-insensitive substring; an empty needle matches everything",
   assert.equal(contains(null, ""), true);
   assert.equal(contains(null, "x"), false);
   assert.equal(contains(5432, "43"), true);
+});
+
+test("widens: a key dropped or values added (the page then re-subscribes without waiting for typing)", () => {
+  assert.equal(widens({ namespace: ["shop"] }, {}), true);
+  assert.equal(widens({ namespace: ["shop"] }, { namespace: ["shop", "bank"] }), true);
+  assert.equal(widens({ namespace: ["shop"], loopback: false }, { loopback: false }), true);
+  assert.equal(widens({}, { namespace: ["shop"] }), false);
+  assert.equal(widens({ namespace: ["shop"] }, { namespace: ["sho"] }), false);
+  assert.equal(widens({ loopback: false }, { loopback: false, port: [443] }), false);
 });

@@ -25,7 +25,7 @@ from ..hub import Hub, Subscriber
 from ..metrics import Metric, single
 from ..protocol import HOST_INFO, MUX_STATUS
 from ..settings import Settings
-from ..subscription import EVERYTHING, Subscription, union
+from ..subscription import EVERYTHING, Subscription, covers, union
 from ..supervisor import Supervisor, failpoint
 from .discovery import Discovery
 from .peer import CONNECTED, GARBAGE_REASONS, RECONNECTING, Peer, PeerStats, upstream_tls
@@ -123,29 +123,35 @@ class Mux:
 
     # -- push-down ------------------------------------------------------------
     def client_changed(self, sub: Subscriber) -> None:
-        """A client came or changed filter: re-subscribe the upstreams if the union changed, and hold the
-        client until the connected nodes have sent the rows it adds."""
-        changed = self._update_interest()
+        """A client came or changed filter: re-subscribe the upstreams if the union changed. Unless the
+        merged state already holds every row the client wants, its snapshot.complete waits until the
+        connected nodes have sent them (they reach it live meanwhile); the first client, whose upstreams
+        open now, waits for its whole snapshot."""
+        settled = all(p.acked >= self.interest_version or p.failing for p in self.peers.values())
+        held_rows = self.interest  # what the merged state holds, once settled
+        self._update_interest()
         if not self.active:
-            self._activate()  # the upstreams open with the new interest: held until they delivered
-            hold = bool(self.peers)
-        else:
-            hold = changed and any(p.node is not None for p in self.peers.values())
-        if hold:
+            self._activate()
+            if not self.peers:
+                return
             sub.held = True
-            self._waiting[sub] = (self.interest_version, time.monotonic() + WAIT_S)
-            asyncio.get_running_loop().call_later(WAIT_S, self._release_ready)
+        elif not any(p.node is not None for p in self.peers.values()) or (settled and covers(held_rows, sub.filter)):
+            return
+        else:
+            sub.hold_completion()
+        self._waiting[sub] = (self.interest_version, time.monotonic() + WAIT_S)
+        asyncio.get_running_loop().call_later(WAIT_S, self._release_ready)
 
     def client_left(self, sub: Subscriber) -> None:
         self._waiting.pop(sub, None)
         self._update_interest()
 
-    def _update_interest(self) -> bool:
+    def _update_interest(self) -> None:
         """The union of the clients' filters; when it changed, every upstream is re-subscribed and the
         rows it no longer lets through are dropped. No client: the last one stays (upstreams linger)."""
         new = union(s.filter for s in self.hub.subscribers)
         if new is None or new == self.interest:
-            return False
+            return
         self.interest, self.interest_version = new, self.interest_version + 1
         self.interest_changes += 1
         for peer in self.peers.values():
@@ -153,7 +159,6 @@ class Mux:
         if not new.empty:
             for tables in self.state.nodes.values():
                 tables.prune(new)
-        return True
 
     def _current_interest(self) -> tuple[int, Subscription]:
         return self.interest_version, self.interest

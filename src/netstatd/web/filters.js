@@ -143,3 +143,13 @@ export function subscriptionQuery(s) {
   const query = params.toString();
   return query ? "?" + query : "";
 }
+
+// True when subscription `wider` lets through everything `narrower` does (and more or the same): a key
+// dropped, or values added. The page cannot show what it widens to until the server sends it.
+export function widens(narrower, wider) {
+  return Object.entries(wider).every(([key, value]) => {
+    const old = narrower[key];
+    if (old === undefined) return false;
+    return Array.isArray(value) ? old.every((v) => value.includes(v)) : old === value;
+  });
+}

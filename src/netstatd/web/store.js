@@ -18,7 +18,9 @@ class NodeState {
     this.ports = new Map(); // sockCookie -> port row
     this.conns = new Map(); // sockCookie (TCP) or sockCookie|remoteIP|remotePort (UDP) -> connection row
     this.dns = new Map(); // ip -> Map(hostname -> dns.resolved)
-    this.stale = false; // from a previous WebSocket session: cleared by its first event in the new one
+    // Its rows are about to be sent again: "session" (a new WebSocket session) or "reset" (a
+    // stream.reset). They stay on screen until its first event, which clears them.
+    this.stale = false;
   }
 
   clear() {
@@ -35,6 +37,8 @@ export class Store {
     this.nodes = new Map();
     this.eventCount = 0;
     this.snapshotDone = false;
+    this.restarts = 0; // sessions and stream.resets: each sends every node's rows again
+    this.restartRows = 0; // connection events since the last restart
     // What changed since the views last read it: views redraw only when their data is dirty.
     this.dirty = { conn: true, ports: true, ips: true };
     this.indexDirty = true; // ip and dns indexes need rebuilding (inventory or DNS changed)
@@ -59,8 +63,14 @@ export class Store {
   // A new WebSocket session: the old rows stay on screen (marked stale) until each node's snapshot
   // replaces them, so a restart of the agent does not blank the page.
   beginSession() {
-    for (const n of this.nodes.values()) n.stale = true;
+    this.restart("session");
+  }
+
+  restart(why) {
+    for (const n of this.nodes.values()) n.stale = why;
     this.snapshotDone = false;
+    this.restarts++;
+    this.restartRows = 0;
   }
 
   apply(events, now = Date.now()) {
@@ -163,8 +173,8 @@ function connKey(ev) {
   return ev.protocol === "UDP" ? `${ev.sockCookie}|${ev.remoteIP}|${ev.remotePort}` : String(ev.sockCookie);
 }
 
-// Events of the multiplexer's own session (docs/multiplexer.md). Returning false passes the event on
-// to HANDLERS (a node's own host.info).
+// Events about the stream itself and the multiplexer's session (docs/multiplexer.md), not a node's
+// state. Returning false passes the event on to HANDLERS (a node's own host.info).
 const SESSION_HANDLERS = {
   "host.info"(store, ev) {
     if (!ev.mux) return false;
@@ -190,8 +200,19 @@ const SESSION_HANDLERS = {
   },
   "stream.reset"(store) {
     // The whole stream starts again (we fell behind, or the subscription changed) and every node's
-    // state follows; on the multiplexer port the reset names the multiplexer, not a node.
-    for (const n of store.nodes.values()) n.clear();
+    // state follows; on the multiplexer port the reset names the multiplexer, not a node. The rows
+    // stay on screen (the page's own filters narrow them at once) until each node's are sent again.
+    store.restart("reset");
+  },
+  // (it names the node or the multiplexer that sent the stream: it starts no node's state)
+  "snapshot.complete"(store) {
+    store.snapshotDone = true;
+    for (const [name, n] of store.nodes) {
+      // nothing sent again: gone from the new session; after a reset, nothing matches there now
+      if (n.stale === "session") store.nodes.delete(name);
+      else if (n.stale) n.clear();
+      n.stale = false;
+    }
     store.markAll();
   },
 };
@@ -203,11 +224,6 @@ const HANDLERS = {
     node.clear();
     node.stale = false;
     node.hostInfo = ev;
-    store.markAll();
-  },
-  "snapshot.complete"(store) {
-    store.snapshotDone = true;
-    for (const [name, n] of store.nodes) if (n.stale) store.nodes.delete(name); // not in the new session
     store.markAll();
   },
   "container.added"(store, node, ev) {
@@ -243,6 +259,7 @@ const HANDLERS = {
     if (!row.localPort && old?.localPort) row.localPort = old.localPort;
     node.conns.set(key, row);
     store.dirty.conn = true;
+    store.restartRows++;
     if (!isLoopback(ev.remoteIP)) store.dirty.ips = true; // "every IP seen" includes remote peers
   },
   "dns.resolved"(store, node, ev) {
