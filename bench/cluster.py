@@ -15,7 +15,8 @@ In one run, from the switch namespace:
    received in the first --seconds, and the bytes the nodes sent the mux meanwhile (push-down);
 2. the same client in Chromium (unless --no-browser): time from page load to the first screen of
    rows, and the frame time p95 over --seconds;
-3. an unfiltered client, the same measures;
+3. an unfiltered client, the same measures, and in Chromium what the page holds, its frame times and
+   what it tells the user (the subscription is too wide for it: docs/ui.md);
 and the mux's RSS and CPU in each phase.
 
     sudo .venv/bin/python bench/cluster.py [--nodes 200] [--connections 5000] [--rate 50] [--seconds 30]
@@ -32,6 +33,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ OTHER_NAMESPACES = [f"team-{i:02d}" for i in range(40)]
 APPS = ["api", "web", "worker", "cache", "db", "queue"]
 PODS_PER_NAMESPACE = 4
 WORKERS = 8
+PROBE_EVERY_S = 1.0
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all"]
 
 
@@ -171,11 +174,36 @@ def rss_mib(pid: int) -> float:
     return round(status_kib(pid, "VmRSS") / 1024, 1)
 
 
+class Prober(threading.Thread):
+    """GET /healthz every PROBE_EVERY_S, as the kubelet's probes do: how long the mux takes to answer."""
+
+    def __init__(self, mux: MuxProcess) -> None:
+        super().__init__(daemon=True)
+        self.mux = mux
+        self.times: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(PROBE_EVERY_S):
+            t0 = time.monotonic()
+            self.mux.get("/healthz", timeout=60)
+            self.times.append(time.monotonic() - t0)
+
+    def result(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        times = sorted(self.times)
+        return {"n": len(times), "p95_s": round(times[int(0.95 * len(times))], 3), "max_s": round(times[-1], 3)}
+
+
 def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int | None) -> dict[str, Any]:
     """One client: time to snapshot.complete and its rows; the bytes it received and the nodes sent the
-    mux in its first `seconds`; the mux's RSS then and its CPU over the phase."""
+    mux in its first `seconds`; the mux's RSS then, its CPU over the phase and how fast it answered
+    /healthz meanwhile."""
     peer_bytes0, cpu0 = mux.metric("netstatd_mux_peer_bytes_total"), mux.cpu_seconds()
     t0 = time.monotonic()
+    prober = Prober(mux)
+    prober.start()
     with StreamClient(mux.ws_url + query, defer_live=True) as client:
         complete_at, rows, scanned = None, 0, 0
         window: dict[str, Any] = {}
@@ -207,10 +235,24 @@ def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int
             # released before every node had sent its rows (WAIT_S): the rest came live
             "mux_waits_expired_total": mux.metric("netstatd_mux_client_waits_expired_total"),
             "mux_cores": round((mux.cpu_seconds() - cpu0) / elapsed, 3),
+            "healthz_answered": prober.result(),
         }
         if expected_rows is not None:
             result["rows_expected_about"] = expected_rows
     return result
+
+
+def settled(mux: MuxProcess, rows: int, timeout: float = 300) -> dict[str, Any]:
+    """Once the merged state holds every node's rows (or after timeout): the mux's RSS and rows then."""
+    t0 = time.monotonic()
+    while mux.metric("netstatd_mux_rows") < rows and time.monotonic() - t0 < timeout:
+        time.sleep(1)
+    return {
+        "waited_s": round(time.monotonic() - t0, 1),
+        "mux_rows": int(mux.metric("netstatd_mux_rows")),
+        "mux_row_json_mib": round(mux.metric("netstatd_mux_row_bytes") / 2**20),
+        "mux_rss_mib": rss_mib(mux.proc.pid),
+    }
 
 
 def browser_phase(url: str, seconds: float) -> dict[str, Any]:
@@ -225,18 +267,26 @@ def browser_phase(url: str, seconds: float) -> dict[str, Any]:
         context = browser.new_context(viewport={"width": 1600, "height": 900}, bypass_csp=True)
         page = context.new_page()
         page.add_init_script(INIT_SCRIPT)
-        t0 = time.monotonic()
         page.goto(url)
         page.wait_for_selector("#grid-conn .tabulator-row", timeout=120_000)
-        first_screen = time.monotonic() - t0
+        # from navigation to the first row in the grid, on the page's clock (as bench/ui.py)
+        first_screen = page.evaluate("window.__bench.load.firstRowShown") / 1000
         page.evaluate("window.__bench.frames = []; window.__bench.longtasks = []; window.__bench.recording = true")
         t1 = time.monotonic()
         page.wait_for_timeout(seconds * 1000)
         bench = page.evaluate("(() => { window.__bench.recording = false; return window.__bench; })()")
         stats = frame_stats(bench["frames"], bench["longtasks"], time.monotonic() - t1)
-        rows = page.inner_text("#status-rows")
+        result = {
+            "first_screen_s": round(first_screen, 2),
+            "frames": stats,
+            "rows_status": page.inner_text("#status-rows"),
+            "snapshot_done": page.evaluate("window.netstatd.store.snapshotDone"),
+            "js_heap_mib": round(page.evaluate("performance.memory.usedJSHeapSize") / 2**20),
+            # what the page tells a user whose subscription is too wide for it (docs/ui.md)
+            "too_wide_banner": page.inner_text("#too-wide") if page.is_visible("#too-wide") else None,
+        }
         browser.close()
-    return {"first_screen_s": round(first_screen, 2), "frames": stats, "rows_status": rows}
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,6 +342,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 url = f"{mux.url}/?view=conn&conn.ns={NAMESPACE}"
                 report["one_namespace"]["browser"] = browser_phase(url, args.seconds)
             report["unfiltered"] = client_phase(mux, "", args.seconds, args.nodes * args.connections)
+            report["unfiltered"]["settled"] = settled(mux, args.nodes * args.connections)
+            if not args.no_browser:
+                report["unfiltered"]["browser"] = browser_phase(f"{mux.url}/?view=conn", args.seconds)
+                report["unfiltered"]["browser"]["mux_rss_mib"] = rss_mib(mux.proc.pid)
             report["mux_peers_connected"] = mux.metric('netstatd_mux_peers{status="connected"}')
             report["mux_nodes"] = mux.metric("netstatd_mux_nodes")
             report["mux_garbage"] = mux.metric("netstatd_mux_peer_garbage_total")

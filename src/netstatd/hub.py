@@ -101,6 +101,12 @@ class Subscriber:
                 self.queue.clear()
                 self.queued_events = self.queued_bytes = 0
                 self.needs_reset = True
+                if self.completion_held:
+                    # A widening too large to come live (a mux client whose nodes send many rows): it waits
+                    # for them instead, and its stream.reset and snapshot, from the merged state, follow.
+                    self.held = True
+                    log.info("client %s: the rows its filter adds overflowed its queue; it waits for them", self.peer)
+                    return
                 log.warning(
                     "client %s is too slow: dropped %d queued events; it will get a stream.reset", self.peer, lost
                 )

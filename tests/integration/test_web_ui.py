@@ -766,3 +766,31 @@ def test_url_filters_become_the_subscription_and_clearing_one_restores_every_row
         page.wait_for_timeout(100)
     assert {"type": "subscribe", "filter": {"port": [port]}} in sent, sent
     wait_rows(page, lambda texts: texts and all(str(port) in t for t in texts))
+
+
+def test_a_subscription_too_wide_for_the_page_gets_a_banner_that_narrows_it(ui_agent, held, page):
+    """Past the page's Max rows it holds no more connections, and says so with what it left out per
+    namespace and node; a node's button narrows the subscription (URL and wire), and raising Max rows
+    asks for the snapshot again."""
+    sent: list[dict] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
+    page.goto(f"{ui_agent.url}/?view=conn&conn.max=1")
+    page.wait_for_function("() => window.netstatd.store.snapshotDone")
+    banner = page.locator("#too-wide")
+    banner.wait_for(state="visible")
+    assert "Too many connections for this page: it holds 1 (Max rows) and left out" in banner.inner_text()
+    assert page.evaluate("() => window.netstatd.store.connCount()") == 1
+    node_button = banner.locator('[data-key="node"] button').first
+    node = node_button.inner_text().rsplit(" (", 1)[0]
+    node_button.click()
+    wait_query(page, f"conn.node={node}")
+    assert control_value(page, "conn", "node") == node
+    for _ in range(TIMEOUT_MS // 100):
+        if {"type": "subscribe", "filter": {"nodeName": [node]}} in sent:
+            break
+        page.wait_for_timeout(100)
+    assert {"type": "subscribe", "filter": {"nodeName": [node]}} in sent, sent
+    set_control(page, "conn", "max", 100000)
+    banner.wait_for(state="hidden")
+    page.wait_for_function("() => window.netstatd.store.snapshotDone && window.netstatd.store.connCount() >= 2")
+    assert sent.count({"type": "subscribe", "filter": {"nodeName": [node]}}) >= 2  # asked again

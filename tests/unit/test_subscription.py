@@ -217,3 +217,24 @@ def test_covers_tells_whether_held_rows_already_hold_a_filters():
     assert covers(EVERYTHING, parse({"loopback": False})) and not covers(parse({"host": False}), EVERYTHING)
     both = union([shop, parse({"namespace": "bank"})])
     assert covers(both, shop_tcp) and covers(both, both) and not covers(shop, both)
+
+
+def test_a_held_completion_whose_live_rows_overflow_waits_for_the_whole_snapshot_instead():
+    """A widening too large to come live: the client stops receiving, and once released gets a
+    stream.reset and the snapshot of the state as it is then, with its snapshot.complete."""
+    state = [conn()]
+    hub = Hub("mux", lambda: state, lambda: "t", client_max_events=2)
+    sub = hub.subscribe("a", {"type": "host.info"})
+    frames(sub)
+    sub.resubscribe(EVERYTHING)
+    sub.hold_completion()
+    frames(sub)
+    for port in range(40001, 40010):  # over 4x its bound
+        hub.publish([conn(localPort=port)])
+    state += [conn(localPort=40001)]
+    assert sub.held and frames(sub) == []
+    sub.release()
+    got = frames(sub) + frames(sub)
+    assert got[0]["type"] == "stream.reset" and got[0]["reason"] == "overflow"
+    assert [e["localPort"] for e in got if e["type"] == "connection.event"] == [40000, 40001]
+    assert got[-1]["type"] == "snapshot.complete"

@@ -414,3 +414,21 @@ test("widens: a key dropped or values added (the page then re-subscribes without
   assert.equal(widens({ namespace: ["shop"] }, { namespace: ["sho"] }), false);
   assert.equal(widens({ loopback: false }, { loopback: false, port: [443] }), false);
 });
+
+test("past maxConns the store holds no new connection and counts what it left out, by namespace and node", () => {
+  const s = new Store();
+  s.maxConns = 2;
+  s.apply([conn("n1", 1, { namespace: "shop" }), conn("n1", 2), conn("n1", 3, { namespace: "shop" }), conn("n2", 4)]);
+  assert.equal(s.connCount(), 2);
+  assert.equal(s.left.rows, 2);
+  assert.deepEqual([...s.left.byNamespace], [["shop", 1], ["", 1]]);
+  assert.deepEqual([...s.left.byNode], [["n1", 1], ["n2", 1]]);
+  s.apply([conn("n1", 1, { state: "FIN_WAIT1" })]); // a held row still changes
+  assert.equal(s.node("n1").conns.get("1").state, "FIN_WAIT1");
+  s.apply([{ type: "snapshot.complete", nodeName: "n1" }, conn("n1", 3, { state: "CLOSE" })]);
+  assert.equal(s.left.laterEvents, 1); // after the snapshot, events of rows not held are only counted
+  s.apply([{ type: "stream.reset", nodeName: "n1", reason: "subscribe" }, conn("n1", 9)]);
+  assert.equal(s.left.rows, 0); // a new snapshot: counted afresh
+  assert.deepEqual(keys(s.node("n1").conns), ["9"]);
+  assert.equal(s.connCount(), 1); // n1's rows replaced (the count follows the clear)
+});

@@ -230,6 +230,7 @@ class Peer:
         on_progress: Callable[[], None] = lambda: None,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
+        frame_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.ip = ip
         host = f"[{ip}]" if ":" in ip else ip
@@ -251,6 +252,10 @@ class Peer:
         # when that grows or the upstream fails: held clients may go.
         self.interest = interest
         self.on_progress = on_progress
+        # Shared by every peer: how many may take turns applying frames (tens of ms each, in a node's
+        # snapshot). The others wait for a slot, off the event loop's ready queue, so the mux's HTTP
+        # server (its probes, /metrics) and its clients wait behind a few frames' work, not every node's.
+        self.frame_slots = frame_slots or asyncio.Semaphore(1)
         self.acked = -1
         self._opened_version = -1  # the version the upstream was opened with (its first snapshot's)
         self._send_lock = asyncio.Lock()  # re-subscriptions go out in the order they were made
@@ -374,32 +379,39 @@ class Peer:
             except TimeoutError:
                 raise Unreachable(f"timed out: no host.info within {HELLO_TIMEOUT_S:g} s of the upgrade") from None
             if msg.type == aiohttp.WSMsgType.TEXT:
-                events = parse_frame(msg.data, self.node)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
+                async with self.frame_slots:
+                    staging = self._frame(msg.data, staging, flood, volume)
+                    # A frame already buffered does not yield: let the rest run, holding the slot meanwhile.
+                    await asyncio.sleep(0)
+                continue
+            if msg.type == aiohttp.WSMsgType.BINARY:
                 raise Garbage("binary", "a binary frame")
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 exc = ws.exception() or msg.data
                 if isinstance(exc, aiohttp.WebSocketError) and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                     raise Garbage("oversized", f"a frame over {MAX_FRAME_BYTES} bytes")
                 raise ConnectionError(str(exc))
-            else:
-                return  # closed
-            self.stats.events += len(events)
-            self.stats.bytes += len(msg.data)
-            # A snapshot may come fast (it is the node's whole state): bounded by rows, not by rate.
-            if staging is None and self.node is not None:
-                if flood.add(len(events)):
-                    raise Garbage("flood", f"more than {self.max_events_per_s} events/s for {FLOOD_WINDOWS} s")
-                if volume.add(len(msg.data)):
-                    raise Garbage("bytes", f"more than {self.max_bytes_per_s} bytes/s for {FLOOD_WINDOWS} s")
-            if self.node is None:
-                staging = self._hello(events)
-                continue
-            try:
-                staging = self._apply(events, staging)
-            except (TypeError, KeyError, AttributeError) as e:  # a field of the wrong kind, e.g. a list as key
-                raise Garbage("shape", f"a malformed event: {e!r}") from None
-            await asyncio.sleep(0)  # frames already buffered do not yield: let the node's own work run
+            return  # closed
+
+    def _frame(
+        self, data: bytes, staging: NodeTables | None, flood: FloodGuard, volume: FloodGuard
+    ) -> NodeTables | None:
+        """One text frame, checked and applied; returns the snapshot still being read, if any."""
+        events = parse_frame(data, self.node)
+        self.stats.events += len(events)
+        self.stats.bytes += len(data)
+        # A snapshot may come fast (it is the node's whole state): bounded by rows, not by rate.
+        if staging is None and self.node is not None:
+            if flood.add(len(events)):
+                raise Garbage("flood", f"more than {self.max_events_per_s} events/s for {FLOOD_WINDOWS} s")
+            if volume.add(len(data)):
+                raise Garbage("bytes", f"more than {self.max_bytes_per_s} bytes/s for {FLOOD_WINDOWS} s")
+        if self.node is None:
+            return self._hello(events)
+        try:
+            return self._apply(events, staging)
+        except (TypeError, KeyError, AttributeError) as e:  # a field of the wrong kind, e.g. a list as key
+            raise Garbage("shape", f"a malformed event: {e!r}") from None
 
     def _apply(self, events: list[Event], staging: NodeTables | None) -> NodeTables | None:
         """One frame after host.info; returns the snapshot still being read, if any."""

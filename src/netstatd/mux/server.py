@@ -11,12 +11,14 @@ whole cluster's event rate for nothing. Discovery runs always, so mux.status is 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from .. import __version__
@@ -36,6 +38,7 @@ log = logging.getLogger("netstatd.mux")
 MAX_PEER_EVENTS_PER_S = 500_000  # 10x what a node delivers at full churn (tens of thousands/s, docs/benchmarks.md)
 LINGER_S = 60.0  # upstreams stay open this long after the last client left (a page reload keeps them)
 WAIT_S = 10.0  # a client held for its nodes' rows gets its snapshot after this long anyway
+PEER_FRAMES_AT_ONCE = 4  # peers applying a frame at a time (peer.py frame_slots)
 
 
 class MuxHub(Hub):
@@ -90,6 +93,7 @@ class Mux:
         self._idle_since = 0.0
         self.discovery = Discovery(settings.fanout_service, self._peers_changed)
         self.peers: dict[str, Peer] = {}
+        self.frame_slots = asyncio.Semaphore(PEER_FRAMES_AT_ONCE)
         self.owners: dict[str, Peer] = {}  # nodeName -> peer
         self.stats = PeerStats()
         self.peer_tls, self.peer_server_name = upstream_tls(settings)  # once: every upstream shares it
@@ -234,6 +238,7 @@ class Mux:
                 on_progress=self._release_ready,
                 ssl=self.peer_tls.context if self.peer_tls else None,
                 server_hostname=self.peer_server_name,
+                frame_slots=self.frame_slots,
             )
             self.peers[ip] = peer
             peer.start(self.supervisor)
@@ -266,10 +271,10 @@ class Mux:
             "fanoutService": self.discovery.service,
         }
 
-    def snapshot(self) -> list[Event]:
+    def snapshot(self) -> Iterator[Event | orjson.Fragment]:
         """mux.status and each peer's status first, so the page can say what it is merging."""
         statuses = [p.status for p in self.peers.values() if p.status]
-        return [self.status_event(), *statuses, *self.state.snapshot()]
+        return itertools.chain([self.status_event(), *statuses], self.state.snapshot())
 
     def metrics(self) -> list[Metric]:
         h, st = self.hub, self.stats
@@ -294,6 +299,18 @@ class Mux:
                 "netstatd_mux_peers_gone_total", "counter", "Peers dropped when DNS stopped listing them.", self.gone
             ),
             single("netstatd_mux_nodes", "gauge", "Nodes in the merged state.", len(self.state.nodes)),
+            single(
+                "netstatd_mux_rows",
+                "gauge",
+                "Rows in the merged state: connections, listening ports, containers, IP entries and names.",
+                sum(t.count() for t in self.state.nodes.values()),
+            ),
+            single(
+                "netstatd_mux_row_bytes",
+                "gauge",
+                "Bytes of JSON of the rows in the merged state (what --mux-max-bytes bounds).",
+                sum(t.bytes for t in self.state.nodes.values()),
+            ),
             single(
                 "netstatd_mux_upstream_connections_total",
                 "counter",

@@ -6,7 +6,7 @@ import { deploymentRows, loadDeployment, renderDeployment } from "./deployment.j
 import { el } from "./dom.js";
 import { FILTERS, VIEWS, fromQuery, subscriptionOf, subscriptionQuery, toQuery, widens } from "./filters.js";
 import { connectionPass, connectionRows, ipRows, portRows } from "./rows.js";
-import { Store } from "./store.js";
+import { MAX_CONNS, Store } from "./store.js";
 import { Stream, streamURL } from "./stream.js";
 import { createGrid, showRows, shownRows, sortRows } from "./views.js";
 
@@ -27,6 +27,11 @@ const FADE_TO = 0.25; // opacity of a closed connection just before it leaves
 // frame, so scrolling, typing and the fade stay smooth while 50k rows are filtered (bench/ui.py).
 const SLICE_MS = 8;
 
+// A subscription too wide for the page (past its Max rows) gets a banner with what was left out by
+// namespace and by node, the largest first, each a button that narrows the subscription to it.
+const TOO_WIDE_CHOICES = 12;
+const TOO_WIDE_EVERY_MS = 1000; // the banner counts every held row: at most once a second
+
 const ROWS = { conn: connectionRows, ports: portRows, ips: ipRows, deploy: deploymentRows };
 const DATA_OF = { conn: "conn", ports: "ports", ips: "ips", deploy: null }; // store.dirty keys
 
@@ -45,8 +50,14 @@ let pass = null; // a sliced redraw of the Connections view in progress: {p, wor
 let stream = null;
 let subscribeTimer = 0;
 let firstScreenOf = -1; // the store's restart whose first rows were drawn at once
+let tooWide = { version: -1, at: 0 }; // what the too-wide banner shows: store.left's version, when
 
 const $ = (id) => document.getElementById(id);
+
+function maxRows() {
+  const n = Number(ui.filters.conn.max);
+  return Number.isFinite(n) && n > 0 ? n : MAX_CONNS;
+}
 
 function lingerMs() {
   const s = Number(ui.filters.conn.linger);
@@ -206,6 +217,51 @@ function renderStatus(now) {
   const names = [...store.nodes.keys()].filter(Boolean);
   setText("status-nodes", names.length === 1 ? `node ${names[0]}` : `${names.length} nodes`);
   renderMuxStatus();
+  renderTooWide(now);
+}
+
+// The page holds at most maxRows() connections; past that it says so, with an aggregated view of the
+// subscription (rows per namespace and per node, held or left out) whose entries narrow it.
+function renderTooWide(now) {
+  const left = store.left;
+  const banner = $("too-wide");
+  if (left.version === tooWide.version || (left.version && now - tooWide.at < TOO_WIDE_EVERY_MS)) return;
+  tooWide = { version: left.version, at: now };
+  if (!left.rows && !left.laterEvents) {
+    banner.hidden = true;
+    banner.replaceChildren();
+    return;
+  }
+  const byNamespace = new Map(left.byNamespace);
+  const byNode = new Map(left.byNode);
+  for (const node of store.nodes.values()) {
+    if (node.conns.size) byNode.set(node.name, (byNode.get(node.name) || 0) + node.conns.size);
+    for (const row of node.conns.values()) byNamespace.set(row.namespace || "", (byNamespace.get(row.namespace || "") || 0) + 1);
+  }
+  const held = store.connCount().toLocaleString();
+  const more = left.rows ? ` and left out ${left.rows.toLocaleString()} more of the snapshot` : "";
+  const later = left.laterEvents ? ` (${left.laterEvents.toLocaleString()} later events not shown)` : "";
+  const choices = (counts, key) =>
+    [...counts]
+      .filter(([name]) => name)
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, TOO_WIDE_CHOICES)
+      .map(([name, n]) => el("button", { type: "button", text: `${name} (${n.toLocaleString()})`, onclick: () => narrowTo(key, name) }));
+  banner.replaceChildren(
+    el("p", { text: `Too many connections for this page: it holds ${held} (Max rows)${more}${later}. Narrow the view to one of these:` }),
+    el("div", { class: "choices", "data-key": "ns" }, el("span", { text: "Namespace" }), ...choices(byNamespace, "ns")),
+    el("div", { class: "choices", "data-key": "node" }, el("span", { text: "Node" }), ...choices(byNode, "node")),
+  );
+  banner.hidden = false;
+}
+
+function narrowTo(key, value) {
+  ui.filters.conn[key] = value;
+  const input = document.querySelector(`[name="conn.${key}"]`);
+  if (input) input.value = value;
+  saveURL();
+  resubscribe();
+  renderSoon();
 }
 
 // The multiplexer's discovery problem (FANOUT_SERVICE unset or resolving to nothing) in a banner, and
@@ -227,7 +283,13 @@ function filterInput(view, spec) {
   const update = (v) => {
     ui.filters[view][spec.key] = v;
     saveURL();
-    if (view === "conn") {
+    if (view === "conn" && spec.key === "max") {
+      // Rows left out are only sent again with a new snapshot: ask for one if the page now holds more.
+      const cut = store.left.rows || store.left.laterEvents;
+      store.maxConns = maxRows();
+      clearTimeout(subscribeTimer);
+      if (cut) subscribeTimer = setTimeout(() => stream.subscribe(subscriptionOf(ui.filters.conn), true), SUBSCRIBE_TYPING_MS);
+    } else if (view === "conn") {
       // Narrowed: the page's own filter shows the rows at once, and the server may wait for a pause in
       // the typing. Widened: only the server has the rows, so ask at once.
       clearTimeout(subscribeTimer);
@@ -327,6 +389,7 @@ function boot() {
     button.addEventListener("click", () => show(button.dataset.view));
   }
   show(ui.view);
+  store.maxConns = maxRows();
   const handlers = {
     onSession: () => store.beginSession(),
     onEvents: (events) => {

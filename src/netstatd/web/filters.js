@@ -1,6 +1,8 @@
 // Each view's filters, and how they live in the URL: `?view=conn&conn.port=443&conn.ext=0`, so a
 // filtered view can be shared and reloaded. No DOM here (app.js builds the inputs from these specs).
 
+import { MAX_CONNS } from "./store.js";
+
 export const VIEWS = ["conn", "ports", "ips", "deploy"];
 
 const ANY = ["", "any"];
@@ -35,6 +37,7 @@ export const FILTERS = {
     { key: "ext", kind: "toggle", label: "external", def: true },
     { key: "dedup", kind: "toggle", label: "dedup", def: false },
     { key: "linger", kind: "number", label: "Closed linger (s)", def: "5" },
+    { key: "max", kind: "number", label: "Max rows", def: String(MAX_CONNS) },
     { key: "sort", kind: "sort" },
   ],
   ports: [

@@ -8,6 +8,10 @@ import { isLoopback } from "./net.js";
 // The agent closes idle UDP flows after 60 s (closeReason "idle"); a flow silent for longer than this
 // lost its close somewhere (e.g. while we were reconnecting), so the UI expires it itself.
 export const UDP_EXPIRE_MS = 75_000;
+// The most connection rows the page holds by default (`conn.max` in the URL). A browser stays fluid
+// with 50k (bench/ui.py), not with a cluster's million: past the cap, a subscription is too wide, and
+// the page counts what it leaves out (by namespace and node) so the user can narrow it.
+export const MAX_CONNS = 100_000;
 
 class NodeState {
   constructor(name) {
@@ -39,6 +43,9 @@ export class Store {
     this.snapshotDone = false;
     this.restarts = 0; // sessions and stream.resets: each sends every node's rows again
     this.restartRows = 0; // connection events since the last restart
+    this.maxConns = MAX_CONNS;
+    this._connCount = null; // connection rows held (null: count again, rows were removed)
+    this.left = newLeft(); // connections past maxConns, since the last restart
     // What changed since the views last read it: views redraw only when their data is dirty.
     this.dirty = { conn: true, ports: true, ips: true };
     this.indexDirty = true; // ip and dns indexes need rebuilding (inventory or DNS changed)
@@ -71,6 +78,26 @@ export class Store {
     this.snapshotDone = false;
     this.restarts++;
     this.restartRows = 0;
+    this.left = newLeft();
+  }
+
+  connCount() {
+    this._connCount ??= [...this.nodes.values()].reduce((n, node) => n + node.conns.size, 0);
+    return this._connCount;
+  }
+
+  // A connection the page does not hold: counted where it belongs while the snapshot comes (each
+  // connection once), as an event afterwards (a connection's events cannot be told apart unheld).
+  leaveOut(ev) {
+    const left = this.left;
+    if (this.snapshotDone) {
+      left.laterEvents++;
+    } else {
+      left.rows++;
+      left.byNamespace.set(ev.namespace || "", (left.byNamespace.get(ev.namespace || "") || 0) + 1);
+      left.byNode.set(ev.nodeName || "", (left.byNode.get(ev.nodeName || "") || 0) + 1);
+    }
+    left.version++;
   }
 
   apply(events, now = Date.now()) {
@@ -86,12 +113,17 @@ export class Store {
       const node = this.node(ev.nodeName || "");
       if (node.stale) {
         // The first event of a node in a new session: its whole state is being sent again.
-        node.clear();
+        this.clearNode(node);
         node.stale = false;
         this.markAll();
       }
       handler(this, node, ev, now);
     }
+  }
+
+  clearNode(node) {
+    node.clear();
+    this._connCount = null;
   }
 
   markAll() {
@@ -116,6 +148,7 @@ export class Store {
         if (!row.closedAt) continue;
         if (now - row.closedAt >= lingerMs) {
           n.conns.delete(key);
+          this._connCount = null;
           this.dirty.conn = true;
         } else {
           lingering++;
@@ -196,7 +229,10 @@ const SESSION_HANDLERS = {
   },
   "node.removed"(store, ev) {
     // drop everything of that node; a rebuilt snapshot may follow
-    if (store.nodes.delete(ev.nodeName)) store.markAll();
+    if (store.nodes.delete(ev.nodeName)) {
+      store._connCount = null;
+      store.markAll();
+    }
   },
   "stream.reset"(store) {
     // The whole stream starts again (we fell behind, or the subscription changed) and every node's
@@ -213,6 +249,7 @@ const SESSION_HANDLERS = {
       else if (n.stale) n.clear();
       n.stale = false;
     }
+    store._connCount = null;
     store.markAll();
   },
 };
@@ -221,7 +258,7 @@ const SESSION_HANDLERS = {
 const HANDLERS = {
   "host.info"(store, node, ev) {
     // A node's session starts with host.info and its full state follows: forget what we had.
-    node.clear();
+    store.clearNode(node);
     node.stale = false;
     node.hostInfo = ev;
     store.markAll();
@@ -253,6 +290,13 @@ const HANDLERS = {
   "connection.event"(store, node, ev, now) {
     const key = connKey(ev);
     const old = node.conns.get(key);
+    if (!old) {
+      if (store.connCount() >= store.maxConns) {
+        store.leaveOut(ev);
+        return;
+      }
+      store._connCount++;
+    }
     const row = { ...ev, id: `${node.name}|${key}`, node: node.name, firstSeen: old ? old.firstSeen : now, lastSeen: now };
     row.closedAt = ev.state === "CLOSE" ? old?.closedAt || now : 0;
     // An event with only SYN_SENT has localPort 0 (the kernel picks it just after); keep a known one.
@@ -276,3 +320,7 @@ const HANDLERS = {
     store.markAll();
   },
 };
+
+function newLeft() {
+  return { rows: 0, laterEvents: 0, byNamespace: new Map(), byNode: new Map(), version: 0 };
+}

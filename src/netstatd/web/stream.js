@@ -61,9 +61,10 @@ export class Stream {
     };
   }
 
-  // True when the filter changed (and was sent, when connected).
-  subscribe(filter) {
-    if (JSON.stringify(filter) === JSON.stringify(this.filter)) return false;
+  // True when the filter changed (and was sent, when connected). again: send it even if unchanged (the
+  // server answers with a stream.reset and the whole snapshot again).
+  subscribe(filter, again = false) {
+    if (!again && JSON.stringify(filter) === JSON.stringify(this.filter)) return false;
     this.filter = filter;
     if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify({ type: "subscribe", filter }));
     return true;
