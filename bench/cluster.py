@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -242,6 +243,16 @@ def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int
     return result
 
 
+def warnings(log: str) -> dict[str, int]:
+    """The mux's warnings, counted by message (peer addresses and numbers left out)."""
+    counts: dict[str, int] = {}
+    for line in log.splitlines():
+        if " WARNING " in line:
+            message = re.sub(r"[\d.]+", "N", line.split(" WARNING ", 1)[1])[:160]
+            counts[message] = counts.get(message, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+
+
 def settled(mux: MuxProcess, rows: int, timeout: float = 300) -> dict[str, Any]:
     """Once the merged state holds every node's rows (or after timeout): the mux's RSS and rows then."""
     t0 = time.monotonic()
@@ -349,6 +360,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["mux_peers_connected"] = mux.metric('netstatd_mux_peers{status="connected"}')
             report["mux_nodes"] = mux.metric("netstatd_mux_nodes")
             report["mux_garbage"] = mux.metric("netstatd_mux_peer_garbage_total")
+            report["mux_upstream_connections"] = mux.metric("netstatd_mux_upstream_connections_total")
+        report["mux_warnings"] = warnings(mux.log_text())
         report["nodes_total"] = total_nodes
         one, all_ = report["one_namespace"], report["unfiltered"]
         report["ratios"] = {

@@ -47,7 +47,7 @@ def test_merged_state_keeps_tables_per_node_and_shares_names():
     assert len(a.connections) == 3 and not b.connections
     state.apply(a, [conn("a", 1, "CLOSE"), conn("a", 2, "CLOSE", "UDP", rport=53)])
     assert list(a.connections) == [(2, "10.0.0.9", 80)]
-    snap = orjson.loads(orjson.dumps(list(state.snapshot())))  # connections are kept encoded (packed)
+    snap = orjson.loads(orjson.dumps(state.snapshot()))  # connections are kept encoded
     assert [e["type"] for e in snap] == ["dns.resolved", "connection.event"]
     assert snap[-1]["states"] == ["ACTIVE"] and snap[-1]["remoteHostname"] == "web"
     state.remove("b")  # b's names go with it

@@ -230,7 +230,6 @@ class Peer:
         on_progress: Callable[[], None] = lambda: None,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
-        frame_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.ip = ip
         host = f"[{ip}]" if ":" in ip else ip
@@ -252,10 +251,6 @@ class Peer:
         # when that grows or the upstream fails: held clients may go.
         self.interest = interest
         self.on_progress = on_progress
-        # Shared by every peer: how many may take turns applying frames (tens of ms each, in a node's
-        # snapshot). The others wait for a slot, off the event loop's ready queue, so the mux's HTTP
-        # server (its probes, /metrics) and its clients wait behind a few frames' work, not every node's.
-        self.frame_slots = frame_slots or asyncio.Semaphore(1)
         self.acked = -1
         self._opened_version = -1  # the version the upstream was opened with (its first snapshot's)
         self._send_lock = asyncio.Lock()  # re-subscriptions go out in the order they were made
@@ -379,10 +374,8 @@ class Peer:
             except TimeoutError:
                 raise Unreachable(f"timed out: no host.info within {HELLO_TIMEOUT_S:g} s of the upgrade") from None
             if msg.type == aiohttp.WSMsgType.TEXT:
-                async with self.frame_slots:
-                    staging = self._frame(msg.data, staging, flood, volume)
-                    # A frame already buffered does not yield: let the rest run, holding the slot meanwhile.
-                    await asyncio.sleep(0)
+                staging = self._frame(msg.data, staging, flood, volume)
+                await asyncio.sleep(0)  # frames already buffered do not yield: let the node's own work run
                 continue
             if msg.type == aiohttp.WSMsgType.BINARY:
                 raise Garbage("binary", "a binary frame")

@@ -11,14 +11,12 @@ whole cluster's event rate for nothing. Discovery runs always, so mux.status is 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from .. import __version__
@@ -38,7 +36,6 @@ log = logging.getLogger("netstatd.mux")
 MAX_PEER_EVENTS_PER_S = 500_000  # 10x what a node delivers at full churn (tens of thousands/s, docs/benchmarks.md)
 LINGER_S = 60.0  # upstreams stay open this long after the last client left (a page reload keeps them)
 WAIT_S = 10.0  # a client held for its nodes' rows gets its snapshot after this long anyway
-PEER_FRAMES_AT_ONCE = 4  # peers applying a frame at a time (peer.py frame_slots)
 
 
 class MuxHub(Hub):
@@ -93,7 +90,6 @@ class Mux:
         self._idle_since = 0.0
         self.discovery = Discovery(settings.fanout_service, self._peers_changed)
         self.peers: dict[str, Peer] = {}
-        self.frame_slots = asyncio.Semaphore(PEER_FRAMES_AT_ONCE)
         self.owners: dict[str, Peer] = {}  # nodeName -> peer
         self.stats = PeerStats()
         self.peer_tls, self.peer_server_name = upstream_tls(settings)  # once: every upstream shares it
@@ -238,7 +234,6 @@ class Mux:
                 on_progress=self._release_ready,
                 ssl=self.peer_tls.context if self.peer_tls else None,
                 server_hostname=self.peer_server_name,
-                frame_slots=self.frame_slots,
             )
             self.peers[ip] = peer
             peer.start(self.supervisor)
@@ -271,10 +266,10 @@ class Mux:
             "fanoutService": self.discovery.service,
         }
 
-    def snapshot(self) -> Iterator[Event | orjson.Fragment]:
+    def snapshot(self) -> list[Event]:
         """mux.status and each peer's status first, so the page can say what it is merging."""
         statuses = [p.status for p in self.peers.values() if p.status]
-        return itertools.chain([self.status_event(), *statuses], self.state.snapshot())
+        return [self.status_event(), *statuses, *self.state.snapshot()]
 
     def metrics(self) -> list[Metric]:
         h, st = self.hub, self.stats

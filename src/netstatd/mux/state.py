@@ -6,14 +6,11 @@ step with the node's own tables: state/containers.py, state/ips.py, state/names.
 
 from __future__ import annotations
 
-import itertools
-import sys
-import zlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import orjson
 
+from ..hub import exact
 from ..protocol import (
     CLOSED,
     CONNECTION_EVENT,
@@ -31,44 +28,14 @@ from ..protocol import (
 Event = dict[str, Any]
 
 
-# A connection's JSON is mostly its field names and values that repeat (states, kinds, names), so the
-# mux keeps it deflated against a preset dictionary of them: ~1/5 of the JSON (a million rows in a few
-# hundred MiB), for ~7 us per row kept and ~1 us per row sent (docs/multiplexer.md). A 1 KiB window holds
-# the dictionary and keeps the per-row deflate state small, which is most of the cost.
-_TEMPLATE = {
-    "type": "connection.event", "timestamp": "2026-01-01T00:00:00.000000Z", "nodeName": "node", "protocol": "TCP",
-    "family": "IPv4", "state": "ESTABLISHED", "states": ["SYN_SENT", "ESTABLISHED"], "localIP": "10.0.0.1",
-    "localPort": 443, "remoteIP": "10.0.0.2", "remotePort": 8080, "pid": 1000, "exe": "/usr/bin/", "comm": "",
-    "netns": 4026531840, "sockCookie": 1, "direction": "outbound", "host": False, "containerId": "",
-    "containerName": "", "podName": "", "namespace": "kube-system", "podUID": "", "usesHostNetwork": False,
-    "remotePodName": "", "remoteNamespace": "", "remotePodUID": "", "remoteHostname": ".svc.cluster.local",
-    "localHostname": "", "closeReason": "idle",
-}  # fmt: skip
-_DICTIONARY = b'"CLOSE_WAIT","inbound","UDP","IPv6","ACTIVE"' + orjson.dumps(_TEMPLATE)
-_WBITS = -10  # raw deflate, 1 KiB window
-
-
-def pack(text: bytes) -> bytes:
-    deflate = zlib.compressobj(1, zlib.DEFLATED, _WBITS, 4, zlib.Z_DEFAULT_STRATEGY, _DICTIONARY)
-    return deflate.compress(text) + deflate.flush()
-
-
-def unpack(data: bytes) -> orjson.Fragment:
-    return orjson.Fragment(zlib.decompressobj(_WBITS, _DICTIONARY).decompress(data))
-
-
 class ConnectionRow(NamedTuple):
-    """A connection as the mux keeps it: its snapshot event encoded and deflated (pack), and the names it
-    must keep for its lifetime (interned: a few names name many connections)."""
+    """A connection as the mux keeps it: its snapshot event already encoded (~1/3 of a parsed event's
+    memory, and a snapshot of it costs no encoding), and the names it must keep for its lifetime."""
 
-    packed: bytes  # the latest connection.event, with "states": [its state]
+    event: orjson.Fragment  # the latest connection.event, with "states": [its state]
     remote_hostname: str | None
     local_hostname: str | None
     size: int  # bytes of its JSON (what --mux-max-bytes counts)
-
-    @property
-    def event(self) -> orjson.Fragment:
-        return unpack(self.packed)
 
 
 class NodeTables:
@@ -99,9 +66,9 @@ class NodeTables:
                         e["remoteHostname"] = old.remote_hostname
                     if old.local_hostname is not None and "localHostname" not in e:
                         e["localHostname"] = old.local_hostname
-                text = orjson.dumps({**e, "states": [e.get("state")]})
+                text = exact(orjson.dumps({**e, "states": [e.get("state")]}))
                 self.connections[key] = ConnectionRow(
-                    pack(text), _interned(e.get("remoteHostname")), _interned(e.get("localHostname")), len(text)
+                    orjson.Fragment(text), e.get("remoteHostname"), e.get("localHostname"), len(text)
                 )
                 self.bytes += len(text)
         elif t == PORT_LISTENING:
@@ -132,7 +99,7 @@ class NodeTables:
             self.bytes -= self._sizes.pop((id(table), key), 0)
 
     def snapshot(self) -> list[Event | orjson.Fragment]:
-        """This node's state as events, in the node stream's order (connections encoded)."""
+        """This node's state as events, in the node stream's order (connections already encoded)."""
         out: list[Event | orjson.Fragment] = [
             *self.containers.values(),
             *self.ips.values(),
@@ -157,10 +124,6 @@ class NodeTables:
     def count(self) -> int:
         """The rows held (what --peer-max-rows bounds): five len()s, cheap enough for every frame."""
         return sum(map(len, (self.containers, self.ips, self.names, self.ports, self.connections)))
-
-
-def _interned(name: Any) -> Any:
-    return sys.intern(name) if isinstance(name, str) else name
 
 
 class MergedState:
@@ -200,16 +163,17 @@ class MergedState:
                 del names[e.get("ip")]
             tables.apply(e)
 
-    def snapshot(self) -> Iterator[Event | orjson.Fragment]:
+    def snapshot(self) -> list[Event | orjson.Fragment]:
         """Every node's state in the node stream's order: containers, IPs, names, ports, connections
-        (these encoded, unpacked as the snapshot is read: the rows are taken now, a reference each)."""
+        (these already encoded)."""
         nodes = list(self.nodes.values())
-        inventory: list[Event] = []
+        out: list[Event | orjson.Fragment] = []
         for table in ("containers", "ips", "names", "ports"):
             for n in nodes:
-                inventory.extend(getattr(n, table).values())
-        packed = [row.packed for n in nodes for row in n.connections.values()]
-        return itertools.chain(inventory, map(unpack, packed))
+                out.extend(getattr(n, table).values())
+        for n in nodes:
+            out.extend(row.event for row in n.connections.values())
+        return out
 
     def containers(self, namespace: str | None, pod_name: str | None) -> list[Event]:
         """/api/containers on the mux port: every node's, each with its nodeName."""
