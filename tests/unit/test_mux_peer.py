@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from netstatd.mux import peer as peer_mod
 from netstatd.mux.peer import Peer, PeerStats, upstream_tls
@@ -538,3 +538,17 @@ async def test_a_node_over_its_share_of_the_byte_budget_is_cut(mux, session):
         assert set(mux.stats.garbage) == {"budget"}
         assert error_of(mux, p).startswith(f"budget: more than {share['bytes']} bytes of rows in its snapshot")
         assert "wider" not in mux.state.nodes
+
+
+async def test_a_node_that_closes_the_upstream_is_retried_and_its_reason_shown(mux, session):
+    """What the node said when it closed (e.g. "too slow") is in peer.status and the log, to act on."""
+
+    async def close_after_hello(ws: web.WebSocketResponse, n: int) -> None:
+        await hello(ws, "node-a")
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow: no frame taken for 30 s")
+
+    async with NodeServer(close_after_hello) as server:
+        p = mux.peer(session, server.port)
+        await until(lambda: mux.statuses(p, "reconnecting"), what="the close")
+        assert error_of(mux, p) == "connection closed (1008: too slow: no frame taken for 30 s)"
+        await until(lambda: server.upgrades >= 2, what="a retry")

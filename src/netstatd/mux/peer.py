@@ -286,9 +286,9 @@ class Peer:
 
     async def run(self) -> None:
         while True:
-            error, garbage = "connection closed", False
+            garbage = False
             try:
-                await self._session()
+                error = await self._session()
             except Garbage as g:
                 garbage = True
                 self.stats.garbage[g.reason] = self.stats.garbage.get(g.reason, 0) + 1
@@ -319,8 +319,8 @@ class Peer:
         name = self.node or (self.host_info or {}).get("nodeName") or "?"  # known from an earlier upstream
         log.warning("peer %s (%s) %s: %s", self.ip, name, "disconnected" if self._upgraded else "cannot connect", error)
 
-    async def _session(self) -> None:
-        """One upstream, read until it ends."""
+    async def _session(self) -> str:
+        """One upstream, read until it ends; returns how it was closed."""
         self._delivered = self._upgraded = False
         failpoint("peer")
         self._opened_version, opened = self.interest()
@@ -332,7 +332,7 @@ class Peer:
         if version != self._opened_version:  # the clients changed while it connected
             self.resubscribe(version, current)
         try:
-            await self._read(ws)
+            return await self._read(ws)
         finally:
             self._ws = None
             # Without a deadline, closing waits for the peer's close frame, which a flooding peer never sends.
@@ -363,7 +363,8 @@ class Peer:
         except aiohttp.ClientError as e:
             raise Unreachable(explain(e, self.ssl, self.server_hostname)) from e
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """Frames until the upstream is closed; returns how (the node's close code and reason, if any)."""
         self.stats.connections += 1
         flood = FloodGuard(self.max_events_per_s)
         volume = FloodGuard(self.max_bytes_per_s)
@@ -384,7 +385,9 @@ class Peer:
                 if isinstance(exc, aiohttp.WebSocketError) and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                     raise Garbage("oversized", f"a frame over {MAX_FRAME_BYTES} bytes")
                 raise ConnectionError(str(exc))
-            return  # closed
+            code = msg.data if msg.type == aiohttp.WSMsgType.CLOSE else ws.close_code
+            reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
+            return f"connection closed ({code}{': ' + reason if reason else ''})"
 
     def _frame(
         self, data: bytes, staging: NodeTables | None, flood: FloodGuard, volume: FloodGuard
