@@ -112,7 +112,7 @@ lint: setup
 # and 3 real agents, a one-namespace client against an unfiltered one, writes bench/out/cluster.json.
 # make bench-image: build times (cold, cached base, no change), image size, pod start to first /metrics,
 # writes bench/out/image.json.
-BENCH_PACKAGES := bpftrace
+BENCH_PACKAGES := bpftrace curl
 SECONDS ?= 20
 RATE ?= max
 CONNECTIONS ?= 100000
@@ -135,7 +135,7 @@ bench-mux: setup
 	@scripts/ensure-packages.sh unbound
 	$(SUDO) $(VENV)/bin/python bench/mux.py --nodes $(NODES) --connections $(CONNECTIONS) $(ARGS)
 
-bench-cluster: setup test-packages
+bench-cluster: setup test-packages bench-packages
 	$(SUDO) $(VENV)/bin/python bench/cluster.py --nodes $(if $(filter command line,$(origin NODES)),$(NODES),200) \
 		--connections $(if $(filter command line,$(origin CONNECTIONS)),$(CONNECTIONS),5000) \
 		--rate $(if $(filter command line,$(origin RATE)),$(RATE),50) $(ARGS)
