@@ -385,9 +385,9 @@ class Peer:
                 if isinstance(exc, aiohttp.WebSocketError) and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                     raise Garbage("oversized", f"a frame over {MAX_FRAME_BYTES} bytes")
                 raise ConnectionError(str(exc))
-            code = msg.data if msg.type == aiohttp.WSMsgType.CLOSE else ws.close_code
-            reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
-            return f"connection closed ({code}{': ' + reason if reason else ''})"
+            if msg.type != aiohttp.WSMsgType.CLOSE:
+                return "connection closed"
+            return f"connection closed ({msg.data}: {msg.extra})" if msg.extra else f"connection closed ({msg.data})"
 
     def _frame(
         self, data: bytes, staging: NodeTables | None, flood: FloodGuard, volume: FloodGuard
