@@ -44,6 +44,7 @@ from typing import Any
 from aiohttp import web
 from harness import OUT, git, interrupted, prepare
 from live import status_kib
+from ui import percentiles
 
 from netstatd.api.access import AccessPolicy, HostNames
 from netstatd.api.app import build_app
@@ -196,10 +197,10 @@ class Prober(threading.Thread):
             self.times.append(float(took.stdout))
 
     def result(self) -> dict[str, float]:
+        """Answer times in ms."""
         self.done.set()
         self.join()
-        times = sorted(self.times)
-        return {"n": len(times), "p95_s": round(times[int(0.95 * len(times))], 3), "max_s": round(times[-1], 3)}
+        return percentiles([t * 1000 for t in self.times])
 
 
 def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int | None) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int
             # released before every node had sent its rows (WAIT_S): the rest came live
             "mux_waits_expired_total": mux.metric("netstatd_mux_client_waits_expired_total"),
             "mux_cores": round((mux.cpu_seconds() - cpu0) / elapsed, 3),
-            "healthz_answered": prober.result(),
+            "healthz_ms": prober.result(),
         }
         if expected_rows is not None:
             result["rows_expected_about"] = expected_rows

@@ -6,7 +6,7 @@ import { deploymentRows, loadDeployment, renderDeployment } from "./deployment.j
 import { el } from "./dom.js";
 import { FILTERS, VIEWS, fromQuery, subscriptionOf, subscriptionQuery, toQuery, widens } from "./filters.js";
 import { connectionPass, connectionRows, ipRows, portRows } from "./rows.js";
-import { MAX_CONNS, Store } from "./store.js";
+import { MAX_CONNS, Store, tally } from "./store.js";
 import { Stream, streamURL } from "./stream.js";
 import { createGrid, showRows, shownRows, sortRows } from "./views.js";
 
@@ -235,8 +235,8 @@ function renderTooWide(now) {
   const byNamespace = new Map(left.byNamespace);
   const byNode = new Map(left.byNode);
   for (const node of store.nodes.values()) {
-    if (node.conns.size) byNode.set(node.name, (byNode.get(node.name) || 0) + node.conns.size);
-    for (const row of node.conns.values()) byNamespace.set(row.namespace || "", (byNamespace.get(row.namespace || "") || 0) + 1);
+    if (node.conns.size) tally(byNode, node.name, node.conns.size);
+    for (const row of node.conns.values()) tally(byNamespace, row.namespace || "");
   }
   const held = store.connCount().toLocaleString();
   const more = left.rows ? ` and left out ${left.rows.toLocaleString()} more of the snapshot` : "";

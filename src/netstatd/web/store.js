@@ -94,8 +94,8 @@ export class Store {
       left.laterEvents++;
     } else {
       left.rows++;
-      left.byNamespace.set(ev.namespace || "", (left.byNamespace.get(ev.namespace || "") || 0) + 1);
-      left.byNode.set(ev.nodeName || "", (left.byNode.get(ev.nodeName || "") || 0) + 1);
+      tally(left.byNamespace, ev.namespace || "");
+      tally(left.byNode, ev.nodeName || "");
     }
     left.version++;
   }
@@ -320,6 +320,11 @@ const HANDLERS = {
     store.markAll();
   },
 };
+
+// counts.get(key) += n, from 0
+export function tally(counts, key, n = 1) {
+  counts.set(key, (counts.get(key) || 0) + n);
+}
 
 function newLeft() {
   return { rows: 0, laterEvents: 0, byNamespace: new Map(), byNode: new Map(), version: 0 };
