@@ -13,12 +13,17 @@ from collections.abc import Callable, Iterator
 import aiohttp
 import orjson
 
+from netstatd.mux import state as state_module
 from netstatd.mux.peer import Peer, PeerStats
-from netstatd.mux.state import MergedState, NodeTables
+from netstatd.mux.state import MergedState, NodeTables, row_json
 from netstatd.settings import Settings
 from netstatd.supervisor import Supervisor
 from netstatd.testing.agent import free_port
 from netstatd.testing.cluster import garbage_peer_cmd
+
+
+def row(tables: NodeTables, key: tuple) -> dict:
+    return orjson.loads(row_json(tables.connections[key]))
 
 
 def test_merged_state_keeps_tables_per_node_and_shares_names():
@@ -47,15 +52,39 @@ def test_merged_state_keeps_tables_per_node_and_shares_names():
     assert len(a.connections) == 3 and not b.connections
     state.apply(a, [conn("a", 1, "CLOSE"), conn("a", 2, "CLOSE", "UDP", rport=53)])
     assert list(a.connections) == [(2, "10.0.0.9", 80)]
-    snap = orjson.loads(orjson.dumps(state.snapshot()))  # connections are kept encoded
+    snap = orjson.loads(orjson.dumps(list(state.snapshot())))  # connections are kept encoded
     assert [e["type"] for e in snap] == ["dns.resolved", "connection.event"]
     assert snap[-1]["states"] == ["ACTIVE"] and snap[-1]["remoteHostname"] == "web"
     state.remove("b")  # b's names go with it
     state.apply(a, [conn("a", 3, "SYN_SENT")])
-    assert a.connections[(3,)].remote_hostname is None and set(state.nodes) == {"a"}
+    assert "remoteHostname" not in row(a, (3,)) and set(state.nodes) == {"a"}
     # a name, once given, stays with the connection: a later event without it gets it back
     state.apply(a, [conn("a", 2, "ACTIVE", "UDP")])
-    assert a.connections[(2, "10.0.0.9", 80)].remote_hostname == "web"
+    assert row(a, (2, "10.0.0.9", 80))["remoteHostname"] == "web"
+
+
+def test_a_kept_row_is_its_event_whatever_it_shares(monkeypatch):
+    """A row is kept as a part shared with its container's rows and a part of its own: each reads back as
+    its own event, a field absent stays absent (not null), a malformed value keeps a copy of its own,
+    and the cache of shared parts starts again when full."""
+    monkeypatch.setattr(state_module, "MAX_SHARED", 2)
+    tables = NodeTables("a")
+    base = {"type": "connection.event", "nodeName": "a", "protocol": "TCP", "state": "ESTABLISHED", "podName": "p"}
+    events = [
+        {**base, "sockCookie": 1, "timestamp": "t1", "remotePort": 80},
+        {**base, "sockCookie": 2, "timestamp": "t2", "remotePort": 81},  # shares 1's part
+        {**base, "sockCookie": 3, "podName": None},  # null, not absent
+        {**{k: v for k, v in base.items() if k != "podName"}, "sockCookie": 4},
+        {**base, "sockCookie": 5, "exe": ["not", "a", "path"]},  # unhashable
+        {**base, "sockCookie": 6, "namespace": "n"},  # a third part: the cache starts again
+    ]
+    for e in events:
+        tables.apply(dict(e))
+    assert tables.connections[(1,)][0] is tables.connections[(2,)][0]
+    for e in events:
+        assert row(tables, (e["sockCookie"],)) == {**e, "states": ["ESTABLISHED"]}
+    assert len(tables._shared) <= 2
+    assert tables.bytes == sum(len(row_json(r)) for r in tables.connections.values())
 
 
 def run_peer(port: int, stats: PeerStats, until: Callable[[list[dict]], bool], **kw) -> tuple[list[dict], MergedState]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from .. import __version__
@@ -266,10 +267,11 @@ class Mux:
             "fanoutService": self.discovery.service,
         }
 
-    def snapshot(self) -> list[Event]:
+    def snapshot(self) -> Iterator[Event | orjson.Fragment]:
         """mux.status and each peer's status first, so the page can say what it is merging."""
-        statuses = [p.status for p in self.peers.values() if p.status]
-        return [self.status_event(), *statuses, *self.state.snapshot()]
+        yield self.status_event()
+        yield from [p.status for p in self.peers.values() if p.status]
+        yield from self.state.snapshot()
 
     def metrics(self) -> list[Metric]:
         h, st = self.hub, self.stats
