@@ -176,8 +176,8 @@ async def worker(ips: list[str], connections: int, rate: int, first: int) -> Non
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def rss_mib(pid: int) -> float:
-    return round(status_kib(pid, "VmRSS") / 1024, 1)
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    return round(status_kib(pid, field) / 1024, 1)
 
 
 class Prober(threading.Thread):
@@ -220,6 +220,7 @@ def client_phase(mux: MuxProcess, query: str, seconds: float, expected_rows: int
                     "bytes_received_first_s": client.bytes,
                     "node_to_mux_bytes_first_s": int(mux.metric("netstatd_mux_peer_bytes_total") - peer_bytes0),
                     "mux_rss_mib": rss_mib(mux.proc.pid),
+                    "mux_peak_rss_mib": rss_mib(mux.proc.pid, "VmHWM"),  # since it started
                 }
             events = client.events
             for e in events[scanned:]:
@@ -269,6 +270,7 @@ def settled(mux: MuxProcess, rows: int, timeout: float = 300) -> dict[str, Any]:
         "mux_rows": int(mux.metric("netstatd_mux_rows")),
         "mux_row_json_mib": round(mux.metric("netstatd_mux_row_bytes") / 2**20),
         "mux_rss_mib": rss_mib(mux.proc.pid),
+        "mux_peak_rss_mib": rss_mib(mux.proc.pid, "VmHWM"),
     }
 
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from . import settings as settings_mod
 from .errors import StartupError
+from .malloc import fix_mmap_threshold
 
 TRACE = 5
 _LEVELS = {
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     settings = settings_mod.parse(argv)
     configure_logging(settings.log_level)
+    fix_mmap_threshold()
     if standalone_mux:
         from .mux.standalone import StandaloneMux as kind
     else:

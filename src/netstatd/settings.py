@@ -42,7 +42,7 @@ class Settings:
     peer_server_name: str = ""  # empty: the fanout service's name
     peer_max_bytes_per_second: int = 256 << 20
     peer_max_rows: int = 1_500_000
-    mux_max_bytes: int = 384 << 20  # RSS is ~2.2x the rows' JSON at 1M rows: under the Deployment's 1 GiB
+    mux_max_bytes: int = 384 << 20  # an agent's in-agent mux shares the agent's memory limit
     dnstap_allow: tuple[str, ...] = ()
 
     @property
