@@ -235,6 +235,8 @@ class Agent:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             failpoint("flush")
             self.hub.publish(self.hostnames.flush() + self.pipeline.flush())
+            if self.pipeline.tracker.tables.unbound_listeners:
+                self.checks.bind_listeners_soon()
 
     # -- API callbacks -----------------------------------------------------
     def snapshot(self) -> Iterator[dict[str, Any]]:

@@ -21,9 +21,12 @@ from typing import Any, TypeVar
 from .hub import Hub
 from .metrics import Metric, single
 from .pipeline import Pipeline
+from .protocol import PORT_LISTENING
 from .sources import netlink, procfs, sockdiag
 from .sources.bpf import events as ev
 from .sources.bpf.loader import KernelProbes
+from .state.model import Listener
+from .state.seed import is_listening
 from .state.sweep import FOLDED_STATES, sweep_folded
 from .state.tracker import Tracker
 from .supervisor import Supervisor, failpoint
@@ -81,6 +84,7 @@ class SockDiagChecks:
         self.supervisor = supervisor
         self.include_loopback = include_loopback
         self._scans: dict[int, asyncio.Task] = {}  # netns inode -> its scan in progress (one per netns)
+        self._binding: set[int] = set()  # cookies of unbound listeners being looked up
         self.netns_scans = {"done": 0, "failed": 0, "dropped": 0}
         self.swept = 0  # connection states set by the folded-state sweep
         self._sweep_failing = False
@@ -115,6 +119,31 @@ class SockDiagChecks:
         self._scans[netns] = self.supervisor.spawn(
             f"scan-{netns}", functools.partial(self._scan_netns, netns, path), label="netns-scan"
         )
+
+    def bind_listeners_soon(self) -> None:
+        """listen() without bind() was reported before its port was picked: sock_diag has the port."""
+        for cookie, lst in list(self.tracker.tables.unbound_listeners.items()):
+            if cookie not in self._binding:
+                self._binding.add(cookie)
+                self.supervisor.spawn(
+                    f"bind-{cookie}", functools.partial(self._bind_listener, cookie, lst), label="listener-port"
+                )
+
+    async def _bind_listener(self, cookie: int, lst: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sockets = await loop.run_in_executor(None, sockdiag.dump_sockets, lst.netns, f"/proc/{lst.pid}/ns/net")
+        except (FileNotFoundError, ProcessLookupError):
+            sockets = []  # the process is gone, or left that netns: the listener's close follows
+        except OSError as e:
+            sockets = []
+            log.warning("cannot find the port of a listener of pid %d (netns %d): %s", lst.pid, lst.netns, e)
+        finally:
+            self._binding.discard(cookie)
+        port = next((s.sport for s in sockets if s.cookie == cookie and is_listening(s)), 0)
+        bound = self.tracker.tables.bind_listener(cookie, port) if port else None
+        if bound is not None:
+            self.hub.publish(self.pipeline.events([(bound, PORT_LISTENING, None)]))
 
     async def _scan_netns(self, netns: int, path: str) -> None:
         loop = asyncio.get_running_loop()

@@ -35,7 +35,7 @@ def python_layout(fields: tuple[tuple[str, str], ...]) -> list[tuple[str, int, i
 
 def test_netstat_event_matches_btf(btf):
     s = btf["netstat_event"]
-    assert s["size"] == events.EVENT_SIZE == 104
+    assert s["size"] == events.EVENT_SIZE == 144
     c_offsets = {m["name"]: m["bits_offset"] // 8 for m in s["members"]}
     py = python_layout(events.EVENT_FIELDS)
     assert [n for n, _, _ in py] == [m["name"] for m in s["members"]]
@@ -52,7 +52,8 @@ def test_agent_settings_matches_btf_and_sits_at_rodata_offset_zero(btf):
         ("capture_tcp", 0),
         ("capture_udp", 1),
         ("include_loopback", 2),
-        ("_pad", 3),
+        ("accept_from_io", 3),
+        ("_pad", 4),
         ("udp_refresh_ns", 8),
     ]
     syms = subprocess.run(["llvm-nm", str(OBJECT_PATH)], check=True, capture_output=True, text=True).stdout
@@ -79,9 +80,19 @@ def test_decoder_reads_a_record_the_kernel_way():
         2,
         b"curl\0" + bytes(11),
         0,
+        1_000_000,
+        12_345,
+        700,
+        300,
+        125,
+        3,
+        111,
     )
     rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
     (r,) = list(events.RECORD.iter_unpack(rec))
+    counters = (events.BYTES_ACKED, events.BYTES_RECEIVED, events.SEGS_OUT, events.SEGS_IN, events.SRTT_US)
+    assert [r[i] for i in counters] == [1_000_000, 12_345, 700, 300, 125]
+    assert (r[events.TOTAL_RETRANS], r[events.ERROR]) == (3, 111)
     assert (r[events.TS], r[events.COOKIE], r[events.TGID], r[events.SPORT], r[events.DPORT]) == (
         123,
         77,
@@ -112,6 +123,7 @@ def test_brief_decoder_reads_the_same_fields():
         1,
         b"x" * 16,
         98,
+        *range(1, 8),
     )
     rec = struct.pack("<II", events.EVENT_SIZE, 0) + body
     full = events.RECORD.unpack(rec)

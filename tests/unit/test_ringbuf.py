@@ -94,7 +94,7 @@ def test_records_are_read_in_order_and_released(ring, reader):
 
 
 def test_a_record_across_the_end_of_the_ring_reads_as_one_piece(ring, reader):
-    fit = ring.size // RECORD_SIZE  # 36 records of 112 bytes in a 4 KiB ring: the 37th wraps
+    fit = ring.size // RECORD_SIZE  # 26 records of 152 bytes in a 4 KiB ring: the 27th wraps
     first = [rec(i) for i in range(fit - 2)]
     for r in first:
         ring.add(r)

@@ -38,7 +38,7 @@ struct record {
 	__u32 page_off;
 	struct netstat_event e;
 };
-_Static_assert(sizeof(struct record) == 112, "events.py's RECORD_SIZE");
+_Static_assert(sizeof(struct record) == 152, "events.py's RECORD_SIZE");
 
 /* One short connection, packed by split() for render(). */
 struct short_conn {

@@ -37,6 +37,9 @@ Change = tuple[Any, Any, str | None]
 UdpKey = tuple[int, bytes, int]  # cookie, peer address, peer port: one UDP socket, many peers
 
 
+MAX_UNBOUND_LISTENERS = 1024
+
+
 class Tables:
     def __init__(
         self,
@@ -51,6 +54,9 @@ class Tables:
         self._udp_by_cookie: dict[int, set[UdpKey]] = {}
         self.listeners: dict[int, Listener] = {}
         self._listener_ports: dict[tuple[int, str, int], Listener] = {}
+        # listen() without bind(): the kernel reports the listener before it picks the port. Held here,
+        # unannounced, until a sock_diag look-up (diag.py) gives the port; the oldest dropped past the cap.
+        self.unbound_listeners: dict[int, Listener] = {}
         self.max_connections = max_connections
         self.max_udp_flows = max_udp_flows
         self.max_listeners = max_listeners
@@ -202,12 +208,19 @@ class Tables:
         kind, cookie = rec[ev.KIND], rec[ev.COOKIE]
         if kind == ev.EV_TCP_LISTEN or kind == ev.EV_UDP_BIND:
             lst = self._listener(rec, "TCP" if kind == ev.EV_TCP_LISTEN else "UDP")
+            if lst.port == 0:
+                self.unbound_listeners[cookie] = lst
+                if len(self.unbound_listeners) > MAX_UNBOUND_LISTENERS:
+                    del self.unbound_listeners[next(iter(self.unbound_listeners))]
+                    self._count_eviction()
+                return
             self.add_listener(lst)
             out.append((lst, PORT_LISTENING, None))
             return
         if self.closed_while_seeding is not None:
             self.closed_while_seeding.add(cookie)
         if kind == ev.EV_TCP_STATE:  # LISTEN -> CLOSE
+            self.unbound_listeners.pop(cookie, None)
             lst = self.remove_listener(cookie) or self._listener(rec, "TCP")  # one we never saw open: still told
             lst.ts = rec[ev.TS]
             out.append((lst, PORT_CLOSED, None))
@@ -324,6 +337,14 @@ class Tables:
         if len(self.listeners) > self.max_listeners:
             self.remove_listener(next(iter(self.listeners)))
             self._count_eviction()
+
+    def bind_listener(self, cookie: int, port: int) -> Listener | None:
+        """An unbound listener's port, found by sock_diag: it becomes a listener like any other."""
+        lst = self.unbound_listeners.pop(cookie, None)
+        if lst is not None:
+            lst.port = port
+            self.add_listener(lst)
+        return lst
 
     def remove_listener(self, cookie: int) -> Listener | None:
         lst = self.listeners.pop(cookie, None)

@@ -9,8 +9,8 @@
 
 /* event.kind */
 #define EV_TCP_STATE 1  /* inet_sock_set_state transition */
-#define EV_TCP_ACCEPT 2 /* accept()/accept4() returned this socket */
-#define EV_TCP_LISTEN 3 /* listen() succeeded: real bound address */
+#define EV_TCP_ACCEPT 2 /* the accepting process, when it is not the listener's (see netstatd.bpf.c) */
+#define EV_TCP_LISTEN 3 /* the LISTEN transition, in listen()'s context; sport 0 before the port is picked */
 #define EV_UDP_SEND 4   /* datagram sent (deduplicated per flow) */
 #define EV_UDP_RECV 5   /* datagram received (deduplicated per flow) */
 #define EV_UDP_BIND 6   /* bind() on a UDP socket: a UDP "listener" */
@@ -44,6 +44,16 @@ struct netstat_event {
 	 * record, before newstate; FOLDED_BITS bits each, the oldest lowest,
 	 * 0 ends the list (no TCP state is 0). */
 	__u64 folded;
+	/* EV_TCP_STATE into CLOSE only (0 otherwise): the socket's own counters
+	 * (struct tcp_sock), read once, at its end. */
+	__u64 bytes_acked;    /* payload bytes sent and acknowledged by the peer */
+	__u64 bytes_received; /* payload bytes received */
+	__u32 segs_out;       /* segments sent, retransmissions included */
+	__u32 segs_in;        /* segments received */
+	__u32 srtt_us;        /* smoothed RTT, microseconds */
+	__u32 total_retrans;  /* segments retransmitted */
+	__u32 error;          /* the socket's error (sk_err, else sk_err_soft): an errno, 0 for none */
+	__u32 _pad2;
 };
 
 #define FOLDED_BITS 4
@@ -54,12 +64,13 @@ struct agent_settings {
 	__u8 capture_tcp;
 	__u8 capture_udp;
 	__u8 include_loopback;
-	__u8 _pad[5];
+	__u8 accept_from_io; /* the acceptor from the first I/O (fexit refused) */
+	__u8 _pad[4];
 	__u64 udp_refresh_ns; /* re-announce an active UDP flow at most this often */
 };
 
 /* counters map index */
-#define CNT_EMITTED 0
+#define CNT_EMITTED 0 /* not counted here: user space reads the ring's producer position */
 #define CNT_LOST 1 /* ring buffer reserve failed */
 #define CNT_UDP_DEDUPED 2
 #define CNT_NESTED 3 /* state transitions the second program took */

@@ -50,20 +50,29 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("_pad", "7x"),
     ("comm", "16s"),
     ("folded", "Q"),
+    ("bytes_acked", "Q"),
+    ("bytes_received", "Q"),
+    ("segs_out", "I"),
+    ("segs_in", "I"),
+    ("srtt_us", "I"),
+    ("total_retrans", "I"),
+    ("error", "I"),
+    ("_pad2", "4x"),
 )
 EVENT_FORMAT = "<" + "".join(code for _, code in EVENT_FIELDS)
-EVENT_SIZE = struct.calcsize(EVENT_FORMAT)  # 104
+EVENT_SIZE = struct.calcsize(EVENT_FORMAT)  # 144
 
 # Tuple positions of a decoded record (the ring header comes first, see RECORD).
 _names = [n for n, c in EVENT_FIELDS if not c.endswith("x")]
-(TS, COOKIE, CGROUP, TGID, NETNS, SADDR, DADDR, SPORT, DPORT, KIND, FAMILY, OLDSTATE, NEWSTATE, FLAGS, COMM, FOLDED) = (
-    i + 2 for i in range(len(_names))
-)
+(
+    TS, COOKIE, CGROUP, TGID, NETNS, SADDR, DADDR, SPORT, DPORT, KIND, FAMILY, OLDSTATE, NEWSTATE, FLAGS, COMM, FOLDED,
+    BYTES_ACKED, BYTES_RECEIVED, SEGS_OUT, SEGS_IN, SRTT_US, TOTAL_RETRANS, ERROR,
+) = (i + 2 for i in range(len(_names)))  # fmt: skip
 
 # A ring buffer record: u32 len (+ BUSY/DISCARD bits), u32 page offset, the event.
 RING_HEADER = 8
 RECORD = struct.Struct("<II" + EVENT_FORMAT[1:])
-RECORD_SIZE = RECORD.size  # 112, already 8-byte aligned as the ring requires
+RECORD_SIZE = RECORD.size  # 152, already 8-byte aligned as the ring requires
 
 
 def pack_record(**fields: int | bytes) -> bytes:
@@ -80,7 +89,7 @@ def pack_record(**fields: int | bytes) -> bytes:
 # The same record, decoding only what every record needs (no bytes objects):
 # cookie, tgid, kind, family, oldstate, newstate, folded. The tracker decodes
 # the full record only for the ones it keeps (the latest per connection).
-RECORD_BRIEF = struct.Struct("<16xQ8xI4x32x4xBBBB24xQ")
+RECORD_BRIEF = struct.Struct("<16xQ8xI4x32x4xBBBB24xQ40x")
 assert RECORD_BRIEF.size == RECORD_SIZE
 
 # kind, family, oldstate, newstate read together as one little-endian u32 (kind in the low byte):
@@ -90,7 +99,7 @@ assert KIND_OFFSET % 4 == 0 and RECORD_SIZE % 4 == 0
 KIND_WORD, RECORD_WORDS = KIND_OFFSET // 4, RECORD_SIZE // 4
 
 # struct agent_settings
-SETTINGS = struct.Struct("<BBB5xQ")
+SETTINGS = struct.Struct("<BBBB4xQ")
 
 
 def folded_states(folded: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,23 +20,17 @@ HERE = Path(__file__).resolve().parent
 OBJECT_PATH = Path(os.environ.get("NETSTATD_BPF_OBJECT", HERE / "netstatd.bpf.o"))
 PROBE_PATH = HERE / "probe_fentry.bpf.o"
 
-ACCEPT_TRACEPOINTS = ("on_accept4_exit", "on_accept_exit")
 ACCEPT_FEXIT = "on_inet_csk_accept_exit"
-TCP_PROGRAMS = (
-    "on_inet_sock_set_state",
-    "on_inet_sock_set_state_nested",
-    "on_listen_enter",
-    "on_listen_exit",
-    *ACCEPT_TRACEPOINTS,
-    ACCEPT_FEXIT,
-)
+ACCEPTOR_BY_IO = "an accepted socket's owner is the first process that sends or receives on it"
+TCP_PROGRAMS = ("on_inet_sock_set_state", "on_inet_sock_set_state_nested")
+# Socket sends and receives: UDP flows, and (without fexit) the process that accepted a TCP socket.
+IO_PROGRAMS = ("on_sock_send_length", "on_sock_recv_length")
 UDP_PROGRAMS = (
     "on_udp_sendmsg4",
     "on_udp_sendmsg6",
     "on_udp_recvmsg4",
     "on_udp_recvmsg6",
-    "on_sock_send_length",
-    "on_sock_recv_length",
+    *IO_PROGRAMS,
     "on_post_bind4",
     "on_post_bind6",
     "on_sock_release",
@@ -126,6 +121,8 @@ class KernelProbes:
         self.settings = settings
         self.object_path = object_path
         self.uses_fexit = False
+        self._accept_from_io = False
+        self._producer: mmap.mmap | None = None
         self._obj: int | None = None
         self._links: list[int] = []
         self._cgroup_fd = -1
@@ -139,13 +136,13 @@ class KernelProbes:
         cgroup_root = find_cgroup2_root()
         fexit = probe_fentry()
         if not fexit:
-            log.info("fentry/fexit programs are refused by this kernel; accept() is traced through syscall tracepoints")
+            log.info("fentry/fexit programs are refused by this kernel; %s", ACCEPTOR_BY_IO)
         try:
             self._load(use_fexit=fexit)
         except BpfError as e:
             if not fexit:
                 raise self._load_error(e) from None
-            log.warning("fexit accept program did not load (%s); falling back to syscall tracepoints", e)
+            log.warning("fexit accept program did not load (%s); %s", e, ACCEPTOR_BY_IO)
             self._load(use_fexit=False)
         self.uses_fexit = fexit and self._obj is not None and self._autoload(ACCEPT_FEXIT)
         self._attach_all(cgroup_root)
@@ -157,6 +154,9 @@ class KernelProbes:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
         if self._obj:
             lib.bpf_object__close(self._obj)
             self._obj = None
@@ -171,9 +171,10 @@ class KernelProbes:
         wanted = set()
         if s.capture_tcp:
             wanted.update(TCP_PROGRAMS)
-            wanted.difference_update(ACCEPT_TRACEPOINTS if use_fexit else (ACCEPT_FEXIT,))
+            wanted.update((ACCEPT_FEXIT,) if use_fexit else IO_PROGRAMS)
         if s.capture_udp:
             wanted.update(UDP_PROGRAMS)
+        self._accept_from_io = s.capture_tcp and not use_fexit
         for name, prog in self._programs():
             lib.bpf_program__set_autoload(prog, name in wanted)
         ring = check_ptr(lib.bpf_object__find_map_by_name(obj, b"events"), "find map events")
@@ -182,6 +183,10 @@ class KernelProbes:
         recent_warnings.clear()
         check_rc(lib.bpf_object__load(obj), "load BPF object")
         self.ring_fd = lib.bpf_map__fd(ring)
+        # the producer position: every record is RECORD_SIZE, so it counts the records written
+        if self._producer is not None:
+            self._producer.close()
+        self._producer = mmap.mmap(self.ring_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE)
         counters = check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters")
         self._counters_fd = lib.bpf_map__fd(counters)
 
@@ -200,7 +205,9 @@ class KernelProbes:
         s = self.settings
         # struct agent_settings is the object's only read-only global: offset 0
         # (tests/unit/test_bpf_abi.py checks this against the BTF).
-        packed = events.SETTINGS.pack(s.capture_tcp, s.capture_udp, s.include_loopback, int(s.udp_refresh_s * 1e9))
+        packed = events.SETTINGS.pack(
+            s.capture_tcp, s.capture_udp, s.include_loopback, self._accept_from_io, int(s.udp_refresh_s * 1e9)
+        )
         ctypes.memmove(ptr, packed, len(packed))
 
     def _attach_all(self, cgroup_root: str) -> None:
@@ -327,4 +334,6 @@ class KernelProbes:
                 out.append(0)
             else:
                 out.append(sum(vals))
+        # not counted by the programs (one map update less per record): the ring's producer position
+        out[events.CNT_EMITTED] = memoryview(self._producer)[:8].cast("Q")[0] // events.RECORD_SIZE
         return out

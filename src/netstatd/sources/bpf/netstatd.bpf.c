@@ -25,6 +25,7 @@ const volatile struct agent_settings settings = {
 	.capture_tcp = 1,
 	.capture_udp = 1,
 	.include_loopback = 0,
+	.accept_from_io = 1,
 	.udp_refresh_ns = 5000000000ULL,
 };
 
@@ -42,11 +43,12 @@ struct owner {
 	__u64 folded;    /* states passed through since the last record (see event.folded) */
 	__u32 nfolded;
 	__u16 last_step; /* oldstate << 8 | newstate of the last transition taken */
-	__u16 _pad;
+	__u16 tcp_flags; /* TCPF_* */
 };
 
 #define UDPF_FLOW 0x1
 #define UDPF_BOUND 0x2
+#define TCPF_ACCEPT_PENDING 0x1 /* cloned from a listener: the acceptor is not known yet */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -60,23 +62,6 @@ struct {
 	__type(key, int);
 	__type(value, struct owner);
 } owners SEC(".maps");
-
-/* accept() runs in a syscall tracepoint, which cannot reach sk storage: it
- * leaves the acceptor here by cookie, and the socket's next state event moves
- * it into the storage. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct owner);
-} accept_owners SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64); /* pid_tgid */
-	__type(value, __u32); /* fd passed to listen() */
-} listen_fds SEC(".maps");
 
 /* Peer of an unconnected UDP send/receive, seen by the cgroup sock_addr hook
  * and consumed by the sock_{send,recv}_length tracepoint of the same call. */
@@ -135,8 +120,23 @@ static __always_inline void emit(struct netstat_event *e)
 	 * than a wakeup per event at high connection rates. */
 	if (bpf_ringbuf_output(&events, e, sizeof(*e), BPF_RB_NO_WAKEUP))
 		count(CNT_LOST);
-	else
-		count(CNT_EMITTED);
+}
+
+/* emit() without the copy, for the hot path: the record is written in the ring itself, every byte
+ * once (ring memory is not zeroed; zeroing it first cost ~25 ns a record here). */
+static __always_inline struct netstat_event *reserve(void)
+{
+	struct netstat_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e)
+		count(CNT_LOST);
+	return e;
+}
+
+static __always_inline void submit(struct netstat_event *e)
+{
+	e->ts_ns = bpf_ktime_get_ns();
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline bool is_loopback(const __u8 *a, __u8 family)
@@ -200,6 +200,67 @@ static __always_inline bool fill_sock(struct netstat_event *e, struct sock *sk)
 	return true;
 }
 
+/* fill_sock() for the tp_btf programs, whose sock is a typed kernel pointer: plain loads (the
+ * verifier turns them into fault-safe loads) instead of one probe-read helper call per field. */
+static __always_inline bool fill_sock_btf(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp)
+{
+	const struct sock_common *c = &sk->__sk_common;
+
+	if (c->skc_family == AF_INET) {
+		e->family = 4;
+		/* the address, then 12 zero bytes: every byte written (see reserve()) */
+		((__u64 *)e->saddr)[0] = c->skc_rcv_saddr;
+		((__u64 *)e->saddr)[1] = 0;
+		((__u64 *)e->daddr)[0] = c->skc_daddr;
+		((__u64 *)e->daddr)[1] = 0;
+	} else if (c->skc_family == AF_INET6) {
+		e->family = 6;
+		__builtin_memcpy(e->saddr, &c->skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(e->daddr, &c->skc_v6_daddr, 16);
+	} else {
+		return false;
+	}
+	/* skc_num is already 0 at CLOSE; inet_sport still holds the port */
+	e->sport = bpf_ntohs(tp->inet_conn.icsk_inet.inet_sport);
+	e->dport = bpf_ntohs(c->skc_dport);
+	e->netns = c->skc_net.net->ns.inum;
+	return true;
+}
+
+/* Not reported: a socket of another family, or loopback traffic unless asked for (read before a
+ * record is reserved for it). */
+static __always_inline bool skipped_sock(const struct sock *sk)
+{
+	const struct sock_common *c = &sk->__sk_common;
+
+	if (c->skc_family == AF_INET)
+		return !settings.include_loopback &&
+		       ((c->skc_rcv_saddr & 0xff) == 127 || (c->skc_daddr & 0xff) == 127);
+	if (c->skc_family != AF_INET6)
+		return true;
+	if (settings.include_loopback)
+		return false;
+	__u8 a[16];
+
+	__builtin_memcpy(a, &c->skc_v6_rcv_saddr, 16);
+	if (is_loopback(a, 6))
+		return true;
+	__builtin_memcpy(a, &c->skc_v6_daddr, 16);
+	return is_loopback(a, 6);
+}
+
+/* A closing socket's counters and error: read here only, once per connection. */
+static __always_inline void fill_close(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp)
+{
+	e->bytes_acked = tp->bytes_acked;
+	e->bytes_received = tp->bytes_received;
+	e->segs_out = tp->segs_out;
+	e->segs_in = tp->segs_in;
+	e->srtt_us = tp->srtt_us >> 3; /* the kernel keeps it << 3 */
+	e->total_retrans = tp->total_retrans;
+	e->error = sk->sk_err ? sk->sk_err : sk->sk_err_soft;
+}
+
 static __always_inline void owner_from_current(struct owner *o, __u64 cookie)
 {
 	o->cookie = cookie;
@@ -232,19 +293,22 @@ static __always_inline void event_owner_stored(struct netstat_event *e, const st
  * of five each, and no state is lost. Folded states a socket stays in (a
  * CLOSE_WAIT the application never closes) reach user space through its
  * sock_diag sweep, which runs while CNT_FOLDED moves (docs/kernel.md).
+ *   LISTEN: a listener, in listen()'s context;
  *   SYN_SENT: the attempt, in the connecting process's context;
  *   ESTABLISHED: the connection is up, with both ports;
  *   CLOSE: gone, with every state it passed through.
  */
 static __always_inline bool foldable(int newstate)
 {
-	return newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE;
+	return newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE &&
+	       newstate != TCP_LISTEN;
 }
 
 /* second: called by the second of the two programs (see "Two programs"). */
 static __always_inline int handle_state(struct sock *sk, const int oldstate, const int newstate, bool second)
 {
-	struct netstat_event e = {};
+	struct netstat_event *e;
+	struct tcp_sock *tp;
 	struct owner *o;
 
 	if (!settings.capture_tcp || sk->sk_protocol != IPPROTO_TCP)
@@ -267,7 +331,15 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 	}
 	if (second)
 		count(CNT_NESTED);
-	/* also makes the cookie exist, so accept/listen tracepoints can read it */
+	if (o && foldable(newstate) && o->nfolded < FOLDED_MAX) {
+		o->folded |= (__u64)newstate << (FOLDED_BITS * o->nfolded);
+		o->nfolded++;
+		count(CNT_FOLDED);
+		return 0;
+	}
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
 	__u64 cookie = bpf_get_socket_cookie(sk);
 
 	if (o && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN)) {
@@ -276,45 +348,49 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 	} else if (o && !o->cookie) {
 		o->cookie = cookie; /* a socket older than us: owner unknown (user space seeds it) */
 	} else if (o && o->cookie != cookie) {
-		/* cloned from the listener: take the acceptor once known */
-		struct owner *acc = bpf_map_lookup_elem(&accept_owners, &cookie);
-
-		if (acc) {
-			/* the owner only: the states folded so far stay */
-			o->cookie = acc->cookie;
-			o->cgroup_id = acc->cgroup_id;
-			o->tgid = acc->tgid;
-			__builtin_memcpy(o->comm, acc->comm, sizeof(o->comm));
-			bpf_map_delete_elem(&accept_owners, &cookie);
-			e.flags |= EVF_OWNER_ACCEPT;
-		}
+		/* cloned from the listener: its owner stands until the acceptor is known */
+		o->cookie = cookie;
+		o->tcp_flags |= TCPF_ACCEPT_PENDING;
 	}
-	/* the listen() syscall exit reports listeners with their real port */
-	if (newstate == TCP_LISTEN)
+	if (skipped_sock(sk))
 		return 0;
-
-	if (o && foldable(newstate) && o->nfolded < FOLDED_MAX) {
-		o->folded |= (__u64)newstate << (FOLDED_BITS * o->nfolded);
-		o->nfolded++;
-		count(CNT_FOLDED);
+	e = reserve();
+	if (!e)
 		return 0;
-	}
-
-	if (!fill_sock(&e, sk))
-		return 0;
-	if (filtered_loopback(&e))
-		return 0;
-	e.kind = EV_TCP_STATE;
-	e.cookie = cookie;
-	e.oldstate = oldstate;
-	e.newstate = newstate;
-	if (o) {
-		event_owner_stored(&e, o);
-		e.folded = o->folded;
+	fill_sock_btf(e, sk, tp);
+	e->cookie = cookie;
+	e->kind = newstate == TCP_LISTEN ? EV_TCP_LISTEN : EV_TCP_STATE;
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	*(__u64 *)&e->flags = 0; /* with _pad */
+	e->folded = 0;
+	if (newstate == TCP_LISTEN) {
+		/* listen() itself: the port is the bound one (0 for a listen without bind, which
+		 * picks it just after; user space asks sock_diag) */
+		event_owner_current(e);
+	} else if (o) {
+		event_owner_stored(e, o);
+		e->folded = o->folded;
 		o->folded = 0;
 		o->nfolded = 0;
+	} else {
+		e->tgid = 0;
+		e->cgroup_id = 0;
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
 	}
-	emit(&e);
+	if (newstate == TCP_CLOSE) {
+		fill_close(e, sk, tp);
+	} else {
+		e->bytes_acked = 0;
+		e->bytes_received = 0;
+		e->segs_out = 0;
+		e->segs_in = 0;
+		e->srtt_us = 0;
+		e->total_retrans = 0;
+		e->error = 0;
+	}
+	e->_pad2 = 0;
+	submit(e);
 	return 0;
 }
 
@@ -346,76 +422,42 @@ int BPF_PROG(on_inet_sock_set_state_nested, const struct sock *csk, const int ol
 	return handle_state((struct sock *)csk, oldstate, newstate, true);
 }
 
-static __always_inline struct sock *sock_from_fd(long fd)
-{
-	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
-	struct file **fds = BPF_CORE_READ(t, files, fdt, fd);
-	struct file *f = NULL;
-
-	if (fd < 0 || !fds)
-		return NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
-	if (!f)
-		return NULL;
-	struct socket *so = BPF_CORE_READ(f, private_data);
-
-	return so ? BPF_CORE_READ(so, sk) : NULL;
-}
-
-static __always_inline bool tcp_sock_event(struct netstat_event *e, struct sock *sk)
-{
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
-		return false;
-	if (!fill_sock(e, sk) || filtered_loopback(e))
-		return false;
-	e->cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
-	event_owner_current(e);
-	return true;
-}
-
-static __always_inline int handle_accept(long fd)
+/* The acceptor of a passive socket, where fexit is refused: the first process that sends or receives
+ * on it (the socket I/O tracepoints below, in that process's context). Until then the socket's
+ * events carry the listener's owner, whose storage it was cloned from, so a record is sent only
+ * when the acceptor is another process (a worker of a pre-forked server, a passed descriptor). */
+static __always_inline void tcp_first_io(struct sock *sk)
 {
 	struct netstat_event e = {};
-	struct sock *sk;
+	struct tcp_sock *tp;
+	struct owner *o;
 
-	if (!settings.capture_tcp || fd < 0)
-		return 0;
-	sk = sock_from_fd(fd);
-	if (!tcp_sock_event(&e, sk))
-		return 0;
-	if (e.cookie) {
-		struct owner o = {};
-
-		owner_from_current(&o, e.cookie);
-		bpf_map_update_elem(&accept_owners, &e.cookie, &o, BPF_ANY);
-	}
+	o = bpf_sk_storage_get(&owners, sk, 0, 0);
+	if (!o || !(o->tcp_flags & TCPF_ACCEPT_PENDING))
+		return;
+	o->tcp_flags &= ~TCPF_ACCEPT_PENDING;
+	if (o->tgid == bpf_get_current_pid_tgid() >> 32)
+		return;
+	owner_from_current(o, o->cookie);
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp || !fill_sock_btf(&e, sk, tp) || filtered_loopback(&e))
+		return;
+	e.cookie = o->cookie;
 	e.kind = EV_TCP_ACCEPT;
 	e.newstate = TCP_ESTABLISHED;
+	e.flags = EVF_OWNER_ACCEPT;
+	event_owner_current(&e);
 	emit(&e);
-	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_accept4")
-int on_accept4_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	return handle_accept(ctx->ret);
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept")
-int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	return handle_accept(ctx->ret);
-}
-
-/* Used instead of the two accept tracepoints where fexit loads (it stays
- * out of the syscall slow path and writes the owner storage directly).
- * inet_csk_accept(sk, arg) is the >= 6.10 signature; on older kernels the
- * third argument is not a socket and this program fails verification, so
- * the loader falls back to the tracepoints. */
+/* Where fexit loads: the acceptor when accept() returns, for every accepted socket. inet_csk_accept(sk,
+ * arg) is the >= 6.10 signature; on older kernels the third argument is not a socket and this program
+ * fails verification, so the loader falls back to the first I/O (tcp_first_io). */
 SEC("fexit/inet_csk_accept")
 int BPF_PROG(on_inet_csk_accept_exit, struct sock *sk, struct proto_accept_arg *arg, struct sock *newsk)
 {
 	struct netstat_event e = {};
+	struct tcp_sock *tp;
 	struct owner *o;
 
 	if (!settings.capture_tcp || !newsk || newsk->sk_protocol != IPPROTO_TCP)
@@ -423,45 +465,17 @@ int BPF_PROG(on_inet_csk_accept_exit, struct sock *sk, struct proto_accept_arg *
 	__u64 cookie = bpf_get_socket_cookie(newsk);
 
 	o = bpf_sk_storage_get(&owners, newsk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (o)
+	if (o) {
 		owner_from_current(o, cookie);
-	if (!fill_sock(&e, newsk) || filtered_loopback(&e))
+		o->tcp_flags &= ~TCPF_ACCEPT_PENDING;
+	}
+	tp = bpf_skc_to_tcp_sock(newsk);
+	if (!tp || !fill_sock_btf(&e, newsk, tp) || filtered_loopback(&e))
 		return 0;
 	e.cookie = cookie;
 	e.kind = EV_TCP_ACCEPT;
 	e.newstate = TCP_ESTABLISHED;
 	event_owner_current(&e);
-	emit(&e);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_listen")
-int on_listen_enter(struct trace_event_raw_sys_enter *ctx)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 fd = ctx->args[0];
-
-	if (settings.capture_tcp)
-		bpf_map_update_elem(&listen_fds, &id, &fd, BPF_ANY);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_listen")
-int on_listen_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct netstat_event e = {};
-	__u32 *fd = bpf_map_lookup_elem(&listen_fds, &id);
-
-	if (!fd)
-		return 0;
-	long sfd = *fd;
-
-	bpf_map_delete_elem(&listen_fds, &id);
-	if (ctx->ret != 0 || !tcp_sock_event(&e, sock_from_fd(sfd)))
-		return 0;
-	e.kind = EV_TCP_LISTEN;
-	e.newstate = TCP_LISTEN;
 	emit(&e);
 	return 0;
 }
@@ -591,16 +605,26 @@ static __always_inline int handle_udp_io(struct sock *sk, int ret, __u8 kind)
 	return 0;
 }
 
+static __always_inline int handle_sock_io(struct sock *sk, int ret, __u8 kind)
+{
+	if (sk->sk_protocol == IPPROTO_TCP) {
+		if (settings.accept_from_io && ret >= 0)
+			tcp_first_io(sk);
+		return 0;
+	}
+	return handle_udp_io(sk, ret, kind);
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send_length, struct sock *sk, int ret, int flags)
 {
-	return handle_udp_io(sk, ret, EV_UDP_SEND);
+	return handle_sock_io(sk, ret, EV_UDP_SEND);
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(on_sock_recv_length, struct sock *sk, int ret, int flags)
 {
-	return handle_udp_io(sk, ret, EV_UDP_RECV);
+	return handle_sock_io(sk, ret, EV_UDP_RECV);
 }
 
 /* bpf_sock has no netns; bind() and close() run in the owner's netns. */
