@@ -35,6 +35,7 @@ from .sources.containerd.changes import Change, TaskStarted
 from .sources.containerd.follower import ContainerdFollower
 from .sources.dnstap.collector import DnstapCollector, SenderAllowList
 from .state.containers import ContainerIndex, Pod
+from .state.dnsfailures import DnsFailures
 from .state.hostnames import Hostnames
 from .state.ips import IpInventory, build_inventory
 from .state.tracker import Tracker
@@ -66,6 +67,9 @@ class Agent:
         self._ips_changed = asyncio.Event()  # containers changed: refresh the inventory soon
         self._ips_failing = False
         self.hostnames = Hostnames(settings.node_name, self.clock, settings.dns_max_names)
+        self.dns_failures = DnsFailures(
+            settings.node_name, self.clock, self.containers.pod_fields, settings.dns_failed_interval
+        )
         self.attribution = Attribution(self.containers, self.processes, self.cgroup_pids)
         # enrichment: table changes -> events with owners, pods and names
         builder = EventBuilder(settings.node_name, self.clock, self.processes, self.attribution, self.hostnames)
@@ -74,6 +78,7 @@ class Agent:
             self.hostnames.learn,
             allow=self.dnstap_allow,
             on_error=lambda e: self.supervisor.report("dnstap", e, "closing that sender"),
+            failed=self.dns_failures.record,
         )
         self.hub = Hub(
             settings.node_name,
@@ -112,6 +117,7 @@ class Agent:
             self.front,
             self.dnstap,
             self.hostnames,
+            self.dns_failures,
             self.ips,
             self.cgroup_pids,
             self.containers,
@@ -234,7 +240,7 @@ class Agent:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             failpoint("flush")
-            self.hub.publish(self.hostnames.flush() + self.pipeline.flush())
+            self.hub.publish(self.hostnames.flush() + self.dns_failures.flush() + self.pipeline.flush())
             if self.pipeline.tracker.tables.unbound_listeners:
                 self.checks.bind_listeners_soon()
 
@@ -244,6 +250,7 @@ class Agent:
         yield from self.containers.snapshot()
         yield from self.ips.snapshot()
         yield from self.hostnames.snapshot()
+        yield from self.dns_failures.snapshot()
         yield from self.pipeline.snapshot()
 
     def host_info(self) -> dict[str, Any]:

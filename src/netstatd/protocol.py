@@ -23,6 +23,7 @@ IP_ADDED = "ip.added"
 IP_REMOVED = "ip.removed"
 DNS_RESOLVED = "dns.resolved"
 DNS_EXPIRED = "dns.expired"
+DNS_FAILED = "dns.failed"
 # the multiplexer's own
 MUX_STATUS = "mux.status"
 PEER_STATUS = "peer.status"
@@ -42,10 +43,17 @@ NODE_EVENT_TYPES = frozenset(
         IP_REMOVED,
         DNS_RESOLVED,
         DNS_EXPIRED,
+        DNS_FAILED,
         SNAPSHOT_COMPLETE,
         STREAM_RESET,
     )
 )
+
+# A dns.failed stands for this long after its timestamp (there is no event for its end), and a node holds
+# at most this many, one per (clientIP, name): state/dnsfailures.py, mux/state.py and web/store.js keep
+# them so (docs/protocol.md, "dns.failed").
+DNS_FAILED_KEEP_S = 600
+DNS_FAILED_MAX = 1000
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 

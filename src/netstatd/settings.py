@@ -27,6 +27,7 @@ class Settings:
     fanout_service: str = "netstatd-headless"
     client_queue_events: int = 200_000
     dns_max_names: int = 100_000
+    dns_failed_interval: float = 10.0
     # Access (docs/security.md). Lists are comma-separated on the command line, or the flag repeated.
     listen_address: tuple[str, ...] = ()  # empty: loopback without authentication, every address with it
     auth_token_file: str = ""
@@ -78,6 +79,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("fanout_service", "headless Service whose DNS name lists every agent", env="FANOUT_SERVICE"),
     Option("client_queue_events", "events queued per WebSocket client before it is reset as too slow"),
     Option("dns_max_names", "IP -> hostname entries kept from DNSTap (least recently learned dropped first)"),
+    Option("dns_failed_interval", "seconds between two dns.failed events of one DNS client and name"),
     Option(
         "listen_address",
         "addresses every HTTP and DNSTap listener binds (default: 127.0.0.1,::1 without authentication, "
@@ -153,6 +155,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.env
     for name in ("max_clients_per_address", "peer_max_bytes_per_second", "peer_max_rows", "mux_max_bytes"):
         if values[name] < 1:
             raise SystemExit(f"netstatd: --{name.replace('_', '-')} must be at least 1, got {values[name]}")
+    if not 0 < values["dns_failed_interval"] <= 86400:  # also refuses nan
+        interval = values["dns_failed_interval"]
+        raise SystemExit(f"netstatd: --dns-failed-interval must be more than 0 and at most 86400 s, got {interval}")
     return Settings(**values)
 
 

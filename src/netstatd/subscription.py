@@ -24,6 +24,7 @@ from .protocol import (
     CONTAINER_ADDED,
     CONTAINER_DELETED,
     DNS_EXPIRED,
+    DNS_FAILED,
     DNS_RESOLVED,
     HOST_INFO,
     IP_ADDED,
@@ -60,7 +61,11 @@ APPLIES = {
     IP_REMOVED: _POD | {"ip"},
     DNS_RESOLVED: NODE_ONLY | {"ip"},
     DNS_EXPIRED: NODE_ONLY | {"ip"},
+    DNS_FAILED: _POD | {"ip"},  # the client's pod and address
 }
+# The address fields an "ip" key (and loopback) looks at, by event type; other types: "ip".
+IP_FIELDS = {CONNECTION_EVENT: ("localIP", "remoteIP"), DNS_FAILED: ("clientIP",)}
+_IP = ("ip",)
 
 
 class FilterError(ValueError):
@@ -130,8 +135,7 @@ class Filter:
             elif e.get("port") not in self.port:
                 return False
         if (self.ip or not self.loopback) and "ip" in applies:
-            fields = ("localIP", "remoteIP") if kind == CONNECTION_EVENT else ("ip",)
-            parsed = [_parse(e.get(f) or "") for f in fields]
+            parsed = [_parse(e.get(f) or "") for f in IP_FIELDS.get(kind, _IP)]
             if self.ip and not any(a is not None and any(a in n for n in self.ip) for a in parsed):
                 return False
             if not self.loopback and any(a is not None and a.is_loopback for a in parsed):

@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dns.name
 import pytest
 
 from netstatd.testing.agent import AgentProcess
+from netstatd.testing.dns import Resolver, Zone
 from netstatd.testing.stream import StreamClient
 from tests.conftest import require, require_root
 from tests.integration import peers
@@ -230,6 +232,27 @@ def test_deployment_view_renders_the_repository_manifest(ui_agent, page):
     assert any("netstatd-headless" in t for t in texts)
     page.fill('input[name="deploy.q"]', "headless")
     wait_rows(page, lambda ts: len(ts) == 1, view="deploy")
+
+
+def test_dns_view_lists_failing_names_per_client_as_text(ui_agent, page):
+    # A name whose first label is HTML (it needs no escape in a DNS name's text): shown as text.
+    hostile = dns.name.Name([b"<img/src=x/onerror=window.__xss=1>", b"<i/id=pwn>x</i>", b"gone", b"test", b""])
+    with Zone([]) as zone, Resolver(zone, ui_agent.dnstap_port, log_queries=True, nxdomain=("gone.test.",)) as r:
+        page.goto(f"{ui_agent.url}/?view=dns")
+        assert r.query(hostile, source="127.0.0.2").rcode() == 3
+        assert r.query("plain.gone.test.", "AAAA", source="127.0.0.3").rcode() == 3
+        wait_rows(page, lambda ts: len(ts) == 2, view="dns")
+    shown = hostile.to_text(omit_final_dot=True)
+    assert column(page, "client", "dns") == ["127.0.0.2", "127.0.0.3"]  # a client's names together, by client
+    assert column(page, "name", "dns") == [shown, "plain.gone.test"]
+    assert column(page, "rcode", "dns") == ["NXDOMAIN", "NXDOMAIN"]
+    assert column(page, "qtype", "dns") == ["A", "AAAA"]
+    assert all(float(ms) >= 0 for ms in column(page, "latency", "dns"))
+    assert page.evaluate("document.querySelectorAll('#grid-dns img, #pwn').length") == 0
+    assert page.evaluate("window.__xss") is None
+    page.fill('input[name="dns.q"]', "plain")
+    wait_rows(page, lambda ts: len(ts) == 1 and "plain.gone.test" in ts[0], view="dns")
+    wait_query(page, "dns.q=plain")
 
 
 def test_hostile_exe_and_comm_are_shown_as_text(ui_agent, hosts, tmp_path, page):

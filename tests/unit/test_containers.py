@@ -104,15 +104,18 @@ def test_netns_and_ip_lookups() -> None:
         "remoteNamespace": "shop",
         "remotePodUID": UID,
     }
+    assert index.pod_fields("10.232.0.10") == {"podName": "web", "namespace": "shop", "podUID": UID}  # dns.failed
     assert index.netns_fields(1) is None and index.remote_fields("10.0.0.1") is None
+    assert index.pod_fields("10.0.0.1") is None
     index.remove_pod(SANDBOX)
     assert index.netns_fields(4026532001) is None and index.remote_fields("10.232.0.10") is None
+    assert index.pod_fields("10.232.0.10") is None
 
 
 def test_host_network_pod_keeps_host_netns_and_ips() -> None:
     index = index_with_pod(pod(host_network=True, ips=("192.168.1.5",), netns=4026531840))
     assert index.netns_fields(4026531840) is None  # the host's netns stays the host's
-    assert index.remote_fields("192.168.1.5") is None
+    assert index.remote_fields("192.168.1.5") is None and index.pod_fields("192.168.1.5") is None
     assert index.container_fields(APP)["usesHostNetwork"] is True
     assert index.query()[0]["podIPs"] == []
 

@@ -9,30 +9,55 @@ import struct
 import dns.flags
 import dns.message
 import dns.name
+import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
 
-from netstatd.sources.dnstap.decode import DecodeError, Resolution, clear_caches, decode
+from netstatd.sources.dnstap.decode import (
+    DecodeError,
+    Failure,
+    QueryTimes,
+    Resolution,
+    Response,
+    clear_caches,
+    decode,
+    decode_message,
+)
 from netstatd.sources.dnstap.protos import dnstap_pb2 as pb
 
 CLIENT4 = bytes([10, 0, 0, 7])
 Answers = list[tuple[str, str, tuple[str, ...], int]]
 
 
-def payload(wire: bytes, qaddr: bytes | None = CLIENT4, mtype: int = pb.Message.CLIENT_RESPONSE) -> bytes:
+NS = 1_000_000_000
+
+
+def payload(
+    wire: bytes,
+    qaddr: bytes | None = CLIENT4,
+    mtype: int = pb.Message.CLIENT_RESPONSE,
+    query_ns: int | None = 1_700_000_000 * NS + 1_000,
+    response_ns: int | None = 1_700_000_000 * NS + 2_000,
+    port: int = 40000,
+) -> bytes:
     msg = pb.Message(type=mtype, socket_family=pb.INET if qaddr is None or len(qaddr) == 4 else pb.INET6)
     msg.socket_protocol = pb.UDP
     if qaddr is not None:
         msg.query_address = qaddr
-        msg.query_port = 40000
+        msg.query_port = port
     msg.response_address = b"\x0a\x00\x00\x0a"
     msg.response_port = 53
-    msg.query_time_sec, msg.query_time_nsec = 1_700_000_000, 1_000
-    msg.response_time_sec, msg.response_time_nsec = 1_700_000_000, 2_000
-    msg.response_message = wire
+    if query_ns is not None:
+        msg.query_time_sec, msg.query_time_nsec = divmod(query_ns, NS)
+    if response_ns is not None:
+        msg.response_time_sec, msg.response_time_nsec = divmod(response_ns, NS)
+    if mtype == pb.Message.CLIENT_QUERY:
+        msg.query_message = wire
+    else:
+        msg.response_message = wire
     return pb.Dnstap(identity=b"unbound", version=b"1.17", type=pb.Dnstap.MESSAGE, message=msg).SerializeToString()
 
 
@@ -117,7 +142,8 @@ CHAIN = [
 def test_a_record_and_fields():
     wire = response("svc.example.com", [("svc.example.com", 42, "A", ["192.0.2.10"])]).to_wire()
     res = decode(payload(wire))
-    assert res == [Resolution("192.0.2.10", "svc.example.com", (), 42, "10.0.0.7")]
+    # latency: the payload's response time (2000 ns) minus its query time (1000 ns), in ms
+    assert res == [Resolution("192.0.2.10", "svc.example.com", (), 42, "10.0.0.7", 0.001)]
     check(wire)
 
 
@@ -316,3 +342,114 @@ def test_large_response_is_decoded_but_not_cached():
     assert len(wire) > 1232
     for _ in range(2):
         assert sorted(r.ip for r in decode(payload(wire))) == sorted(ips)
+
+
+# --- failed answers and latency ---------------------------------------------------------------------
+
+
+def failed(qname: str, rcode: int, qtype: str = "A") -> bytes:
+    m = dns.message.make_response(dns.message.make_query(qname, qtype, id=77))
+    m.set_rcode(rcode)
+    return m.to_wire()
+
+
+@pytest.mark.parametrize(
+    ("rcode", "name"),
+    [
+        (dns.rcode.NXDOMAIN, "NXDOMAIN"),
+        (dns.rcode.SERVFAIL, "SERVFAIL"),
+        (dns.rcode.REFUSED, "REFUSED"),
+        (dns.rcode.FORMERR, "FORMERR"),
+        (dns.rcode.NOTAUTH, "NOTAUTH"),
+        (12, "RCODE12"),
+    ],
+)
+def test_a_failed_answer_is_a_failure_with_its_rcode_name_and_type(rcode: int, name: str):
+    clear_caches()
+    got = decode_message(payload(failed("Missing.Example.COM.", rcode, "AAAA")))
+    want = Failure("missing.example.com", "AAAA", name, "10.0.0.7", 0.001)
+    assert got == Response(name, 0.001, [], want)
+    assert decode(payload(failed("missing.example.com.", rcode))) == []  # it teaches no name
+
+
+def test_failure_question_forms():
+    clear_caches()
+    assert decode_message(payload(failed("x.test.", dns.rcode.SERVFAIL, "TYPE65280"))).failure.qtype == "TYPE65280"
+    assert decode_message(payload(failed("x.test.", dns.rcode.SERVFAIL, "HTTPS"))).failure.qtype == "HTTPS"
+    assert decode_message(payload(failed(".", dns.rcode.REFUSED, "NS"))).failure.name == "."
+    no_question = struct.pack("!HHHHHH", 9, 0x8181, 0, 0, 0, 0)  # FORMERR, as some servers send it
+    assert decode_message(payload(no_question)).failure == Failure("", "", "FORMERR", "10.0.0.7", 0.001)
+    with pytest.raises(DecodeError) as e:
+        decode_message(payload(failed("x.test.", dns.rcode.NXDOMAIN)[:20]))
+    assert e.value.reason == "dns"
+
+
+def test_nodata_truncated_and_other_opcodes_are_not_failures():
+    clear_caches()
+    nodata = decode_message(payload(response("svc.example.com", []).to_wire()))
+    assert (nodata.rcode, nodata.failure, nodata.resolutions) == ("NOERROR", None, [])
+    m = response("svc.example.com", [("svc.example.com", 42, "A", ["192.0.2.10"])])
+    m.flags |= dns.flags.TC
+    assert decode_message(payload(m.to_wire())).failure is None
+    notify = dns.message.make_response(dns.message.make_query("x.test.", "SOA"))
+    notify.set_opcode(dns.opcode.NOTIFY)
+    notify.set_rcode(dns.rcode.REFUSED)
+    got = decode_message(payload(notify.to_wire()))
+    assert (got.rcode, got.failure) == ("REFUSED", None)  # counted by its RCODE, not a failed lookup
+
+
+def test_the_same_failure_for_another_client_comes_from_the_cache():
+    clear_caches()
+    one = failed("gone.test.", dns.rcode.NXDOMAIN)
+    other = b"\x12\x34" + one[2:]  # another DNS ID: the same cached result
+    assert decode_message(payload(one)).failure.client_ip == "10.0.0.7"
+    assert decode_message(payload(other, bytes([10, 0, 0, 8]))).failure == Failure(
+        "gone.test", "A", "NXDOMAIN", "10.0.0.8", 0.001
+    )
+
+
+def test_latency_needs_both_times_and_is_never_negative():
+    clear_caches()
+    wire = response("svc.example.com", [("svc.example.com", 42, "A", ["192.0.2.10"])]).to_wire()
+    t0 = 1_700_000_000 * NS + 999_999_000
+    assert decode_message(payload(wire, query_ns=t0, response_ns=t0 + 1_500_123_456)).latency_ms == 1500.123
+    assert decode_message(payload(wire, query_ns=None)).latency_ms is None
+    assert decode_message(payload(wire, response_ns=None)).latency_ms is None
+    assert decode_message(payload(wire, query_ns=t0, response_ns=t0 - 1)).latency_ms is None
+    assert decode(payload(wire, query_ns=t0, response_ns=t0 + 250_000))[0].latency_ms == 0.25
+
+
+def test_a_response_without_query_time_takes_its_logged_querys():
+    """unbound logs the query time in CLIENT_QUERY only: matched by client address, port and DNS ID."""
+    clear_caches()
+    queries = QueryTimes()
+    query = dns.message.make_query("gone.test.", "A", id=501).to_wire()
+    answer = failed("gone.test.", dns.rcode.NXDOMAIN)
+    answer = query[:2] + answer[2:]  # the response to that query
+    t0 = 1_700_000_000 * NS
+    q = payload(query, mtype=pb.Message.CLIENT_QUERY, query_ns=t0, response_ns=None)
+    assert decode_message(q, queries) is None and len(queries) == 1
+    # another client port, another ID: not its query
+    r = payload(answer, query_ns=None, response_ns=t0 + 3_000_000, port=40001)
+    assert decode_message(r, queries).latency_ms is None
+    other_id = b"\x00\x01" + answer[2:]
+    assert decode_message(payload(other_id, query_ns=None, response_ns=t0 + 3_000_000), queries).latency_ms is None
+    r = payload(answer, query_ns=None, response_ns=t0 + 3_000_000)
+    assert decode_message(r, queries).failure.latency_ms == 3.0
+    assert len(queries) == 0  # taken
+    assert decode_message(r, queries).latency_ms is None  # once
+    # a response with its own query time (CoreDNS logs both) uses it, and frees the logged query
+    decode_message(q, queries)
+    assert (
+        decode_message(payload(answer, query_ns=t0 + 1_000_000, response_ns=t0 + 3_000_000), queries).latency_ms == 2.0
+    )
+    assert len(queries) == 0
+
+
+def test_logged_queries_are_bounded():
+    queries = QueryTimes(max_entries=2)
+    for port in (1, 2, 3):
+        queries.put((b"\x0a\x00\x00\x07", port, b"\x00\x01"), port)
+    assert len(queries) == 2 and queries.dropped == 1
+    assert queries.pop((b"\x0a\x00\x00\x07", 1, b"\x00\x01")) is None  # the oldest went
+    assert queries.pop((b"\x0a\x00\x00\x07", 3, b"\x00\x01")) == 3

@@ -6,10 +6,14 @@ import ipaddress
 import itertools
 import random
 
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netstatd.sources.dnstap.decode import DecodeError, decode
+from netstatd.sources.dnstap.decode import DecodeError, clear_caches, decode, decode_message
 from tests.unit.test_dns_decode import CHAIN, got, oracle, payload, response, rr, uncompressed
 
 FUZZ = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,3 +119,38 @@ def answers(draw: st.DrawFn) -> bytes:
 @given(answers())
 def test_generated_answers_match_dnspython(wire: bytes):
     assert got(wire) == oracle(wire)
+
+
+@st.composite
+def failed_answers(draw: st.DrawFn) -> bytes:
+    """A response with any RCODE and opcode, a question of any type (or none), maybe records."""
+    m = response(draw(name), [], draw(st.sampled_from(["A", "AAAA", "MX", "TYPE65280", "HTTPS"])))
+    m.set_rcode(draw(st.integers(0, 15)))
+    m.set_opcode(draw(st.sampled_from([dns.opcode.QUERY, dns.opcode.QUERY, dns.opcode.NOTIFY])))
+    if draw(st.booleans()):
+        m.answer.append(rr(m.question[0].name.to_text(), 60, "A", draw(ipv4)))
+    wire = bytearray(m.to_wire())
+    if draw(st.booleans()):  # no question: keep the header only, QDCOUNT 0
+        wire = wire[:4] + b"\0" * 8
+    return bytes(wire)
+
+
+@ORACLE
+@given(failed_answers())
+def test_failures_match_dnspython(wire: bytes):
+    clear_caches()
+    m = dns.message.from_wire(wire)
+    rcode = m.flags & 0xF  # the header's RCODE (dnspython's rcode() adds EDNS's extended bits)
+    response = decode_message(payload(wire))
+    # dnspython names 0-10; 11 is DSOTYPENI (RFC 8490), 12-15 are unassigned
+    want = dns.rcode.to_text(rcode) if rcode <= 10 else "DSOTYPENI" if rcode == 11 else f"RCODE{rcode}"
+    assert response.rcode == want
+    if rcode == 0 or m.opcode() != dns.opcode.QUERY:
+        assert response.failure is None
+        return
+    q = m.question[0] if m.question else None
+    want_name = "" if q is None else q.name.to_text(omit_final_dot=True).lower()
+    want_type = "" if q is None else dns.rdatatype.to_text(q.rdtype)
+    f = response.failure
+    assert (f.name, f.qtype, f.rcode, f.client_ip) == (want_name, want_type, response.rcode, "10.0.0.7")
+    assert response.resolutions == []

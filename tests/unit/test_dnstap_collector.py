@@ -8,11 +8,13 @@ import socket
 
 import pytest
 
+from netstatd.metrics import render
 from netstatd.sources.dnstap.collector import DnstapCollector, SenderAllowList
-from netstatd.sources.dnstap.decode import Resolution
+from netstatd.sources.dnstap.decode import Failure, Resolution, clear_caches
 from netstatd.sources.dnstap.framestream import ACCEPT, CONTENT_TYPE, READY, START, STOP, control_frame, data_frame
 from netstatd.testing.agent import free_port
 from netstatd.testing.dns import client_response
+from tests.unit.test_dns_decode import NS, failed, payload, response
 
 # --- SenderAllowList ------------------------------------------------------------------------------
 
@@ -91,11 +93,16 @@ def test_always_is_only_for_tests_that_refuse_loopback() -> None:
 
 def send_one_answer(port: int, host: str = "127.0.0.1", name: str = "a.netstatd.test.", ip: str = "10.1.2.3") -> bytes:
     """A bidirectional sender: READY, ACCEPT?, START, one CLIENT_RESPONSE, STOP. Returns what it read."""
+    return send_payloads(port, [client_response(name, ip)], host)
+
+
+def send_payloads(port: int, payloads: list[bytes], host: str = "127.0.0.1") -> bytes:
+    """READY, ACCEPT?, START, a data frame per payload, STOP. Returns what it read."""
     with socket.create_connection((host, port), timeout=5) as s:
         s.sendall(control_frame(READY, (CONTENT_TYPE,)))
         got = recv_until_eof(s)
         if got == control_frame(ACCEPT, (CONTENT_TYPE,)):
-            s.sendall(control_frame(START) + data_frame(client_response(name, ip)) + control_frame(STOP))
+            s.sendall(control_frame(START) + b"".join(map(data_frame, payloads)) + control_frame(STOP))
             got += recv_until_eof(s)  # FINISH, unless the collector closed the connection
         return got
 
@@ -155,3 +162,52 @@ async def test_learn_failure_goes_to_on_error_and_that_sender_is_closed() -> Non
         assert [str(e) for e in errors] == ["cache bug on a.netstatd.test"]
     finally:
         await collector.stop()
+
+
+async def test_responses_are_counted_by_rcode_and_latency_and_failures_handed_on() -> None:
+    clear_caches()
+    learned: list[Resolution] = []
+    failures: list[Failure] = []
+    collector = DnstapCollector(learned.extend, failed=failures.extend)
+    port = free_port()
+    t0 = 1_700_000_000 * NS
+    ok = response("ok.test", [("ok.test", 60, "A", ["192.0.2.1"])]).to_wire()
+    payloads = [
+        payload(ok, query_ns=t0, response_ns=t0 + 300_000),  # 0.3 ms: the first bucket
+        payload(ok, query_ns=t0, response_ns=t0 + 500_000),  # 0.5 ms: on the first bound, in it
+        payload(failed("gone.test.", 3), query_ns=t0, response_ns=t0 + 2_000_000_000),  # NXDOMAIN, 2 s
+        payload(failed("dead.test.", 2), query_ns=None),  # SERVFAIL, latency unknown
+        payload(failed("dead.test.", 2), query_ns=t0, response_ns=t0 + 9 * NS),  # over the last bound
+        payload(failed("x.test.", 12), query_ns=t0, response_ns=t0 + 1_000_000),
+    ]
+    await collector.start({"node": port}, hosts=["127.0.0.1"])
+    try:
+        assert await asyncio.to_thread(send_payloads, port, payloads) != b""
+    finally:
+        await collector.stop()
+    assert [r.latency_ms for r in learned] == [0.3, 0.5]
+    assert [(f.name, f.rcode, f.latency_ms) for f in failures] == [
+        ("gone.test", "NXDOMAIN", 2000.0),
+        ("dead.test", "SERVFAIL", None),
+        ("dead.test", "SERVFAIL", 9000.0),
+        ("x.test", "RCODE12", 1.0),
+    ]
+    text = render(collector.metrics())
+    for line in (
+        'netstatd_dns_responses_total{rcode="NOERROR"} 2',
+        'netstatd_dns_responses_total{rcode="NXDOMAIN"} 1',
+        'netstatd_dns_responses_total{rcode="SERVFAIL"} 2',
+        'netstatd_dns_responses_total{rcode="REFUSED"} 0',
+        'netstatd_dns_responses_total{rcode="RCODE12"} 1',
+        'netstatd_dns_latency_seconds_bucket{le="0.0005"} 2',
+        'netstatd_dns_latency_seconds_bucket{le="0.001"} 3',
+        'netstatd_dns_latency_seconds_bucket{le="1.0"} 3',
+        'netstatd_dns_latency_seconds_bucket{le="2.5"} 4',
+        'netstatd_dns_latency_seconds_bucket{le="5.0"} 4',
+        'netstatd_dns_latency_seconds_bucket{le="+Inf"} 5',
+        "netstatd_dns_latency_seconds_count 5",
+        "netstatd_dns_latency_seconds_sum 11.0018",
+        "netstatd_dns_latency_unknown_total 1",
+        "# TYPE netstatd_dns_latency_seconds histogram",
+    ):
+        assert line + "\n" in text, line

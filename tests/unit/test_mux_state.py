@@ -9,14 +9,16 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import aiohttp
 import orjson
 
 from netstatd.mux import state as state_module
-from netstatd.mux.peer import Peer, PeerStats
+from netstatd.mux.peer import Peer, PeerStats, parse_frame
 from netstatd.mux.state import MergedState, NodeTables, row_json
 from netstatd.settings import Settings
+from netstatd.subscription import parse
 from netstatd.supervisor import Supervisor
 from netstatd.testing.agent import free_port
 from netstatd.testing.cluster import garbage_peer_cmd
@@ -166,3 +168,41 @@ def test_node_tables_count_the_bytes_of_their_rows_and_give_them_back():
     t.apply({**port, "type": "port.closed"})
     t.apply({**container, "type": "container.deleted"})
     assert t.bytes == 0 and t.count() == 0
+
+
+def failed(node: str, client: str, name: str, timestamp: str, **fields) -> dict:
+    e = {"type": "dns.failed", "nodeName": node, "timestamp": timestamp, "clientIP": client, "name": name}
+    return e | {"rcode": "NXDOMAIN", "count": 1, "total": 1} | fields
+
+
+def test_node_tables_keep_the_latest_dns_failure_per_client_and_name_for_its_time(monkeypatch):
+    """As the node does: one per (clientIP, name), at most DNS_FAILED_MAX, each until DNS_FAILED_KEEP_S after
+    its timestamp; in the snapshot between the names and the ports."""
+    monkeypatch.setattr(state_module, "DNS_FAILED_MAX", 3)
+    now = time.time()
+    stamp = lambda ago: datetime.fromtimestamp(now - ago, UTC).isoformat().replace("+00:00", "Z")  # noqa: E731
+    t = NodeTables("n1")
+    state = MergedState()
+    state.replace(t)
+    port = {"type": "port.listening", "nodeName": "n1", "sockCookie": 9, "port": 80}
+    name = {"type": "dns.resolved", "nodeName": "n1", "ip": "10.0.0.9", "hostname": "web", "aliases": []}
+    # a node's dns.failed is an event the mux takes from its peers
+    first = parse_frame(orjson.dumps([failed("n1", "10.0.0.1", "a.test", stamp(5))]), "n1")
+    state.apply(t, [port, *first, name])
+    state.apply(t, [failed("n1", "10.0.0.1", "a.test", stamp(1), total=4, rcode="SERVFAIL")])  # replaces
+    assert [(e["name"], e["total"], e["rcode"]) for e in t.failures.values()] == [("a.test", 4, "SERVFAIL")]
+    assert [e["type"] for e in state.snapshot()] == ["dns.resolved", "dns.failed", "port.listening"]
+    assert t.count() == 3
+    old = failed("n1", "10.0.0.2", "old.test", stamp(state_module.DNS_FAILED_KEEP_S + 1))
+    state.apply(t, [old, failed("n1", "10.0.0.3", "b.test", stamp(2))])
+    state.apply(t, [failed("n1", "10.0.0.4", "c.test", stamp(1))])  # a fourth: the first one in goes
+    assert [k[1] for k in t.failures] == ["old.test", "b.test", "c.test"]
+    # old.test's time is over: a snapshot no longer has it
+    assert [e["name"] for e in t.snapshot() if e["type"] == "dns.failed"] == ["b.test", "c.test"]
+    before = t.bytes
+    t.prune(parse({"ip": "10.0.0.4"}))
+    assert list(t.failures) == [("10.0.0.4", "c.test")] and t.bytes < before
+    t.apply({**port, "type": "port.closed"})
+    t.apply({**name, "type": "dns.expired"})
+    t.expire_failures(now + state_module.DNS_FAILED_KEEP_S)
+    assert t.count() == 0 and t.bytes == 0

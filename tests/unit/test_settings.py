@@ -24,7 +24,22 @@ def test_node_name_falls_back_to_hostname():
     assert parse([], environ={}).node_name == socket.gethostname()
 
 
-@pytest.mark.parametrize("argv", [["--log-level", "loud"], ["--http-port", "x"], ["--http-port", "70000"]])
+def test_dns_failed_interval_takes_fractions():
+    assert parse([], environ={}).dns_failed_interval == 10.0
+    assert parse(["--dns-failed-interval", "2.5"], environ={}).dns_failed_interval == 2.5
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "loud"],
+        ["--http-port", "x"],
+        ["--http-port", "70000"],
+        ["--dns-failed-interval", "0"],
+        ["--dns-failed-interval", "nan"],
+        ["--dns-failed-interval", "-1"],
+    ],
+)
 def test_bad_flags_exit_with_a_message(argv):
     with pytest.raises(SystemExit) as e:
         parse(argv, environ={})

@@ -73,6 +73,23 @@ def test_keys_apply_only_to_events_that_carry_them():
     assert parse({"port": "8080"}).matches(port_event()) and not parse({"port": "80"}).matches(port_event())
 
 
+def failed(**fields) -> dict:
+    base = {"type": "dns.failed", "nodeName": "node-a", "name": "gone.test", "rcode": "NXDOMAIN"}
+    return base | {"clientIP": "10.1.0.5", "podName": "web-1", "namespace": "shop", "podUID": "u1"} | fields
+
+
+def test_a_dns_failure_matches_by_its_clients_pod_and_address():
+    assert parse({"namespace": "shop", "podName": "web-1"}).matches(failed())
+    assert not parse({"namespace": "bank"}).matches(failed())
+    not_a_pod = failed(podName=None, namespace=None, podUID=None)
+    assert not parse({"namespace": "shop"}).matches(not_a_pod)  # the client is no pod of the node
+    assert parse({"ip": "10.1.0.0/16"}).matches(failed()) and not parse({"ip": "10.2.0.0/16"}).matches(failed())
+    assert not parse({"loopback": False}).matches(failed(clientIP="127.0.0.1"))
+    assert not parse({"nodeName": "node-b"}).matches(failed())
+    # keys about sockets do not apply to it
+    assert parse({"protocol": "TCP", "port": 443, "state": "ESTABLISHED", "host": False}).matches(failed())
+
+
 def test_what_describes_the_stream_always_passes():
     f = parse({"nodeName": "node-b", "namespace": "nothing"})
     for kind in ("host.info", "snapshot.complete", "stream.reset", "mux.status", "peer.status", "node.removed"):

@@ -7,7 +7,7 @@ import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
 const WEB = new URL("../../src/netstatd/web/", import.meta.url);
-const { Store, UDP_EXPIRE_MS } = await import(new URL("store.js", WEB));
+const { DNS_FAILED_KEEP_MS, DNS_FAILED_MAX, Store, UDP_EXPIRE_MS } = await import(new URL("store.js", WEB));
 const rows = await import(new URL("rows.js", WEB));
 const { FILTERS, VIEWS, contains, fromQuery, subscriptionOf, subscriptionQuery, toQuery, widens } = await import(
   new URL("filters.js", WEB)
@@ -356,6 +356,71 @@ test("IP rows: the inventory, then peers and DNS names no inventory has", () => 
   assert.deepEqual(ips({ type: "pod" }), ["10.244.0.5"]);
   assert.deepEqual(ips({ fam: "IPv6" }), ["fd00::9"]);
   assert.deepEqual(ips({ ip: "9.9" }), ["9.9.9.9"]);
+});
+
+function failed(node, clientIP, name, extra = {}) {
+  return {
+    type: "dns.failed",
+    nodeName: node,
+    timestamp: new Date(T0).toISOString(),
+    name,
+    qtype: "A",
+    rcode: "NXDOMAIN",
+    clientIP,
+    count: 1,
+    total: 1,
+    latencyMs: 0.25,
+    ...extra,
+  };
+}
+
+test("dns.failed: the latest per client and name, bounded, until its time is over", () => {
+  const s = new Store();
+  s.apply([failed("n1", "10.244.0.5", "a.test"), failed("n1", "10.244.0.5", "b.test"), failed("n2", "10.244.0.5", "a.test")], T0);
+  s.apply([failed("n1", "10.244.0.5", "a.test", { rcode: "SERVFAIL", total: 4, timestamp: new Date(T0 + 5000).toISOString() })], T0);
+  const n1 = s.node("n1").dnsFailed;
+  assert.deepEqual([...n1.keys()], ["10.244.0.5|b.test", "10.244.0.5|a.test"]); // replaced, and last
+  assert.equal(n1.get("10.244.0.5|a.test").rcode, "SERVFAIL");
+  assert.equal(s.dirty.dns, true);
+  for (let i = 0; i < DNS_FAILED_MAX; i++) s.apply([failed("n3", "10.0.0.9", `n${i}.test`)], T0);
+  s.apply([failed("n3", "10.0.0.9", "one-more.test")], T0);
+  assert.equal(s.node("n3").dnsFailed.size, DNS_FAILED_MAX);
+  assert.equal(s.node("n3").dnsFailed.has("10.0.0.9|n0.test"), false); // the least recently received went
+  s.sweep(T0 + DNS_FAILED_KEEP_MS, 5000); // ten minutes after their timestamp
+  assert.deepEqual([...n1.keys()], ["10.244.0.5|a.test"]); // 5 s younger: still there
+  s.sweep(T0 + 5000 + DNS_FAILED_KEEP_MS, 5000);
+  assert.equal(n1.size, 0);
+  // a node's new session replaces them, like every table
+  s.apply([failed("n2", "10.244.0.5", "c.test")], T0);
+  s.apply([{ type: "host.info", nodeName: "n2", hostIPs: [] }]);
+  assert.equal(s.node("n2").dnsFailed.size, 0);
+});
+
+test("DNS rows: failing names per client pod, with the RCODE, node and search filters", () => {
+  const s = filteredStore(); // 10.244.0.5 is pod shop/api in n1's inventory; 10.0.0.1 is n1's host IP
+  s.apply([
+    failed("n1", "10.244.0.5", "db.shop.svc", { rcode: "SERVFAIL", latencyMs: 1500 }),
+    failed("n1", "10.244.0.5", "api.example.com.shop.svc"),
+    failed("n1", "10.0.0.1", "gone.test", { latencyMs: undefined }),
+    failed("n2", "10.244.9.9", "x.test", { podName: "web", namespace: "bank", podUID: "u9", rcode: "REFUSED" }),
+    failed("n2", "192.0.2.1", "y.test", { rcode: "NOTIMP" }),
+  ]);
+  const dns = (change = {}) => rows.dnsRows(s, { ...defaults().dns, ...change }).rows.map((r) => `${r.client} ${r.name}`);
+  assert.deepEqual(dns(), [
+    "192.0.2.1 y.test",
+    "bank/web x.test", // the pod from the event
+    "node n1 gone.test",
+    "shop/api api.example.com.shop.svc", // the pod from the inventory; its names together
+    "shop/api db.shop.svc",
+  ]);
+  assert.deepEqual(dns({ rcode: "SERVFAIL" }), ["shop/api db.shop.svc"]);
+  assert.deepEqual(dns({ rcode: "other" }), ["192.0.2.1 y.test"]);
+  assert.deepEqual(dns({ node: "n2" }), ["192.0.2.1 y.test", "bank/web x.test"]);
+  assert.deepEqual(dns({ q: "SHOP/" }), ["shop/api api.example.com.shop.svc", "shop/api db.shop.svc"]);
+  assert.deepEqual(dns({ q: "gone" }), ["node n1 gone.test"]);
+  const all = rows.dnsRows(s, defaults().dns);
+  assert.equal(all.total, 5);
+  assert.deepEqual(all.rows.map((r) => r.latency), [0.25, 0.25, null, 0.25, 1500]);
 });
 
 // -- filters.js -----------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ class Mux:
             single(
                 "netstatd_mux_rows",
                 "gauge",
-                "Rows in the merged state: connections, listening ports, containers, IP entries and names.",
+                "Rows in the merged state: connections, listening ports, containers, IP entries, names, DNS failures.",
                 sum(t.count() for t in self.state.nodes.values()),
             ),
             single(

@@ -1,12 +1,15 @@
 """The multiplexer's merged state: per node, the tables a client keeps, built from the node's stream.
 
 No I/O: a peer feeds events in, the server asks for a snapshot. Keys follow docs/protocol.md (keep in
-step with the node's own tables: state/containers.py, state/ips.py, state/names.py, state/tracker.py).
+step with the node's own tables: state/containers.py, state/ips.py, state/names.py, state/dnsfailures.py,
+state/tracker.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -17,6 +20,9 @@ from ..protocol import (
     CONTAINER_ADDED,
     CONTAINER_DELETED,
     DNS_EXPIRED,
+    DNS_FAILED,
+    DNS_FAILED_KEEP_S,
+    DNS_FAILED_MAX,
     DNS_RESOLVED,
     IP_ADDED,
     IP_REMOVED,
@@ -42,7 +48,8 @@ ABSENT = object()  # a shared field the event does not have (not the same row as
 Row = tuple[bytes, bytes]  # (shared part: '{...,' , own part: '...}'); the row's JSON is their concatenation
 
 
-INVENTORY = ("containers", "ips", "names", "ports")  # the tables before connections, in the stream's order
+# the tables before connections, in the stream's order
+INVENTORY = ("containers", "ips", "names", "failures", "ports")
 
 
 def row_json(row: Row) -> bytes:
@@ -57,6 +64,10 @@ class NodeTables:
         self.containers: dict[str, Event] = {}
         self.ips: dict[tuple[str, str], Event] = {}
         self.names: dict[str, Event] = {}
+        # (clientIP, name) -> the latest dns.failed, least recently sent first; each until its timestamp
+        # is DNS_FAILED_KEEP_S old (kept in step with the node's: state/dnsfailures.py)
+        self.failures: dict[tuple[str, str], Event] = {}
+        self._failure_ends: dict[tuple[str, str], float] = {}  # key -> when it ends, time.time() seconds
         self.ports: dict[int, Event] = {}
         self.connections: dict[tuple[Any, ...], Row] = {}
         self._shared: dict[tuple[Any, ...], bytes] = {}  # SHARED_FIELDS' values -> their JSON part
@@ -98,6 +109,22 @@ class NodeTables:
             self._set(self.names, e.get("ip"), e)
         elif t == DNS_EXPIRED:
             self._drop(self.names, e.get("ip"))
+        elif t == DNS_FAILED:
+            self._failed(e)
+
+    def _failed(self, e: Event) -> None:
+        key = (str(e.get("clientIP")), str(e.get("name")))
+        self._drop(self.failures, key)  # to the end: the table is in the order they came
+        if len(self.failures) >= DNS_FAILED_MAX:
+            self._drop(self.failures, next(iter(self.failures)))
+        self._set(self.failures, key, e)
+        self._failure_ends[key] = _seconds(e.get("timestamp")) + DNS_FAILED_KEEP_S
+
+    def expire_failures(self, now: float) -> None:
+        """Drop the dns.failed whose time is over (now: time.time()); what a client does with them too."""
+        ends = self._failure_ends
+        for key in [k for k, end in ends.items() if end <= now]:
+            self._drop(self.failures, key)
 
     def _row(self, e: Event) -> Row:
         """The row for connection.event `e`, its shared part taken from the cache when it is there."""
@@ -125,9 +152,12 @@ class NodeTables:
     def _drop(self, table: dict[Any, Event], key: Any) -> None:
         if table.pop(key, None) is not None:
             self.bytes -= self._sizes.pop((id(table), key), 0)
+            if table is self.failures:
+                del self._failure_ends[key]
 
     def snapshot(self) -> list[Event | orjson.Fragment]:
         """This node's state as events, in the node stream's order (connections already encoded)."""
+        self.expire_failures(time.time())
         out: list[Event | orjson.Fragment] = [e for table in INVENTORY for e in getattr(self, table).values()]
         out.extend(orjson.Fragment(row_json(row)) for row in self.connections.values())
         return out
@@ -135,7 +165,7 @@ class NodeTables:
     def prune(self, wanted: Any) -> int:
         """Drop the rows `wanted` (a subscription) no longer lets through; returns how many."""
         dropped = 0
-        for table in (self.containers, self.ips, self.names, self.ports):
+        for table in (self.containers, self.ips, self.names, self.failures, self.ports):
             for key in [k for k, e in table.items() if not wanted.matches(e)]:
                 self._drop(table, key)
                 dropped += 1
@@ -146,8 +176,8 @@ class NodeTables:
         return dropped
 
     def count(self) -> int:
-        """The rows held (what --peer-max-rows bounds): five len()s, cheap enough for every frame."""
-        return sum(map(len, (self.containers, self.ips, self.names, self.ports, self.connections)))
+        """The rows held (what --peer-max-rows bounds): six len()s, cheap enough for every frame."""
+        return sum(map(len, (self.containers, self.ips, self.names, self.failures, self.ports, self.connections)))
 
 
 class MergedState:
@@ -188,9 +218,12 @@ class MergedState:
             tables.apply(e)
 
     def snapshot(self) -> Iterator[Event | orjson.Fragment]:
-        """Every node's state in the node stream's order: containers, IPs, names, ports, connections.
-        Lazy: a connection's JSON is joined as the hub encodes its frame, not all at once."""
+        """Every node's state in the node stream's order: containers, IPs, names, DNS failures, ports,
+        connections. Lazy: a connection's JSON is joined as the hub encodes its frame, not all at once."""
         nodes = list(self.nodes.values())
+        now = time.time()
+        for n in nodes:
+            n.expire_failures(now)
         # what is held now, as references (live events go on changing the tables meanwhile)
         inventory = [e for table in INVENTORY for n in nodes for e in getattr(n, table).values()]
         rows = [row for n in nodes for row in n.connections.values()]
@@ -208,3 +241,11 @@ class MergedState:
             if (namespace is None or e.get("namespace") == namespace)
             and (pod_name is None or e.get("podName") == pod_name)
         ]
+
+
+def _seconds(timestamp: Any) -> float:
+    """An event's RFC 3339 timestamp as time.time() seconds; now for one that is not."""
+    try:
+        return datetime.fromisoformat(timestamp).timestamp()
+    except (TypeError, ValueError):
+        return time.time()

@@ -264,6 +264,11 @@ class ContainerIndex:
         """remotePodName/remoteNamespace/remotePodUID when ip is a pod IP on this node."""
         return self._remote.get(ip)
 
+    def pod_fields(self, ip: str) -> Event | None:
+        """podName/namespace/podUID when ip is a pod IP on this node (a DNS client's, for dns.failed)."""
+        pod = self._by_ip.get(ip)
+        return {"podName": pod.name, "namespace": pod.namespace, "podUID": pod.uid} if pod is not None else None
+
 
 # The fields a connection.event or port.listening gains from its container.
 _OWNER_KEYS = ("containerId", "containerName", "podName", "namespace", "podUID", "usesHostNetwork")

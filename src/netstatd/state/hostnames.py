@@ -77,7 +77,7 @@ class Hostnames:
         return [self.resolved_event(e) for e in self.cache.entries()]
 
     def resolved_event(self, e: NameEntry) -> Event:
-        return {
+        event = {
             "type": DNS_RESOLVED,
             "timestamp": self.clock.now(),
             "nodeName": self.node_name,
@@ -87,3 +87,6 @@ class Hostnames:
             "ttl": e.ttl,
             "clientIP": e.client_ip,
         }
+        if e.latency_ms is not None:
+            event["latencyMs"] = e.latency_ms
+        return event

@@ -18,6 +18,7 @@ class NameEntry:
     ttl: int
     client_ip: str
     expires: float  # time.monotonic() seconds
+    latency_ms: float | None = None  # of the latest answer, like ttl and client_ip
 
 
 class NameCache:
@@ -50,11 +51,11 @@ class NameCache:
         entries = self._entries
         e = entries.get(r.ip)
         if e is not None and e.hostname == r.hostname and e.aliases == r.aliases:
-            e.ttl, e.client_ip, e.expires = r.ttl, r.client_ip, expires
+            e.ttl, e.client_ip, e.expires, e.latency_ms = r.ttl, r.client_ip, expires, r.latency_ms
             entries.move_to_end(r.ip)
             changed = None
         else:
-            changed = NameEntry(r.ip, r.hostname, r.aliases, r.ttl, r.client_ip, expires)
+            changed = NameEntry(r.ip, r.hostname, r.aliases, r.ttl, r.client_ip, expires, r.latency_ms)
             entries[r.ip] = changed
             if e is not None:
                 entries.move_to_end(r.ip)

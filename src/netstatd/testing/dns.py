@@ -3,7 +3,9 @@
 `Zone` is served by a backend unbound. `Resolver` is a second unbound that
 forwards everything to it and sends DNSTap: a static local zone does not
 follow its own CNAMEs, a resolver in front of it does, so answers carry
-whole chains as they do in a cluster. `Dnsdist` sits in front of the
+whole chains as they do in a cluster. It can also fail: NXDOMAIN for its own
+`nxdomain` zones, SERVFAIL for `dead` zones, forwarded to a loopback port
+where nothing ever answers. `Dnsdist` sits in front of the
 resolver with a packet cache and one self-answered name, and logs all
 three kinds of response over a Frame Streams TCP logger. `client_response`
 builds one DNSTap message by hand, for senders written in a test.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -79,8 +82,10 @@ class _Daemon:
         path = self.dir / "log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def query(self, name: str, rdtype: str = "A") -> dns.message.Message:
-        return dns.query.udp(dns.message.make_query(name, rdtype), self.address, port=self.port, timeout=3)
+    def query(self, name: str, rdtype: str = "A", source: str | None = None) -> dns.message.Message:
+        """source: the client's address (another loopback address, e.g. 127.0.0.2, is another client)."""
+        query = dns.message.make_query(name, rdtype)
+        return dns.query.udp(query, self.address, port=self.port, timeout=3, source=source)
 
     def __enter__(self):
         return self.start()
@@ -133,20 +138,47 @@ class Zone(_Daemon):
 
 
 class Resolver(_Daemon):
-    """unbound resolving through `zone`, sending DNSTap CLIENT_RESPONSE to 127.0.0.1:dnstap_port."""
+    """unbound resolving through `zone`, sending DNSTap CLIENT_RESPONSE to 127.0.0.1:dnstap_port.
+
+    log_queries: CLIENT_QUERY too (unbound's responses carry no query time: the collector takes it from
+    them). nxdomain: zones it answers NXDOMAIN itself. dead: zones forwarded to a UDP socket of this
+    object's that never answers (so nothing else can take its port), with unbound's upstream timeouts
+    shortened: SERVFAIL after about 0.1 s."""
 
     binary = "unbound"
 
-    def __init__(self, zone: Zone, dnstap_port: int) -> None:
+    def __init__(
+        self,
+        zone: Zone,
+        dnstap_port: int,
+        *,
+        log_queries: bool = False,
+        nxdomain: tuple[str, ...] = (),
+        dead: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.zone = zone
         self.dnstap_port = dnstap_port
+        self.log_queries = log_queries
+        self.nxdomain = nxdomain
+        self.dead = dead
+        self._black_hole: socket.socket | None = None
+        if dead:
+            self._black_hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._black_hole.bind(("127.0.0.1", 0))
 
     def command(self) -> list[str]:
         conf = _UNBOUND_COMMON.format(address=self.address, port=self.port, dir=self.dir)
-        conf += f"""    do-not-query-localhost: no
-    local-zone: "test." nodefault
-forward-zone:
+        conf += '    do-not-query-localhost: no\n    local-zone: "test." nodefault\n'
+        conf += "".join(f'    local-zone: "{z}" always_nxdomain\n' for z in self.nxdomain)
+        if self._black_hole is not None:
+            # one try, 50 ms for a server with no RTT known yet (default: 5 tries, 376 ms)
+            conf += "    outbound-msg-retry: 1\n    unknown-server-time-limit: 50\n"
+            dead_port = self._black_hole.getsockname()[1]
+            conf += "".join(
+                f'forward-zone:\n    name: "{z}"\n    forward-addr: 127.0.0.1@{dead_port}\n' for z in self.dead
+            )
+        conf += f"""forward-zone:
     name: "."
     forward-addr: 127.0.0.1@{self.zone.port}
 dnstap:
@@ -157,8 +189,15 @@ dnstap:
     dnstap-send-identity: yes
     dnstap-log-client-response-messages: yes
 """
+        if self.log_queries:
+            conf += "    dnstap-log-client-query-messages: yes\n"
         (self.dir / "unbound.conf").write_text(conf)
         return ["unbound", "-d", "-c", str(self.dir / "unbound.conf")]
+
+    def close(self) -> None:
+        super().close()
+        if self._black_hole is not None:
+            self._black_hole.close()
 
 
 class Dnsdist(_Daemon):

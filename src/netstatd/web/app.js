@@ -5,7 +5,7 @@
 import { deploymentRows, loadDeployment, renderDeployment } from "./deployment.js";
 import { el } from "./dom.js";
 import { FILTERS, VIEWS, fromQuery, subscriptionOf, subscriptionQuery, toQuery, widens } from "./filters.js";
-import { connectionPass, connectionRows, ipRows, portRows } from "./rows.js";
+import { connectionPass, connectionRows, dnsRows, ipRows, portRows } from "./rows.js";
 import { MAX_CONNS, Store, tally } from "./store.js";
 import { Stream, streamURL } from "./stream.js";
 import { createGrid, showRows, shownRows, sortRows } from "./views.js";
@@ -32,8 +32,8 @@ const SLICE_MS = 8;
 const TOO_WIDE_CHOICES = 12;
 const TOO_WIDE_EVERY_MS = 1000; // the banner counts every held row: at most once a second
 
-const ROWS = { conn: connectionRows, ports: portRows, ips: ipRows, deploy: deploymentRows };
-const DATA_OF = { conn: "conn", ports: "ports", ips: "ips", deploy: null }; // store.dirty keys
+const ROWS = { conn: connectionRows, ports: portRows, ips: ipRows, dns: dnsRows, deploy: deploymentRows };
+const DATA_OF = { conn: "conn", ports: "ports", ips: "ips", dns: "dns", deploy: null }; // store.dirty keys
 
 const ui = fromQuery(window.location.search);
 const store = new Store();

@@ -3,7 +3,7 @@
 
 import { MAX_CONNS } from "./store.js";
 
-export const VIEWS = ["conn", "ports", "ips", "deploy"];
+export const VIEWS = ["conn", "ports", "ips", "dns", "deploy"];
 
 const ANY = ["", "any"];
 
@@ -57,6 +57,17 @@ export const FILTERS = {
       options: [ANY, ["pod", "pod"], ["host", "host"], ["loopback", "loopback"], ["external", "external"]],
     },
     { key: "fam", kind: "select", label: "Family", options: [ANY, ["IPv4", "IPv4"], ["IPv6", "IPv6"]] },
+    { key: "node", kind: "text", label: "Node" },
+    { key: "sort", kind: "sort" },
+  ],
+  dns: [
+    { key: "q", kind: "text", label: "Search", placeholder: "name, client pod or IP…" },
+    {
+      key: "rcode",
+      kind: "select",
+      label: "RCODE",
+      options: [ANY, ["NXDOMAIN", "NXDOMAIN"], ["SERVFAIL", "SERVFAIL"], ["REFUSED", "REFUSED"], ["other", "other"]],
+    },
     { key: "node", kind: "text", label: "Node" },
     { key: "sort", kind: "sort" },
   ],

@@ -214,3 +214,32 @@ export function ipRows(store, f) {
   );
   return { rows, total: all.length };
 }
+
+// DNS failures: one row per node, client and name (the latest dns.failed), the client named by its pod
+// (from the event, else from any node's inventory), ordered by client then name: the failing names of
+// each client pod together, until the user sorts by a column.
+export function dnsRows(store, f) {
+  const ips = store.ipIndex();
+  const q = f.q ? f.q.toLowerCase() : "";
+  const rows = [];
+  let total = 0;
+  for (const n of store.nodes.values()) {
+    for (const r of n.dnsFailed.values()) {
+      total++;
+      const info = ips.get(r.clientIP);
+      const pod = podLabel(r.namespace, r.podName) || (info?.kind === "pod" ? podLabel(info.namespace, info.podName) : "");
+      r.client = pod || (info?.kind === "host" && info.node ? `node ${info.node}` : r.clientIP || "");
+      r.latency = typeof r.latencyMs === "number" ? r.latencyMs : null;
+      if (f.rcode && (f.rcode === "other" ? ["NXDOMAIN", "SERVFAIL", "REFUSED"].includes(r.rcode) : r.rcode !== f.rcode)) continue;
+      if (f.node && !contains(r.node, f.node)) continue;
+      if (q && !contains(r.name, q) && !contains(r.client, q) && !contains(r.clientIP, q)) continue;
+      rows.push(r);
+    }
+  }
+  rows.sort((a, b) => byText(a.client, b.client) || byText(a.name, b.name) || byText(a.node, b.node));
+  return { rows, total };
+}
+
+function byText(a, b) {
+  return a < b ? -1 : a > b ? 1 : 0;
+}

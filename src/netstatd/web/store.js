@@ -12,6 +12,10 @@ export const UDP_EXPIRE_MS = 75_000;
 // with 50k (bench/ui.py), not with a cluster's million: past the cap, a subscription is too wide, and
 // the page counts what it leaves out (by namespace and node) so the user can narrow it.
 export const MAX_CONNS = 100_000;
+// A dns.failed stands for 10 minutes after its timestamp, and a node holds at most 1000, the latest per
+// client IP and name (protocol.py DNS_FAILED_KEEP_S, DNS_FAILED_MAX: change them together).
+export const DNS_FAILED_KEEP_MS = 600_000;
+export const DNS_FAILED_MAX = 1000;
 
 class NodeState {
   constructor(name) {
@@ -22,6 +26,7 @@ class NodeState {
     this.ports = new Map(); // sockCookie -> port row
     this.conns = new Map(); // sockCookie (TCP) or sockCookie|remoteIP|remotePort (UDP) -> connection row
     this.dns = new Map(); // ip -> Map(hostname -> dns.resolved)
+    this.dnsFailed = new Map(); // clientIP|name -> dns.failed row, least recently received first
     // Its rows are about to be sent again: "session" (a new WebSocket session) or "reset" (a
     // stream.reset). They stay on screen until its first event, which clears them.
     this.stale = false;
@@ -33,6 +38,7 @@ class NodeState {
     this.ports.clear();
     this.conns.clear();
     this.dns.clear();
+    this.dnsFailed.clear();
   }
 }
 
@@ -47,7 +53,7 @@ export class Store {
     this._connCount = null; // connection rows held (null: count again, rows were removed)
     this.left = newLeft(); // connections past maxConns, since the last restart
     // What changed since the views last read it: views redraw only when their data is dirty.
-    this.dirty = { conn: true, ports: true, ips: true };
+    this.dirty = { conn: true, ports: true, ips: true, dns: true };
     this.indexDirty = true; // ip and dns indexes need rebuilding (inventory or DNS changed)
     this.indexVersion = 0; // counts rebuilds: rows derived from an older index are out of date
     this._ipIndex = new Map();
@@ -127,15 +133,22 @@ export class Store {
   }
 
   markAll() {
-    this.dirty.conn = this.dirty.ports = this.dirty.ips = true;
+    this.dirty.conn = this.dirty.ports = this.dirty.ips = this.dirty.dns = true;
     this.indexDirty = true;
   }
 
-  // Drops connections closed longer than lingerMs ago, and closes UDP flows silent for too long.
-  // Returns how many closed connections are still lingering (they fade out meanwhile).
+  // Drops connections closed longer than lingerMs ago, and closes UDP flows silent for too long; drops
+  // DNS failures whose time is over. Returns how many closed connections are still lingering (they fade
+  // out meanwhile).
   sweep(now, lingerMs) {
     let lingering = 0;
     for (const n of this.nodes.values()) {
+      for (const [key, row] of n.dnsFailed) {
+        if (now - row.at >= DNS_FAILED_KEEP_MS) {
+          n.dnsFailed.delete(key);
+          this.dirty.dns = true;
+        }
+      }
       for (const [key, row] of n.conns) {
         if (!row.closedAt && row.protocol === "UDP" && now - row.lastSeen > UDP_EXPIRE_MS) {
           // a new object, like every change: the grid tells changed rows by identity
@@ -318,6 +331,14 @@ const HANDLERS = {
     names.delete(ev.hostname);
     if (!names.size) node.dns.delete(ev.ip);
     store.markAll();
+  },
+  "dns.failed"(store, node, ev, now) {
+    const key = `${ev.clientIP}|${ev.name}`;
+    node.dnsFailed.delete(key); // to the end: the least recently received goes first
+    if (node.dnsFailed.size >= DNS_FAILED_MAX) node.dnsFailed.delete(node.dnsFailed.keys().next().value);
+    const at = Date.parse(ev.timestamp);
+    node.dnsFailed.set(key, { ...ev, id: `${node.name}|${key}`, node: node.name, at: Number.isNaN(at) ? now : at });
+    store.dirty.dns = true;
   },
 };
 

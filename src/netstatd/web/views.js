@@ -38,6 +38,11 @@ function endpoint(side) {
   };
 }
 
+function rcode(v) {
+  v = v || "";
+  return el("span", { class: `rcode rcode-${v.replace(/[^A-Z0-9]/g, "")}`, text: v });
+}
+
 function kindBadge(v) {
   v = v || "";
   return el("span", { class: `badge kind-${v}`, text: v });
@@ -103,6 +108,16 @@ export const COLUMNS = {
     { title: "Host network", field: "hostNetwork", formatter: yesNo, width: 110 },
     { title: "Interface", field: "iface", width: 100 },
     { title: "Source", field: "source", width: 100 },
+  ],
+  dns: [
+    { title: "Node", field: "node", width: 110 },
+    { title: "Client", field: "client", formatter: withTitle("clientIP"), minWidth: 140 },
+    { title: "Name", field: "name", minWidth: 200 },
+    { title: "Type", field: "qtype", width: 75 },
+    { title: "RCODE", field: "rcode", formatter: rcode, width: 105 },
+    { title: "Failures", field: "total", ...num, width: 90 },
+    { title: "Latency (ms)", field: "latency", ...num, width: 110 },
+    { title: "Last failure", field: "at", formatter: time, sorter: "number", width: 110 },
   ],
   deploy: [
     { title: "Kind", field: "kind", width: 120 },

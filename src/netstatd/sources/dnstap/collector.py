@@ -14,13 +14,14 @@ wrong name on connections.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
-from ...metrics import Metric, single
-from .decode import DecodeError, Resolution, decode
+from ...metrics import Metric, histogram, single
+from .decode import DecodeError, Failure, QueryTimes, Resolution, decode_message
 from .framestream import REASONS, CollectorStats, Limits, serve
 
 log = logging.getLogger("netstatd.dnstap")
@@ -28,6 +29,11 @@ log = logging.getLogger("netstatd.dnstap")
 LISTENERS = ("node", "mux")
 DECODE_ERRORS = ("protobuf", "no_message", "dns")
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+# netstatd_dns_latency_seconds: 0.5 ms (a cache hit) to 5 s (a resolver giving up on its upstreams)
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_LATENCY_BUCKETS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
+# shown at 0 before any is seen, so a dashboard's series exist from the start
+_COMMON_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -92,10 +98,18 @@ class DnstapCollector:
         limits: Limits | None = None,
         allow: SenderAllowList | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        failed: Callable[[list[Failure]], None] | None = None,
     ) -> None:
-        """allow: who may send (None: anyone). on_error: gets an unexpected exception from decoding or
-        `learn` (that sender is then closed as internal_error and reconnects); None: it is logged."""
+        """learn: gets the names of each read's answers; failed: its failed answers (None: not wanted).
+        allow: who may send (None: anyone). on_error: gets an unexpected exception from decoding, `learn`
+        or `failed` (that sender is then closed as internal_error and reconnects); None: it is logged."""
         self._learn = learn
+        self._failed = failed
+        self.queries = QueryTimes()  # logged queries' times, for responses without one (unbound)
+        self.rcodes = dict.fromkeys(_COMMON_RCODES, 0)  # client responses by RCODE name
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # per bucket (not cumulative), then +Inf
+        self.latency_sum_ms = 0.0
+        self.latency_unknown = 0  # responses without a query or response time
         self.limits = limits or Limits()
         self.allow = allow
         self._on_error = on_error
@@ -159,19 +173,62 @@ class DnstapCollector:
             single(
                 "netstatd_dns_answers_total", "counter", "Address records learned from responses.", self.resolutions
             ),
+            Metric(
+                "netstatd_dns_responses_total",
+                "counter",
+                "DNS answers to clients (DNSTap CLIENT_RESPONSE), by RCODE.",
+                [({"rcode": k}, n) for k, n in self.rcodes.items()],
+            ),
+            histogram(
+                "netstatd_dns_latency_seconds",
+                "DNS answers to clients: response time minus query time, as the DNS server logged them.",
+                LATENCY_BUCKETS_S,
+                self.latency_counts,
+                self.latency_sum_ms / 1000,
+            ),
+            single(
+                "netstatd_dns_latency_unknown_total",
+                "counter",
+                "DNS answers to clients without a latency: no query time in the response and no logged query.",
+                self.latency_unknown,
+            ),
+            single(
+                "netstatd_dnstap_queries_dropped_total",
+                "counter",
+                f"Logged client queries forgotten before their response ({self.queries.max_entries} were waiting).",
+                self.queries.dropped,
+            ),
         ]
 
     def _on_frames(self, listener: str, frames: list[bytes]) -> None:
         learned: list[Resolution] = []
-        skipped = self.skipped
+        failures: list[Failure] = []
+        skipped, rcodes, queries = self.skipped, self.rcodes, self.queries
+        counts, bounds = self.latency_counts, _LATENCY_BUCKETS_MS
         for frame in frames:
             try:
-                learned += decode(frame)
+                response = decode_message(frame, queries)
             except DecodeError as e:
                 if skipped[e.reason] == 0:
                     log.warning("skipping a DNSTap frame that cannot be decoded (%s): %s", e.reason, e)
                 skipped[e.reason] += 1
+                continue
+            if response is None:
+                continue
+            rcodes[response.rcode] = rcodes.get(response.rcode, 0) + 1  # at most 16 names (dns.RCODE_NAMES)
+            latency = response.latency_ms
+            if latency is None:
+                self.latency_unknown += 1
+            else:
+                counts[bisect.bisect_left(bounds, latency)] += 1  # le: the first bound >= the value
+                self.latency_sum_ms += latency
+            if response.failure is not None:
+                failures.append(response.failure)
+            elif response.resolutions:
+                learned += response.resolutions
         self.messages[listener] += len(frames)
         self.resolutions += len(learned)
         if learned:
             self._learn(learned)
+        if failures and self._failed is not None:
+            self._failed(failures)

@@ -19,6 +19,14 @@ TYPE_A = 1
 TYPE_CNAME = 5
 TYPE_AAAA = 28
 CLASS_IN = 1
+NOERROR = 0
+# The header's 4-bit RCODE (RFC 1035, 2136, 8490): every value has a name, "RCODE12" for the unassigned.
+_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET", "NXRRSET")
+RCODE_NAMES = (*_RCODES, "NOTAUTH", "NOTZONE", "DSOTYPENI", *(f"RCODE{i}" for i in range(12, 16)))
+_QTYPES = {
+    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
+    35: "NAPTR", 43: "DS", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS", 99: "SPF", 255: "ANY", 257: "CAA",
+}  # fmt: skip
 _ADDR_LEN = {TYPE_A: 4, TYPE_AAAA: 16}
 
 _HEADER = struct.Struct("!HHHHHH")
@@ -114,6 +122,30 @@ def name_text(key: bytes) -> str:
             _text_cache.clear()
         _text_cache[key] = text
     return text
+
+
+def qtype_text(qtype: int) -> str:
+    """A QTYPE's mnemonic, "TYPE65280" (RFC 3597's form) for one without a name here."""
+    return _QTYPES.get(qtype) or f"TYPE{qtype}"
+
+
+def parse_failure(w: bytes) -> tuple[int, str, str] | None:
+    """(RCODE, question name, QTYPE) of a failed answer: a response to a standard query whose RCODE is not
+    NOERROR. None for any other message. The name is "" when the response has no question (some FORMERR
+    and NOTIMP answers), "." for the root. Raises DnsError for a malformed question."""
+    try:
+        _id, flags, qd, _an, _ns, _ar = _HEADER.unpack_from(w, 0)
+    except struct.error:
+        raise DnsError("short header") from None
+    rcode = flags & 0xF
+    if flags & 0xF800 != 0x8000 or rcode == NOERROR:  # a response, opcode QUERY
+        return None
+    if qd == 0:
+        return rcode, "", ""
+    qkey, i = _name(w, 12, len(w), {})
+    if i + _QTAIL > len(w):
+        raise DnsError("truncated question")
+    return rcode, name_text(qkey) if qkey else ".", qtype_text((w[i] << 8) | w[i + 1])
 
 
 def parse_response(w: bytes) -> list[Answer]:
