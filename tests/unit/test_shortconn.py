@@ -5,6 +5,7 @@ count the same metrics. A node without the native helper (Tracker(native=False))
 every connection then takes the fold and the tables (tests/unit/test_tracker.py).
 """
 
+import errno
 import random
 import socket
 
@@ -37,6 +38,17 @@ OWNERS = [(100, b"curl"), (101, b'50%"cpu\xc3\xa9'), (0, b"")]  # 0: the kernel 
 
 def record(kind, cookie, old, new, *, ts, tgid=100, comm=b"curl", address=0, sport=80, dport=5000, folded=()):
     family, saddr, daddr = ADDRESSES[address]
+    close = {}
+    if new == CLOSE and kind == ev.EV_TCP_STATE:  # counters of its own, and now and then an error
+        close = {
+            "bytes_acked": cookie * 1000 + 1,
+            "bytes_received": cookie * 7,
+            "segs_out": cookie % 97,
+            "segs_in": cookie % 89,
+            "srtt_us": 100 + cookie,
+            "total_retrans": cookie % 3,
+            "error": (0, 0, 0, errno.ECONNRESET, errno.ETIMEDOUT)[cookie % 5],
+        }
     return rec(
         kind,
         cookie=cookie,
@@ -52,6 +64,7 @@ def record(kind, cookie, old, new, *, ts, tgid=100, comm=b"curl", address=0, spo
         sport=sport,
         dport=dport,
         folded=folded,
+        **close,
     )
 
 
@@ -138,6 +151,8 @@ def metrics(t: Node) -> dict:
         "opened": t.opened,
         "closed": t.closed,
         "unattributed": t.unattributed,
+        "resets": dict(t.resets),
+        "connect_failures": dict(t.connect_failures),
         "attribution": dict(t.builder.attributed),
         "live": sorted(t.tcp),
         "records": (t.records_ingested, dict(t.record_counts)),
@@ -163,6 +178,9 @@ def test_native_and_python_paths_send_the_same_events_and_count_the_same(tmp_pat
     assert sorted(native_events, key=order) == sorted(python_events, key=order)
     assert metrics(native) == metrics(python)
     assert len(python_events) > 300
+    closes = [e for e in native_events if e.get("state") == "CLOSE" and e["protocol"] == "TCP"]
+    assert all(e["bytesSent"] == e["sockCookie"] * 1000 + 1 for e in closes)  # each its own counters
+    assert {e.get("reset") for e in closes} == {None, "sent", "received"}
 
 
 def test_native_path_takes_the_short_connections_out_of_the_chunk(tmp_path):
@@ -257,7 +275,7 @@ def test_split_and_render_keep_no_memory_behind():
     def round_trip() -> int:
         _rest, packed, owners, _carry = shortconn.split(chunk, ({},))
         reps, index, _uses = shortconn.distinct([packed])
-        texts = shortconn.render([packed], index, [(b"<", b"|", b"|", b"|", b">")] * len(reps), 0)
+        texts = shortconn.render([packed], index, [(b"<", *[b"|"] * 9, b">")] * len(reps), 0)
         shortconn.count_kinds(chunk, {})
         return len(texts) + len(owners)
 

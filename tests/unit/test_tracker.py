@@ -35,8 +35,10 @@ def rec(
     flags=ev.EVF_OWNER_STORED,
     cgroup_id=0,
     folded: tuple[int, ...] = (),
+    **close: int,
 ) -> bytes:
-    """A ring record; addresses as IPv4 text or as the kernel's 16 bytes."""
+    """A ring record; addresses as IPv4 text or as the kernel's 16 bytes; close: a CLOSE record's
+    counters and error (events.py names)."""
     return ev.pack_record(
         ts_ns=ts,
         cookie=cookie,
@@ -54,6 +56,7 @@ def rec(
         flags=flags,
         comm=comm,
         folded=sum(state << (ev.FOLDED_BITS * i) for i, state in enumerate(folded)),
+        **close,
     )
 
 

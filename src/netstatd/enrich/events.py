@@ -36,9 +36,18 @@ if TYPE_CHECKING:
 Event = dict[str, Any]
 _MISSING = object()
 # Placeholders of template(): strings, so they encode as "\u0000.." tokens no other text of the event
-# can hold before the cookie (addresses are IP text, exe and comm cannot contain NUL).
+# can hold before the counters, the last of them (addresses are IP text, exe and comm cannot contain NUL).
 _TS, _LOCAL_PORT, _REMOTE_PORT, _COOKIE = "\0ts", "\0lp", "\0rp", "\0ck"
-_CUTS = (b"\\u0000ts", b'"\\u0000lp"', b'"\\u0000rp"', b'"\\u0000ck"')  # the timestamp keeps its quotes
+# a closed connection's counters, in TcpStats' order (the native helper writes each one's in)
+STATS_FIELDS = ("bytesSent", "bytesReceived", "segmentsSent", "segmentsReceived", "rttUs", "retransmits")
+_STATS = tuple(f"\0s{i}" for i in range(len(STATS_FIELDS)))
+_CUTS = (
+    b"\\u0000ts",  # the timestamp keeps its quotes
+    b'"\\u0000lp"',
+    b'"\\u0000rp"',
+    b'"\\u0000ck"',
+    *(f'"\\u0000s{i}"'.encode() for i in range(len(STATS_FIELDS))),
+)
 
 
 class EventBuilder:
@@ -111,6 +120,12 @@ class EventBuilder:
             "sockCookie": c.cookie,
             "direction": c.direction,
         }
+        if c.stats is not None:
+            event.update(zip(STATS_FIELDS, c.stats, strict=True))
+            if c.error is not None:
+                event["error"] = c.error
+            if c.reset is not None:
+                event["reset"] = c.reset
         a = self.attribution
         if a is not None:
             event.update(self._owner_fields(a, c, count))
@@ -134,8 +149,9 @@ class EventBuilder:
         return event
 
     def template(self, c: Conn, states: list[str], count: int) -> tuple[bytes, ...]:
-        """c's event text in five pieces, around its timestamp, local port, remote port and cookie (the
-        native helper writes those in), for `count` connections that share everything else."""
+        """c's event text in eleven pieces, around its timestamp, local port, remote port, cookie and
+        counters (the native helper writes those in), for `count` closed connections that share
+        everything else."""
         event = self.connection_event(c, states, count=count)
         event["timestamp"], event["localPort"], event["remotePort"], event["sockCookie"] = (
             _TS,
@@ -143,6 +159,7 @@ class EventBuilder:
             _REMOTE_PORT,
             _COOKIE,
         )
+        event.update(zip(STATS_FIELDS, _STATS, strict=True))
         rest = orjson.dumps(event)
         pieces = []
         for cut in _CUTS:

@@ -8,7 +8,7 @@ the process is gone.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from ..enrich.cgroups import CgroupOwner
@@ -25,6 +25,7 @@ class Conn:
         "container",
         "cookie",
         "direction",
+        "error",
         "exe",
         "family",
         "last_seen",
@@ -38,7 +39,9 @@ class Conn:
         "remote_hostname",
         "remote_ip",
         "remote_port",
+        "reset",
         "state",
+        "stats",
         "ts",
     )
 
@@ -58,6 +61,22 @@ class Conn:
         # names from DNSTap, kept once known: the answer may expire while the connection lives
         self.remote_hostname: str | None = None
         self.local_hostname: str | None = None
+        # a TCP connection's end, from its CLOSE record (tcp_stats()); None before, or when the
+        # close came from a sock_diag check
+        self.stats: TcpStats | None = None
+        self.error: str | None = None  # the socket's error, e.g. "ECONNREFUSED"
+        self.reset: str | None = None  # "sent" or "received"
+
+
+class TcpStats(NamedTuple):
+    """A TCP socket's counters at its close (struct tcp_sock, docs/kernel.md)."""
+
+    bytes_sent: int  # acknowledged by the peer
+    bytes_received: int
+    segments_sent: int
+    segments_received: int
+    rtt_us: int  # smoothed
+    retransmits: int
 
 
 class Listener:

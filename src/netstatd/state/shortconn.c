@@ -265,13 +265,15 @@ out:
 	return result;
 }
 
-/* The template key of a short connection: what its event text depends on besides timestamp, ports and
- * cookie. Its local port only when its direction or owner may come from the listener on that port
+/* The template key of a short connection: what its event text depends on besides timestamp, ports,
+ * cookie and counters. Its local port only when its direction or owner may come from the listener on that port
  * (not for a connecting socket whose owner the kernel knew). */
 struct template_key {
 	__u8 saddr[16], daddr[16];
 	__u64 cgroup_id;
 	__u32 netns, tgid;
+	__u32 error;   /* the close's error, and the state it closed from: its error and reset fields */
+	__u8 last_old;
 	__u16 sport;
 	__u8 family, first_old, accepted, nstates;
 	char comm[NETSTATD_COMM_LEN];
@@ -286,6 +288,8 @@ static void make_key(struct template_key *k, const struct short_conn *c)
 	k->cgroup_id = c->owner.e.cgroup_id;
 	k->netns = c->last.e.netns;
 	k->tgid = c->owner.e.tgid;
+	k->error = c->last.e.error;
+	k->last_old = c->last.e.oldstate;
 	k->sport = c->states[0] == TCP_SYN_SENT && c->owner.e.tgid ? 0 : c->last.e.sport;
 	k->family = c->last.e.family;
 	k->first_old = c->first_old;
@@ -450,11 +454,12 @@ static void put_timestamp(char *p, struct wall_text *w, long long wall_ns)
 	p[26] = 'Z';
 }
 
-#define PIECES 5 /* a template's text around timestamp, local port, remote port and cookie */
+/* a template's text around timestamp, local port, remote port, cookie and the six counters */
+#define PIECES 11
 
 /* render(packed, index, templates, offset_ns) -> the connections' connection.event texts (bytes).
- * templates[index[i]] is the 5 pieces (bytes) of connection i's event around its timestamp, local port,
- * remote port and cookie, which are written here. */
+ * templates[index[i]] is the 11 pieces (bytes) of connection i's event around its timestamp, local
+ * port, remote port, cookie and counters (events.py STATS_FIELDS), which are written here. */
 static PyObject *render(PyObject *self, PyObject *args)
 {
 	PyObject *batches, *templates;
@@ -474,7 +479,7 @@ static PyObject *render(PyObject *self, PyObject *args)
 	for (Py_ssize_t t = 0; t < PyList_GET_SIZE(templates); t++) {
 		PyObject *pieces = PyList_GET_ITEM(templates, t);
 		if (!PyTuple_Check(pieces) || PyTuple_GET_SIZE(pieces) != PIECES) {
-			PyErr_SetString(PyExc_TypeError, "a template is a tuple of 5 bytes pieces");
+			PyErr_SetString(PyExc_TypeError, "a template is a tuple of 11 bytes pieces");
 			goto fail;
 		}
 		for (int i = 0; i < PIECES; i++)
@@ -495,7 +500,11 @@ static PyObject *render(PyObject *self, PyObject *args)
 			goto fail;
 		}
 		PyObject *pieces = PyList_GET_ITEM(templates, slot_of[i]);
-		unsigned long long fields[PIECES - 1] = {0, c->last.e.sport, c->last.e.dport, c->last.e.cookie};
+		const struct netstat_event *e = &c->last.e;
+		unsigned long long fields[PIECES - 1] = {
+			0, e->sport, e->dport, e->cookie, e->bytes_acked, e->bytes_received,
+			e->segs_out, e->segs_in, e->srtt_us, e->total_retrans,
+		};
 		Py_ssize_t len = TS_LEN;
 		for (int p = 0; p < PIECES; p++)
 			len += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pieces, p));

@@ -11,6 +11,7 @@ is closed (closeReason "idle").
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any
@@ -19,7 +20,11 @@ from ..protocol import (
     CLOSED,
     PORT_CLOSED,
     PORT_LISTENING,
+    TCP_CLOSE,
+    TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED,
     TCP_LISTEN,
+    TCP_SYN_SENT,
     UDP_ACTIVE,
     AddressText,
     is_v4_mapped,
@@ -27,7 +32,7 @@ from ..protocol import (
 )
 from ..sources.bpf import events as ev
 from .fold import Period
-from .model import INBOUND, OUTBOUND, Conn, Listener
+from .model import INBOUND, OUTBOUND, Conn, Listener, TcpStats
 from .native import ShortRep
 
 log = logging.getLogger("netstatd.state")
@@ -38,6 +43,19 @@ UdpKey = tuple[int, bytes, int]  # cookie, peer address, peer port: one UDP sock
 
 
 MAX_UNBOUND_LISTENERS = 1024
+
+
+def reset_of(oldstate: int, error: int) -> str | None:
+    """Whether a TCP socket that went from `oldstate` to CLOSE with `error` was ended by a reset, and
+    which way (docs/protocol.md): the kernel's tcp_reset() leaves ECONNRESET (EPIPE in CLOSE_WAIT) on
+    a socket that received one; an abortive close (unread data, SO_LINGER 0, a disconnect) goes from
+    ESTABLISHED or CLOSE_WAIT straight to CLOSE with no error, and sends one, as tcp_abort() does
+    (ECONNABORTED: ss -K)."""
+    if error in (errno.ECONNRESET, errno.EPIPE):
+        return "received"
+    if error == errno.ECONNABORTED or (error == 0 and oldstate in (TCP_ESTABLISHED, TCP_CLOSE_WAIT)):
+        return "sent"
+    return None
 
 
 class Tables:
@@ -76,6 +94,8 @@ class Tables:
         self.unattributed = 0
         self.evicted = 0
         self.reconciled = 0
+        self.connect_failures: dict[str, int] = {}  # by error name (a handful: errno's)
+        self.resets = {"sent": 0, "received": 0}
 
     # -- a flush period ------------------------------------------------------
     def apply_opens(self, period: Period) -> list[Change]:
@@ -108,6 +128,7 @@ class Tables:
         `uses` of them: decided and counted as _apply_tcp does a new connection; nothing is kept."""
         conn = self._new_tcp(rep.first_old, rep.last, rep.states, rep.owner if rep.accepted else None, uses)
         conn.state, conn.ts = CLOSED, rep.last[ev.TS]
+        self._ended(conn, rep.last, uses)
         self.opened["TCP"] += uses
         self.closed["TCP"] += uses
         return conn
@@ -133,6 +154,8 @@ class Tables:
             conn.state = conn.state or "ESTABLISHED"
             conn.ts = last[ev.TS]
         if conn.state == CLOSED:
+            if last[ev.KIND] == ev.EV_TCP_STATE and last[ev.NEWSTATE] == TCP_CLOSE:
+                self._ended(conn, last, 1)
             self.tcp.pop(cookie, None)
             self.closed["TCP"] += 1
             if self.closed_while_seeding is not None:
@@ -143,6 +166,18 @@ class Tables:
                 del self.tcp[next(iter(self.tcp))]  # the oldest (dicts keep insertion order)
                 self._count_eviction()
         out.append((conn, states, None))
+
+    def _ended(self, conn: Conn, rec: tuple, n: int) -> None:
+        """A CLOSE record's counters, error and reset onto its connection, counted n times."""
+        conn.stats = TcpStats._make(rec[ev.BYTES_ACKED : ev.TOTAL_RETRANS + 1])
+        error = rec[ev.ERROR]
+        conn.error = errno.errorcode.get(error, f"E{error}") if error else None
+        conn.reset = reset_of(rec[ev.OLDSTATE], error)
+        if conn.reset is not None:
+            self.resets[conn.reset] += n
+        if rec[ev.OLDSTATE] == TCP_SYN_SENT:  # it never connected
+            reason = conn.error or "closed"  # closed by its application while connecting
+            self.connect_failures[reason] = self.connect_failures.get(reason, 0) + n
 
     def _new_tcp(self, first_old: int, last: tuple, states: list[str], accept: tuple | None, n: int) -> Conn:
         """A TCP connection the tables do not hold yet: the one place its direction and owner are decided.

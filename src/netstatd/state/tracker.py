@@ -126,6 +126,19 @@ class Tracker:
                 "after a kernel gap, or freed without a traced CLOSE.",
                 t.reconciled,
             ),
+            Metric(
+                "netstatd_connect_failures_total",
+                "counter",
+                "TCP connects that ended before the connection was up, by the socket's error "
+                "(closed: its application closed it while connecting).",
+                [({"reason": r}, n) for r, n in sorted(t.connect_failures.items())],
+            ),
+            Metric(
+                "netstatd_tcp_resets_total",
+                "counter",
+                "TCP connections ended by a reset, sent or received.",
+                [({"direction": d}, n) for d, n in t.resets.items()],
+            ),
             single(
                 "netstatd_state_evictions_total",
                 "counter",

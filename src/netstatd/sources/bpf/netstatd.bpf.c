@@ -49,6 +49,7 @@ struct owner {
 #define UDPF_FLOW 0x1
 #define UDPF_BOUND 0x2
 #define TCPF_ACCEPT_PENDING 0x1 /* cloned from a listener: the acceptor is not known yet */
+#define TCPF_PASSIVE 0x2        /* cloned from a listener */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -249,16 +250,31 @@ static __always_inline bool skipped_sock(const struct sock *sk)
 	return is_loopback(a, 6);
 }
 
-/* A closing socket's counters and error: read here only, once per connection. */
-static __always_inline void fill_close(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp)
+/* A closing socket's counters and error: read here only, once per connection. The kernel's
+ * bytes_acked and bytes_received count sequence space: on top of the payload, our SYN once it is
+ * acknowledged (active side only: a passive socket starts past it), our FIN once acknowledged, and
+ * the peer's FIN. The record carries payload. */
+static __always_inline void fill_close(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp,
+				       int oldstate, const struct owner *o)
 {
-	e->bytes_acked = tp->bytes_acked;
-	e->bytes_received = tp->bytes_received;
+	__u64 acked = tp->bytes_acked, received = tp->bytes_received;
+	int err = sk->sk_err ? sk->sk_err : sk->sk_err_soft;
+	bool passive = o && (o->tcp_flags & TCPF_PASSIVE);
+
+	if (acked && oldstate != TCP_SYN_SENT && !passive)
+		acked--; /* our SYN */
+	if (acked && (oldstate == TCP_FIN_WAIT2 ||
+		      (!err && (oldstate == TCP_LAST_ACK || oldstate == TCP_CLOSING))))
+		acked--; /* our FIN */
+	if (received && (sk->__sk_common.skc_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))))
+		received--; /* theirs: SOCK_DONE is set when it arrives */
+	e->bytes_acked = acked;
+	e->bytes_received = received;
 	e->segs_out = tp->segs_out;
 	e->segs_in = tp->segs_in;
 	e->srtt_us = tp->srtt_us >> 3; /* the kernel keeps it << 3 */
 	e->total_retrans = tp->total_retrans;
-	e->error = sk->sk_err ? sk->sk_err : sk->sk_err_soft;
+	e->error = err;
 }
 
 static __always_inline void owner_from_current(struct owner *o, __u64 cookie)
@@ -350,7 +366,7 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 	} else if (o && o->cookie != cookie) {
 		/* cloned from the listener: its owner stands until the acceptor is known */
 		o->cookie = cookie;
-		o->tcp_flags |= TCPF_ACCEPT_PENDING;
+		o->tcp_flags |= TCPF_ACCEPT_PENDING | TCPF_PASSIVE;
 	}
 	if (skipped_sock(sk))
 		return 0;
@@ -379,7 +395,7 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 		__builtin_memset(e->comm, 0, sizeof(e->comm));
 	}
 	if (newstate == TCP_CLOSE) {
-		fill_close(e, sk, tp);
+		fill_close(e, sk, tp, oldstate, o);
 	} else {
 		e->bytes_acked = 0;
 		e->bytes_received = 0;
