@@ -7,8 +7,13 @@
 2. Per program: the agent's BPF programs' own run time (kernel.bpf_stats_enabled, set for the run and
    restored), per run and per connection, while bench/churn.py's generator runs at --rate between two
    network namespaces.
+3. Live connections' counters (--stats-connections N held open between two namespaces, each having
+   sent a little): reading them all with the stats iterator (loader.read_tcp_stats: every socket
+   changed, then none changed) against a sock_diag dump with INET_DIAG_INFO parsed for the same
+   counters; CPU time of this process (kernel and user) and wall time.
 
-    sudo .venv/bin/python bench/kernel.py [--seconds 10] [--rate max|N] [--json bench/out/kernel.json]
+    sudo .venv/bin/python bench/kernel.py [--seconds 10] [--rate max|N] [--stats-connections 10000]
+                                          [--json bench/out/kernel.json]
 
 NETSTATD_BPF_OBJECT and PYTHONPATH select another build (docs/benchmarks.md has the before/after
 commands).
@@ -19,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,6 +38,9 @@ from typing import Any
 from churn import Generator, parse_rate, tune
 from harness import OUT, git, interrupted, prepare
 
+from netstatd.sources import netlink
+from netstatd.sources.bpf import events as ev
+from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import HostPair
 
@@ -51,6 +61,31 @@ int main(void) {
 }
 """
 SYSCALL_RUNS = 5
+
+# N connections held open, each having sent 100 bytes; "ready" once all are up, then waits for stdin.
+HOLDER = """
+import socket, sys
+role, addr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = []
+if role == "server":
+    s = socket.socket()
+    s.bind((addr, 0))
+    s.listen(4096)
+    print("ready", s.getsockname()[1], flush=True)
+    while len(held) < n:
+        c, _ = s.accept()
+        c.recv(100)
+        held.append(c)
+else:
+    for _ in range(n):
+        c = socket.create_connection((addr, int(sys.argv[4])))
+        c.sendall(b"x" * 100)
+        held.append(c)
+    print("ready 0", flush=True)
+sys.stdin.read()
+"""
+INET_DIAG_INFO = 2  # the tcp_info attribute, and its bit (1 << (2 - 1)) in idiag_ext
+TCP_INFO = struct.Struct("<68xI28xI16xQQII")  # rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in
 STATS_SYSCTL = "kernel.bpf_stats_enabled"
 
 
@@ -129,6 +164,71 @@ def churn_costs(args: argparse.Namespace, agent: AgentProcess) -> dict[str, Any]
     }
 
 
+def diag_info(netns: dict[int, str]) -> int:
+    """sock_diag with INET_DIAG_INFO in each namespace: every TCP socket's counters, parsed as the
+    agent would need them (the other way to refresh live connections). Returns how many."""
+    req = struct.pack("=BBBxI", 0, 6, 1 << (INET_DIAG_INFO - 1), 0xFFFFFFFF) + bytes(48)
+    own, n = netlink.netns_inode(), 0
+    for inode, path in netns.items():
+        make = functools.partial(netlink.open_netlink, netlink.NETLINK_SOCK_DIAG)
+        sock = make() if inode == own else make(path, inode)
+        with sock:
+            for family in (2, 10):
+                payload = bytes([family]) + req[1:]
+                for _, body in netlink.dump(sock, 20, payload):  # SOCK_DIAG_BY_FAMILY
+                    info = netlink.parse_attrs(body, 72).get(INET_DIAG_INFO)
+                    if info is not None and len(info) >= TCP_INFO.size:
+                        TCP_INFO.unpack_from(info)
+                        n += 1
+    return n
+
+
+def timed(fn, *args) -> tuple[Any, dict[str, float]]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    cpu_ms, wall_ms = (time.process_time() - cpu) * 1000, (time.perf_counter() - wall) * 1000
+    return out, {"cpu_ms": round(cpu_ms, 1), "wall_ms": round(wall_ms, 1)}
+
+
+def hold(host, *argv: str) -> tuple[subprocess.Popen, int]:
+    proc = host.popen(sys.executable, "-c", HOLDER, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    if not line or line[0] != "ready":
+        raise RuntimeError(f"connection holder {argv[0]} failed")
+    return proc, int(line[1])
+
+
+def stats_costs(n: int) -> dict[str, Any]:
+    """The two ways to read n live connections' counters (both ends: 2n sockets)."""
+    with contextlib.ExitStack() as stack:
+        pair = HostPair()
+        stack.callback(pair.close)
+        pair.open()
+        server, port = hold(pair.b, "server", pair.b.ipv4, str(n))
+        stack.callback(server.kill)
+        client, _ = hold(pair.a, "client", pair.b.ipv4, str(n), str(port))
+        stack.callback(client.kill)
+        kernel = KernelProbes(KernelSettings())
+        kernel.open()
+        stack.callback(kernel.close)
+        netns = {h.netns_inode: h.netns_path for h in (pair.a, pair.b)}
+        first, first_cost = timed(kernel.read_tcp_stats, netns)
+        second, second_cost = timed(kernel.read_tcp_stats, netns)
+        counted, diag_cost = timed(diag_info, netns)
+    sockets = 2 * n
+    return {
+        "connections": n,
+        "iterator_all_changed": {**first_cost, "records": len(first) // ev.EVENT_SIZE},
+        "iterator_none_changed": {**second_cost, "records": len(second) // ev.EVENT_SIZE},
+        "sock_diag_info": {**diag_cost, "sockets": counted},
+        "us_per_socket": {
+            "iterator_all_changed": round(first_cost["cpu_ms"] * 1000 / sockets, 2),
+            "iterator_none_changed": round(second_cost["cpu_ms"] * 1000 / sockets, 2),
+            "sock_diag_info": round(diag_cost["cpu_ms"] * 1000 / sockets, 2),
+        },
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -151,6 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sysctl(STATS_SYSCTL, "1")
             stack.callback(sysctl, STATS_SYSCTL, was)
             report["churn"] = churn_costs(args, agent)
+    if args.stats_connections:
+        report["stats_refresh"] = stats_costs(args.stats_connections)
     return report
 
 
@@ -169,6 +271,10 @@ def summary(r: dict[str, Any]) -> str:
                 f"  {name:<16} {p['ns_per_run']:>7} ns/run  {p['runs_per_connection']:>6} runs/conn  "
                 f"{p['ns_per_connection']:>8} ns/conn  misses {p['recursion_misses']}"
             )
+    st = r.get("stats_refresh")
+    if st:
+        lines.append(f"live counters of {st['connections']:,} connections (both ends), CPU µs per socket:")
+        lines += [f"  {k:<22} {v}" for k, v in st["us_per_socket"].items()]
     return "\n".join(lines)
 
 
@@ -176,6 +282,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0, help="churn duration (default 10)")
     p.add_argument("--rate", type=parse_rate, default=0.0, help="'max' (default) or connections/s")
+    p.add_argument("--stats-connections", type=int, default=10_000, help="live connections for part 3 (0: skip)")
     p.add_argument("--json", type=Path, default=OUT / "kernel.json", help="report path")
     args = p.parse_args()
     prepare(p)

@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -170,6 +171,8 @@ class Agent:
         await self.checks.seed()
         spawn("reconcile", self.checks.reconcile_loop)
         spawn("sweep", self.checks.sweep_loop)
+        if self.settings.stats_interval and not self.settings.disable_tcp:
+            spawn("stats", self._stats_loop)
         log.info(
             "netstatd %s serving node %s on %s (WebSocket /netstat)",
             __version__,
@@ -243,6 +246,20 @@ class Agent:
             self.hub.publish(self.hostnames.flush() + self.dns_failures.flush() + self.pipeline.flush())
             if self.pipeline.tracker.tables.unbound_listeners:
                 self.checks.bind_listeners_soon()
+
+    async def _stats_loop(self) -> None:
+        """Live TCP connections' counters, every --stats-interval: those that changed, as events with no
+        state change (the kernel's stats iterator reports only those)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            failpoint("stats")
+            netns = await loop.run_in_executor(None, procfs.list_netns)
+            read_ns = time.monotonic_ns()
+            records = await loop.run_in_executor(None, self.kernel.read_tcp_stats, netns)
+            self.hub.publish(self.pipeline.flush())  # the connections opened before the read, first
+            changes = self.pipeline.tracker.tables.refresh_stats(records, read_ns)
+            self.hub.publish(self.pipeline.events(changes))
 
     # -- API callbacks -----------------------------------------------------
     def snapshot(self) -> Iterator[dict[str, Any]]:

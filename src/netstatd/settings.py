@@ -28,6 +28,7 @@ class Settings:
     client_queue_events: int = 200_000
     dns_max_names: int = 100_000
     dns_failed_interval: float = 10.0
+    stats_interval: float = 5.0
     # Access (docs/security.md). Lists are comma-separated on the command line, or the flag repeated.
     listen_address: tuple[str, ...] = ()  # empty: loopback without authentication, every address with it
     auth_token_file: str = ""
@@ -80,6 +81,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("client_queue_events", "events queued per WebSocket client before it is reset as too slow"),
     Option("dns_max_names", "IP -> hostname entries kept from DNSTap (least recently learned dropped first)"),
     Option("dns_failed_interval", "seconds between two dns.failed events of one DNS client and name"),
+    Option("stats_interval", "seconds between two reads of live TCP connections' counters (0: only at their close)"),
     Option(
         "listen_address",
         "addresses every HTTP and DNSTap listener binds (default: 127.0.0.1,::1 without authentication, "
@@ -158,6 +160,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.env
     if not 0 < values["dns_failed_interval"] <= 86400:  # also refuses nan
         interval = values["dns_failed_interval"]
         raise SystemExit(f"netstatd: --dns-failed-interval must be more than 0 and at most 86400 s, got {interval}")
+    if not 0 <= values["stats_interval"] <= 86400:
+        raise SystemExit(f"netstatd: --stats-interval must be 0 to 86400 s, got {values['stats_interval']}")
     return Settings(**values)
 
 

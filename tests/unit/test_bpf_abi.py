@@ -145,3 +145,10 @@ def test_folded_states_read_oldest_first():
     # CLOSE_WAIT (8) then LAST_ACK (9): the kernel shifts each new one FOLDED_BITS higher
     assert events.folded_states(8 | 9 << events.FOLDED_BITS) == (8, 9)
     assert events.folded_states(0) == ()
+
+
+def test_the_stats_record_reads_the_cookie_and_the_counters():
+    values = {n: i + 1 for i, (n, c) in enumerate(events.EVENT_FIELDS) if c in ("Q", "I", "H", "B")}
+    body = events.pack_record(**values)[events.RING_HEADER :]  # the iterator writes no ring header
+    names = ("cookie", "bytes_acked", "bytes_received", "segs_out", "segs_in", "srtt_us", "total_retrans")
+    assert events.STATS_RECORD.unpack(body) == tuple(values[n] for n in names)

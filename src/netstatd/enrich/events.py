@@ -103,7 +103,7 @@ class EventBuilder:
         self._see_owner(c)
         event = {
             "type": CONNECTION_EVENT,
-            "timestamp": self.clock.from_kernel(c.ts),
+            "timestamp": self.clock.from_kernel(max(c.ts, c.stats_ts)),
             "nodeName": self.node_name,
             "protocol": c.protocol,
             "family": FAMILY_NAMES[c.family],

@@ -42,6 +42,7 @@ class Conn:
         "reset",
         "state",
         "stats",
+        "stats_ts",
         "ts",
     )
 
@@ -64,6 +65,7 @@ class Conn:
         # a TCP connection's end, from its CLOSE record (tcp_stats()); None before, or when the
         # close came from a sock_diag check
         self.stats: TcpStats | None = None
+        self.stats_ts = 0  # CLOCK_MONOTONIC ns the stats iterator read them (0: from the close record)
         self.error: str | None = None  # the socket's error, e.g. "ECONNREFUSED"
         self.reset: str | None = None  # "sent" or "received"
 

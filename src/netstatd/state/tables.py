@@ -95,6 +95,7 @@ class Tables:
         self.evicted = 0
         self.reconciled = 0
         self.connect_failures: dict[str, int] = {}  # by error name (a handful: errno's)
+        self.stats_refreshed = 0  # connection events with new counters from the stats iterator
         self.resets = {"sent": 0, "received": 0}
 
     # -- a flush period ------------------------------------------------------
@@ -166,6 +167,22 @@ class Tables:
                 del self.tcp[next(iter(self.tcp))]  # the oldest (dicts keep insertion order)
                 self._count_eviction()
         out.append((conn, states, None))
+
+    def refresh_stats(self, records: bytes, read_ns: int) -> list[Change]:
+        """The stats iterator's records (read at CLOCK_MONOTONIC read_ns): each connection we hold whose
+        counters changed, as a change with no state."""
+        out: list[Change] = []
+        tcp = self.tcp
+        for cookie, *counters in ev.STATS_RECORD.iter_unpack(records):
+            conn = tcp.get(cookie)
+            if conn is None:
+                continue  # not applied yet (its open is still in the ring), or not ours (loopback)
+            stats = TcpStats._make(counters)
+            if stats != conn.stats:
+                conn.stats, conn.stats_ts = stats, read_ns
+                out.append((conn, [], None))
+        self.stats_refreshed += len(out)
+        return out
 
     def _ended(self, conn: Conn, rec: tuple, n: int) -> None:
         """A CLOSE record's counters, error and reset onto its connection, counted n times."""

@@ -133,6 +133,12 @@ class Tracker:
                 "(closed: its application closed it while connecting).",
                 [({"reason": r}, n) for r, n in sorted(t.connect_failures.items())],
             ),
+            single(
+                "netstatd_tcp_stats_refreshed_total",
+                "counter",
+                "Events of live TCP connections whose counters changed (every --stats-interval).",
+                t.stats_refreshed,
+            ),
             Metric(
                 "netstatd_tcp_resets_total",
                 "counter",

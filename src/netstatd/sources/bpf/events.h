@@ -15,6 +15,7 @@
 #define EV_UDP_RECV 5   /* datagram received (deduplicated per flow) */
 #define EV_UDP_BIND 6   /* bind() on a UDP socket: a UDP "listener" */
 #define EV_UDP_CLOSE 7  /* UDP socket with flows or a bound port released */
+#define EV_TCP_STATS 8  /* a live connection's counters (the stats iterator, not the ring) */
 
 /* event.flags */
 #define EVF_OWNER_CURRENT 0x1 /* owner is the task that was running (process context) */
@@ -44,8 +45,8 @@ struct netstat_event {
 	 * record, before newstate; FOLDED_BITS bits each, the oldest lowest,
 	 * 0 ends the list (no TCP state is 0). */
 	__u64 folded;
-	/* EV_TCP_STATE into CLOSE only (0 otherwise): the socket's own counters
-	 * (struct tcp_sock), read once, at its end. */
+	/* EV_TCP_STATE into CLOSE, and EV_TCP_STATS (0 otherwise): the socket's own
+	 * counters (struct tcp_sock), payload only. */
 	__u64 bytes_acked;    /* payload bytes sent and acknowledged by the peer */
 	__u64 bytes_received; /* payload bytes received */
 	__u32 segs_out;       /* segments sent, retransmissions included */

@@ -15,6 +15,7 @@ EV_UDP_SEND = 4
 EV_UDP_RECV = 5
 EV_UDP_BIND = 6
 EV_UDP_CLOSE = 7
+EV_TCP_STATS = 8
 
 EVF_OWNER_CURRENT = 0x1
 EVF_OWNER_STORED = 0x2
@@ -97,6 +98,11 @@ assert RECORD_BRIEF.size == RECORD_SIZE
 KIND_OFFSET = RING_HEADER + struct.calcsize("<" + "".join(c for n, c in EVENT_FIELDS[: _names.index("kind")]))
 assert KIND_OFFSET % 4 == 0 and RECORD_SIZE % 4 == 0
 KIND_WORD, RECORD_WORDS = KIND_OFFSET // 4, RECORD_SIZE // 4
+
+# An EV_TCP_STATS record, as the stats iterator writes it (no ring header): the cookie and the six
+# counters (BYTES_ACKED ... TOTAL_RETRANS).
+STATS_RECORD = struct.Struct("<8xQ88xQQIIII8x")
+assert STATS_RECORD.size == EVENT_SIZE
 
 # struct agent_settings
 SETTINGS = struct.Struct("<BBBB4xQ")

@@ -47,6 +47,8 @@ def _load() -> ctypes.CDLL:
         "bpf_program__attach": (p, [p]),
         "bpf_program__attach_cgroup": (p, [p, i]),
         "bpf_link__destroy": (i, [p]),
+        "bpf_link__fd": (i, [p]),
+        "bpf_iter_create": (i, [i]),
         "bpf_map__fd": (i, [p]),
         "bpf_map__set_max_entries": (i, [p, ctypes.c_uint32]),
         "bpf_map__initial_value": (p, [p, ctypes.POINTER(sz)]),

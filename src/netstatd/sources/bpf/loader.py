@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...metrics import Metric, single
+from .. import netlink
 from . import events
 from .libbpf import BpfError, check_ptr, check_rc, lib, recent_warnings
 
@@ -22,7 +23,8 @@ PROBE_PATH = HERE / "probe_fentry.bpf.o"
 
 ACCEPT_FEXIT = "on_inet_csk_accept_exit"
 ACCEPTOR_BY_IO = "an accepted socket's owner is the first process that sends or receives on it"
-TCP_PROGRAMS = ("on_inet_sock_set_state", "on_inet_sock_set_state_nested")
+STATS_ITERATOR = "on_tcp_stats"
+TCP_PROGRAMS = ("on_inet_sock_set_state", "on_inet_sock_set_state_nested", STATS_ITERATOR)
 # Socket sends and receives: UDP flows, and (without fexit) the process that accepted a TCP socket.
 IO_PROGRAMS = ("on_sock_send_length", "on_sock_recv_length")
 UDP_PROGRAMS = (
@@ -123,6 +125,7 @@ class KernelProbes:
         self.uses_fexit = False
         self._accept_from_io = False
         self._producer: mmap.mmap | None = None
+        self._stats_link: int | None = None
         self._obj: int | None = None
         self._links: list[int] = []
         self._cgroup_fd = -1
@@ -151,6 +154,7 @@ class KernelProbes:
         for link in self._links:
             lib.bpf_link__destroy(link)
         self._links.clear()
+        self._stats_link = None
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
@@ -228,6 +232,8 @@ class KernelProbes:
                     f"cannot attach {name} ({section}): {os.strerror(err)}; this kernel lacks a hook netstatd needs"
                 )
             self._links.append(link)
+            if name == STATS_ITERATOR:
+                self._stats_link = link
         log.info("attached %d BPF programs (cgroup hooks at %s)", len(self._links), cgroup_root)
 
     def _programs(self):
@@ -322,6 +328,36 @@ class KernelProbes:
                 "netstatd_fentry_available", "gauge", "1 when fexit programs load on this kernel.", int(self.uses_fexit)
             ),
         ]
+
+    def read_tcp_stats(self, netns: dict[int, str]) -> bytes:
+        """The stats iterator's records (events.STATS_RECORD) in each network namespace (inode -> a
+        path that opens it): the live TCP connections whose counters changed since the previous read.
+        An iterator walks the namespace it is created in, so each is created there (a helper thread,
+        as sock_diag's sockets are). Blocking: call it in a thread. Empty without TCP capture. A
+        namespace gone meanwhile is skipped."""
+        if self._stats_link is None:
+            return b""
+        link_fd = lib.bpf_link__fd(self._stats_link)
+
+        def create() -> int:
+            fd = lib.bpf_iter_create(link_fd)
+            if fd < 0:
+                raise OSError(-fd, f"bpf_iter_create: {os.strerror(-fd)}")
+            return fd
+
+        own = netlink.netns_inode()
+        chunks = []
+        for inode, path in netns.items():
+            try:
+                fd = create() if inode == own else netlink.run_in_netns(path, create, inode)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            try:
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+        return b"".join(chunks)
 
     def counters(self) -> list[int]:
         """Kernel counters (events.CNT_*), summed over CPUs."""

@@ -44,6 +44,7 @@ struct owner {
 	__u32 nfolded;
 	__u16 last_step; /* oldstate << 8 | newstate of the last transition taken */
 	__u16 tcp_flags; /* TCPF_* */
+	__u64 stats_sig; /* the counters the stats iterator last reported, hashed */
 };
 
 #define UDPF_FLOW 0x1
@@ -250,22 +251,22 @@ static __always_inline bool skipped_sock(const struct sock *sk)
 	return is_loopback(a, 6);
 }
 
-/* A closing socket's counters and error: read here only, once per connection. The kernel's
- * bytes_acked and bytes_received count sequence space: on top of the payload, our SYN once it is
- * acknowledged (active side only: a passive socket starts past it), our FIN once acknowledged, and
- * the peer's FIN. The record carries payload. */
-static __always_inline void fill_close(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp,
-				       int oldstate, const struct owner *o)
+/* A socket's counters: read at its close (the state program) and by the stats iterator, never per
+ * packet. The kernel's bytes_acked and bytes_received count sequence space: on top of the payload,
+ * our SYN once it is acknowledged (active side only: a passive socket starts past it), our FIN once
+ * acknowledged, and the peer's FIN. The record carries payload. `state` is the one the socket is
+ * leaving (closing) or is in (the iterator: err 0). */
+static __always_inline void fill_counters(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp,
+					  int state, bool closing, int err, const struct owner *o)
 {
 	__u64 acked = tp->bytes_acked, received = tp->bytes_received;
-	int err = sk->sk_err ? sk->sk_err : sk->sk_err_soft;
 	bool passive = o && (o->tcp_flags & TCPF_PASSIVE);
 
-	if (acked && oldstate != TCP_SYN_SENT && !passive)
+	if (acked && state != TCP_SYN_SENT && !passive)
 		acked--; /* our SYN */
-	if (acked && (oldstate == TCP_FIN_WAIT2 ||
-		      (!err && (oldstate == TCP_LAST_ACK || oldstate == TCP_CLOSING))))
-		acked--; /* our FIN */
+	if (acked && (state == TCP_FIN_WAIT2 ||
+		      (closing && !err && (state == TCP_LAST_ACK || state == TCP_CLOSING))))
+		acked--; /* our FIN: a live socket in LAST_ACK or CLOSING still waits for its ack */
 	if (received && (sk->__sk_common.skc_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))))
 		received--; /* theirs: SOCK_DONE is set when it arrives */
 	e->bytes_acked = acked;
@@ -395,7 +396,7 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 		__builtin_memset(e->comm, 0, sizeof(e->comm));
 	}
 	if (newstate == TCP_CLOSE) {
-		fill_close(e, sk, tp, oldstate, o);
+		fill_counters(e, sk, tp, oldstate, true, sk->sk_err ? sk->sk_err : sk->sk_err_soft, o);
 	} else {
 		e->bytes_acked = 0;
 		e->bytes_received = 0;
@@ -493,6 +494,48 @@ int BPF_PROG(on_inet_csk_accept_exit, struct sock *sk, struct proto_accept_arg *
 	e.newstate = TCP_ESTABLISHED;
 	event_owner_current(&e);
 	emit(&e);
+	return 0;
+}
+
+/* Live connections' counters: user space reads this iterator every --stats-interval. One record
+ * (EV_TCP_STATS) per connection whose counters changed since the previous read (a hash of them is
+ * kept in the socket's storage), so a node of idle connections costs a walk of its sockets and no
+ * records. */
+SEC("iter/tcp")
+int on_tcp_stats(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct netstat_event e = {};
+	struct tcp_sock *tp;
+	struct owner *o;
+	struct sock *sk;
+	int state;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; /* a request or TIME_WAIT socket */
+	sk = (struct sock *)tp;
+	state = skc->skc_state;
+	if (state == TCP_LISTEN || state == TCP_CLOSE || state == TCP_SYN_SENT || skipped_sock(sk))
+		return 0;
+	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	e.kind = EV_TCP_STATS;
+	fill_counters(&e, sk, tp, state, false, 0, o);
+	__u64 sig = e.bytes_acked * 0x9E3779B97F4A7C15ULL ^ e.bytes_received * 0xC2B2AE3D27D4EB4FULL ^
+		    ((__u64)e.segs_out << 32 | e.segs_in) ^ ((__u64)e.srtt_us << 32 | e.total_retrans);
+
+	if (o && o->stats_sig == sig)
+		return 0;
+	e.cookie = bpf_get_socket_cookie(sk);
+	e.family = skc->skc_family == AF_INET6 ? 6 : 4;
+	e.newstate = state;
+	e.netns = skc->skc_net.net->ns.inum;
+	/* A full read buffer fails the write, and the kernel shows this socket again at the next
+	 * read(): remembered as reported only once it is written. */
+	if (bpf_seq_write(ctx->meta->seq, &e, sizeof(e)) == 0 && o)
+		o->stats_sig = sig;
 	return 0;
 }
 
