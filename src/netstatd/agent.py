@@ -20,6 +20,7 @@ from .diag import SockDiagChecks
 from .enrich.attribution import Attribution
 from .enrich.cgroups import PidContainers
 from .enrich.events import EventBuilder
+from .enrich.traffic import NamespaceTraffic
 from .errors import StartupError
 from .hub import Hub
 from .listen import exposure
@@ -73,7 +74,10 @@ class Agent:
         )
         self.attribution = Attribution(self.containers, self.processes, self.cgroup_pids)
         # enrichment: table changes -> events with owners, pods and names
-        builder = EventBuilder(settings.node_name, self.clock, self.processes, self.attribution, self.hostnames)
+        traffic = NamespaceTraffic() if settings.metrics_per_namespace else None
+        builder = EventBuilder(
+            settings.node_name, self.clock, self.processes, self.attribution, self.hostnames, traffic
+        )
         self.pipeline = Pipeline(self.tracker, builder)
         self.dnstap = DnstapCollector(
             self.hostnames.learn,
@@ -109,6 +113,7 @@ class Agent:
         self.checks = SockDiagChecks(self.pipeline, self.hub, self.kernel, self.supervisor, settings.loopback)
         # what /metrics reads, each its own (the ring's reader and drainer join once the probes load)
         self._collectors: list[Any] = [
+            *([traffic] if traffic else []),
             self.kernel,
             self.supervisor,
             self.tracker,

@@ -29,6 +29,7 @@ class Settings:
     dns_max_names: int = 100_000
     dns_failed_interval: float = 10.0
     stats_interval: float = 5.0
+    metrics_per_namespace: bool = False
     # Access (docs/security.md). Lists are comma-separated on the command line, or the flag repeated.
     listen_address: tuple[str, ...] = ()  # empty: loopback without authentication, every address with it
     auth_token_file: str = ""
@@ -81,6 +82,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("client_queue_events", "events queued per WebSocket client before it is reset as too slow"),
     Option("dns_max_names", "IP -> hostname entries kept from DNSTap (least recently learned dropped first)"),
     Option("dns_failed_interval", "seconds between two dns.failed events of one DNS client and name"),
+    Option("metrics_per_namespace", "bytes per Kubernetes namespace in /metrics (at most 200 namespaces)"),
     Option("stats_interval", "seconds between two reads of live TCP connections' counters (0: only at their close)"),
     Option(
         "listen_address",

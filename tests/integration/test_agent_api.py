@@ -193,6 +193,8 @@ def test_metrics_are_the_ones_docs_metrics_md_lists(agent):
         for name in re.findall(r"`(netstatd_\w+)`", row.split("|")[1])
     }
     only_with_flags = {
+        "netstatd_namespace_bytes_total",
+        "netstatd_namespace_bytes_overflow_total",
         "netstatd_auth_failures_total",
         "netstatd_auth_token_reloads_total",
         "netstatd_clients_revoked_total",

@@ -70,7 +70,7 @@ sys.stdin.read()
 def agent(tmp_path_factory):
     require_root()
     log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    with AgentProcess("--stats-interval", "1", log_path=log) as proc:
+    with AgentProcess("--stats-interval", "1", "--metrics-per-namespace", log_path=log) as proc:
         yield proc
     print(proc.log_text()[-3000:])
 
@@ -91,6 +91,8 @@ def ss_info(host, local_port: int) -> dict[str, float]:
 
 def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, stream, agent):
     a, b = hosts.a, hosts.b
+    host_sent = 'netstatd_namespace_bytes_total{namespace="_host",direction="sent"}'
+    sent_before = agent.metric(host_sent)
     server, port = start(b, ANSWERING_SERVER, b.ipv4, str(SENT), str(RECEIVED))
     client, client_port = start(a, HOLDING_CLIENT, b.ipv4, str(port), str(SENT), str(RECEIVED))
     try:
@@ -117,6 +119,8 @@ def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, str
             timeout=10,
         )
         assert (server_side["bytesSent"], server_side["bytesReceived"]) == (RECEIVED, SENT)
+        # --metrics-per-namespace: both ends are host processes, counted as their counters were read
+        assert agent.metric(host_sent) - sent_before >= SENT + RECEIVED
         # an idle connection is not sent again: its counters did not change. Shown by a later pass:
         # another connection's first refresh comes after this one's.
         again = len(

@@ -15,6 +15,7 @@ import pytest
 from netstatd import protocol as wire
 from netstatd.enrich.attribution import Attribution
 from netstatd.enrich.cgroups import PidContainers
+from netstatd.enrich.traffic import NamespaceTraffic
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.dnstap.decode import Resolution
 from netstatd.sources.procfs import ProcessCache
@@ -127,6 +128,7 @@ def make_tracker(tmp_path, native: bool, clock=None) -> Node:
     t = Node(tmp_path, native=native, clock=clock)  # one clock for both: timestamps compare exactly
     t.attribution = Attribution(ContainerIndex("node-1", t.clock.now), t.processes, PidContainers(str(tmp_path)))
     t.hostnames = Hostnames("node-1", t.clock)
+    t.builder.traffic = NamespaceTraffic()
     t.hostnames.learn([Resolution("10.0.0.2", "api.example.test", (), 300, "10.0.0.1")])
     return t
 
@@ -154,6 +156,7 @@ def metrics(t: Node) -> dict:
         "resets": dict(t.resets),
         "connect_failures": dict(t.connect_failures),
         "attribution": dict(t.builder.attributed),
+        "namespace_bytes": {ns: list(v) for ns, v in t.builder.traffic.bytes.items()},
         "live": sorted(t.tcp),
         "records": (t.records_ingested, dict(t.record_counts)),
         "listeners": sorted(t.listeners),
@@ -181,6 +184,9 @@ def test_native_and_python_paths_send_the_same_events_and_count_the_same(tmp_pat
     closes = [e for e in native_events if e.get("state") == "CLOSE" and e["protocol"] == "TCP"]
     assert all(e["bytesSent"] == e["sockCookie"] * 1000 + 1 for e in closes)  # each its own counters
     assert {e.get("reset") for e in closes} == {None, "sent", "received"}
+    # every closed connection's bytes counted once, whichever path built its event (host processes)
+    sent, received = sum(e["bytesSent"] for e in closes), sum(e["bytesReceived"] for e in closes)
+    assert native.builder.traffic.bytes == {"_host": [sent, received]}
 
 
 def test_native_path_takes_the_short_connections_out_of_the_chunk(tmp_path):

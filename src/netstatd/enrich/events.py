@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..state.tracker import Flush
     from .attribution import Attribution
     from .cgroups import CgroupOwner
+    from .traffic import NamespaceTraffic
 
 Event = dict[str, Any]
 _MISSING = object()
@@ -58,12 +59,14 @@ class EventBuilder:
         processes: ProcessCache,
         attribution: Attribution | None = None,
         hostnames: Hostnames | None = None,
+        traffic: NamespaceTraffic | None = None,
     ) -> None:
         self.node_name = node_name
         self.clock = clock
         self.processes = processes
         self.attribution = attribution  # None: events without container/pod fields
         self.hostnames = hostnames  # None: events without names
+        self.traffic = traffic  # None: no per-namespace byte metrics
         self._owner_memo: dict[tuple[int, int, int], Event] = {}  # (pid, netns, cgroup) -> container/pod fields
         self._process_memo: dict[tuple[int, str], tuple[str, str, CgroupOwner | None]] = {}  # -> exe, comm, container
         self._remote_memo: dict[str, Event | None] = {}
@@ -90,6 +93,10 @@ class EventBuilder:
             templates = [self.template(c, states, n) for c, states, n in shorts.templates]
             texts = ShortConnections.render(shorts.packed, shorts.index, templates, self.clock.offset_ns)
             events[flush.shorts_at : flush.shorts_at] = map(orjson.Fragment, texts)
+            if self.traffic is not None:
+                sums = ShortConnections.byte_sums(shorts.packed, shorts.index, len(templates))
+                for (c, _, _), (sent, received) in zip(shorts.templates, sums, strict=True):
+                    self.traffic.add(self._namespace(c), sent, received)
         return events
 
     def event(self, item: Conn | Listener, states: Any, close_reason: str | None) -> Event:
@@ -99,7 +106,11 @@ class EventBuilder:
         return self.connection_event(item, states, close_reason)
 
     # -- connection.event ----------------------------------------------------
-    def connection_event(self, c: Conn, states: list[str], close_reason: str | None = None, *, count: int = 1) -> Event:
+    def connection_event(
+        self, c: Conn, states: list[str], close_reason: str | None = None, *, count: int = 1, account: bool = True
+    ) -> Event:
+        """account: count the connection's new bytes under its namespace (not for a template: its bytes
+        are the sums of the connections it stands for)."""
         self._see_owner(c)
         event = {
             "type": CONNECTION_EVENT,
@@ -146,13 +157,21 @@ class EventBuilder:
             event["localHostname"] = c.local_hostname
         if close_reason is not None:
             event["closeReason"] = close_reason
+        if account and self.traffic is not None and c.stats is not None:
+            sent, received = c.stats.bytes_sent, c.stats.bytes_received
+            self.traffic.add(event.get("namespace"), sent - c.counted[0], received - c.counted[1])
+            c.counted = (sent, received)
         return event
+
+    def _namespace(self, c: Conn) -> str | None:
+        a = self.attribution
+        return self._owner_fields(a, c, 0).get("namespace") if a is not None else None
 
     def template(self, c: Conn, states: list[str], count: int) -> tuple[bytes, ...]:
         """c's event text in eleven pieces, around its timestamp, local port, remote port, cookie and
         counters (the native helper writes those in), for `count` closed connections that share
         everything else."""
-        event = self.connection_event(c, states, count=count)
+        event = self.connection_event(c, states, count=count, account=False)
         event["timestamp"], event["localPort"], event["remotePort"], event["sockCookie"] = (
             _TS,
             _LOCAL_PORT,

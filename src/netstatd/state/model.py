@@ -24,6 +24,7 @@ class Conn:
         "comm",
         "container",
         "cookie",
+        "counted",
         "direction",
         "error",
         "exe",
@@ -68,6 +69,7 @@ class Conn:
         self.stats_ts = 0  # CLOCK_MONOTONIC ns the stats iterator read them (0: from the close record)
         self.error: str | None = None  # the socket's error, e.g. "ECONNREFUSED"
         self.reset: str | None = None  # "sent" or "received"
+        self.counted = (0, 0)  # bytes sent and received already in the per-namespace metrics
 
 
 class TcpStats(NamedTuple):

@@ -74,6 +74,11 @@ class ShortConnections:
         return reps, index, uses
 
     @staticmethod
+    def byte_sums(packed: list[bytes], index: bytes, templates: int) -> list[tuple[int, int]]:
+        """(sent, received) payload bytes of the connections each template stands for."""
+        return _shortconn.byte_sums(packed, index, templates)
+
+    @staticmethod
     def render(packed: list[bytes], index: bytes, templates: list[tuple[bytes, ...]], offset_ns: int) -> list[bytes]:
         """Each connection's event text: its template with its timestamp, ports and cookie written in."""
         return _shortconn.render(packed, index, templates, offset_ns)

@@ -537,6 +537,53 @@ fail:
 	return NULL;
 }
 
+/* byte_sums(packed, index, ntemplates) -> [(sent, received)] per template: the payload bytes of the
+ * connections each template stands for (per-namespace byte metrics). */
+static PyObject *byte_sums(PyObject *self, PyObject *args)
+{
+	PyObject *batches, *result = NULL;
+	Py_buffer index;
+	Py_ssize_t ntemplates, n;
+	const struct short_conn **conns = NULL;
+	unsigned long long *sums = NULL;
+	if (!PyArg_ParseTuple(args, "Oy*n:byte_sums", &batches, &index, &ntemplates))
+		return NULL;
+	if (ntemplates < 0 || each_conn(batches, &conns, &n) < 0)
+		goto out;
+	if (index.len != n * (Py_ssize_t)sizeof(__u32)) {
+		PyErr_SetString(PyExc_ValueError, "an index entry per connection (distinct())");
+		goto out;
+	}
+	sums = PyMem_Calloc(2 * (size_t)(ntemplates ? ntemplates : 1), sizeof(*sums));
+	if (!sums) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	const __u32 *slot_of = index.buf;
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (slot_of[i] >= (__u32)ntemplates) {
+			PyErr_SetString(PyExc_IndexError, "an index entry without its template");
+			goto out;
+		}
+		sums[2 * slot_of[i]] += conns[i]->last.e.bytes_acked;
+		sums[2 * slot_of[i] + 1] += conns[i]->last.e.bytes_received;
+	}
+	result = PyList_New(ntemplates);
+	for (Py_ssize_t t = 0; result && t < ntemplates; t++) {
+		PyObject *pair = Py_BuildValue("(KK)", sums[2 * t], sums[2 * t + 1]);
+		if (!pair) {
+			Py_CLEAR(result);
+			break;
+		}
+		PyList_SET_ITEM(result, t, pair);
+	}
+out:
+	PyMem_Free(sums);
+	PyMem_Free(conns);
+	PyBuffer_Release(&index);
+	return result;
+}
+
 /* count_kinds(chunk, counts): counts[kind | family << 8 | oldstate << 16 | newstate << 24] += records
  * (Tracker.record_counts, as memoryview(chunk).cast("I")[KIND_WORD::RECORD_WORDS] lists them). */
 static PyObject *count_kinds(PyObject *self, PyObject *args)
@@ -598,6 +645,8 @@ static PyMethodDef methods[] = {
 	 "distinct(packed_list) -> (reps, index, uses): the packed connections' distinct templates"},
 	{"render", render, METH_VARARGS,
 	 "render(packed_list, index, templates, offset_ns) -> the packed connections' event texts (bytes)"},
+	{"byte_sums", byte_sums, METH_VARARGS,
+	 "byte_sums(packed_list, index, ntemplates) -> [(sent, received)]: payload bytes per template"},
 	{NULL, NULL, 0, NULL},
 };
 
