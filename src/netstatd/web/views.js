@@ -92,7 +92,7 @@ function retransmits(v, r) {
 }
 
 function failure(v) {
-  return v ? el("span", { class: "failure", text: v }) : text("");
+  return v ? el("span", { class: "failure", title: v, text: v }) : text("");
 }
 
 function portList(v) {
@@ -103,26 +103,27 @@ const num = { sorter: "number", hozAlign: "right" };
 
 export const COLUMNS = {
   conn: [
-    { title: "Node", field: "node", width: 110 },
-    { title: "Proto", field: "protocol", width: 70 },
-    { title: "State", field: "state", formatter: state, width: 120 },
-    { title: "Local", field: "localIP", formatter: endpoint("local"), minWidth: 160 },
-    { title: "L port", field: "localPort", ...num, width: 75 },
-    { title: "Remote", field: "remoteIP", formatter: endpoint("remote"), minWidth: 160 },
-    { title: "R port", field: "remotePort", ...num, width: 75 },
-    { title: "Dir", field: "direction", width: 80 },
+    // 19 columns that fit a 1600 px window (its scrollbar included); narrower, the grid scrolls sideways
+    { title: "Node", field: "node", width: 76 },
+    { title: "Proto", field: "protocol", width: 62 },
+    { title: "State", field: "state", formatter: state, width: 105 },
+    { title: "Local", field: "localIP", formatter: endpoint("local"), minWidth: 130 },
+    { title: "L port", field: "localPort", ...num, width: 66 },
+    { title: "Remote", field: "remoteIP", formatter: endpoint("remote"), minWidth: 130 },
+    { title: "R port", field: "remotePort", ...num, width: 66 },
+    { title: "Dir", field: "direction", width: 78 },
     // docs/ui.md "Traffic": the counters of connection.event, the rate between their last two samples
-    { title: "Sent", field: "bytesSent", formatter: bytes("Sent"), ...num, width: 80 },
-    { title: "Received", field: "bytesReceived", formatter: bytes("Received"), ...num, width: 85 },
-    { title: "Rate", field: "rate", formatter: rate, ...num, width: 90 },
-    { title: "RTT", field: "rtt", formatter: rtt, ...num, width: 70 },
-    { title: "Retrans", field: "retransmits", formatter: retransmits, ...num, width: 70 },
-    { title: "Error", field: "failure", formatter: failure, minWidth: 110 },
-    { title: "PID", field: "pid", ...num, width: 75 },
-    { title: "Executable", field: "exe", formatter: exe, minWidth: 120 },
-    { title: "Container", field: "container", formatter: withTitle("containerId"), minWidth: 100 },
-    { title: "Family", field: "family", width: 70 },
-    { title: "Last event", field: "lastSeen", formatter: time, sorter: "number", width: 100 },
+    { title: "Sent", field: "bytesSent", formatter: bytes("Sent"), ...num, width: 66 },
+    { title: "Received", field: "bytesReceived", formatter: bytes("Received"), ...num, width: 97 },
+    { title: "Rate", field: "rate", formatter: rate, ...num, width: 74 },
+    { title: "RTT", field: "rtt", formatter: rtt, ...num, width: 62 },
+    { title: "Retrans", field: "retransmits", formatter: retransmits, ...num, width: 87 },
+    { title: "Error", field: "failure", formatter: failure, minWidth: 84 },
+    { title: "PID", field: "pid", ...num, width: 68 },
+    { title: "Executable", field: "exe", formatter: exe, minWidth: 95 },
+    { title: "Container", field: "container", formatter: withTitle("containerId"), minWidth: 78 },
+    { title: "Family", field: "family", width: 60 },
+    { title: "Last event", field: "lastSeen", formatter: time, sorter: "number", width: 92 },
   ],
   ports: [
     { title: "Node", field: "node", width: 110 },
@@ -202,6 +203,9 @@ export function createGrid(container, view, { initialSort, onSort, rowStyle, win
     grid.holder = el("div", { class: "vholder" });
     grid.spacer = el("div", { class: "vspacer" });
     grid.scroller.append(grid.holder, grid.spacer);
+    // never narrower than its columns: in a narrow window the grid scrolls sideways (header and rows
+    // together), instead of Tabulator clipping the last columns
+    grid.holder.style.minWidth = `${COLUMNS[view].reduce((n, c) => n + (c.width || c.minWidth || 0), 2)}px`;
     container.replaceChildren(grid.scroller);
     target = el("div");
     grid.holder.append(target);
@@ -239,6 +243,7 @@ export function createGrid(container, view, { initialSort, onSort, rowStyle, win
   const columns = COLUMNS[view].map((c) => {
     const fmt = c.formatter || text;
     return {
+      headerTooltip: true, // the title on hover, where the column is too narrow for it
       ...c,
       formatter: (cell) => {
         const r = rowOf(cell);
