@@ -439,7 +439,7 @@ ROW_FIELDS = {
 def grid_rows(page, view: str) -> list[dict]:
     fields = json.dumps(ROW_FIELDS[view])
     return page.evaluate(
-        f"(() => {{ const fs = {fields}; return (window.netstatd.grids.{view}?.all || [])"
+        f"(() => {{ const fs = {fields}; return (window.netstatd?.grids.{view}?.all || [])"
         ".map((r) => Object.fromEntries(fs.map((f) => [f, r[f] ?? null]))); })()"
     )
 
