@@ -631,6 +631,8 @@ test("failed: an error, a reset, or a TCP connection closed before ESTABLISHED; 
     conn("n1", 7, { ...close, bytesSent: 10, bytesReceived: 20, rttUs: 300 }), // counters only a connection has
     conn("n1", 8, { state: "SYN_SENT", states: ["SYN_SENT"] }), // still trying
     conn("n1", 9, { protocol: "UDP", ...close, remoteIP: "10.0.0.53", remotePort: 53 }),
+    conn("n1", 10, { state: "SYN_SENT", states: ["SYN_SENT"] }),
+    conn("n1", 10, { ...close, closeReason: "gone" }), // the agent missed its end: maybe its handshake too
   ]);
   const by = Object.fromEntries([...s.node("n1").conns.values()].map((r) => [r.sockCookie, [r.failed, r.failure]]));
   assert.deepEqual(by, {
@@ -643,6 +645,7 @@ test("failed: an error, a reset, or a TCP connection closed before ESTABLISHED; 
     7: [false, ""],
     8: [false, ""],
     9: [false, ""],
+    10: [false, ""],
   });
   assert.equal(isFailed({ protocol: "TCP", closedAt: 0 }), false);
   assert.equal(isFailed({ protocol: "UDP", closedAt: 1, error: "ECONNREFUSED" }), true);
@@ -650,7 +653,7 @@ test("failed: an error, a reset, or a TCP connection closed before ESTABLISHED; 
   assert.deepEqual(cookies(s, { failed: true }), [1, 2, 3, 4]);
   assert.deepEqual(cookies(s, { failed: true, q: "reset" }), [2, 3]);
   assert.deepEqual(cookies(s, { q: "econnrefused" }), [1]);
-  assert.deepEqual(cookies(s, {}), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+  assert.equal(cookies(s, {}).length, 10);
 });
 
 test("sortBy: numbers and text, a missing value last in either direction, ties in order", () => {

@@ -422,7 +422,13 @@ export function traffic(row, ev, prior, live, now) {
 // A failed connection (the "failed only" filter, the red rows): it ended with an error or a reset, or a
 // TCP connection closed without ever reaching ESTABLISHED.
 export function isFailed(r) {
-  return !!(r.error || r.reset || (r.protocol === "TCP" && r.closedAt && !r._up));
+  return !!(r.error || r.reset || neverEstablished(r));
+}
+
+// A TCP close before the handshake completed. Not a close the agent did not see (closeReason "gone":
+// the transitions it missed may be the ones that established it).
+function neverEstablished(r) {
+  return r.protocol === "TCP" && !!r.closedAt && !r._up && r.closeReason !== "gone";
 }
 
 // The Error column: the error's name, "reset sent" / "reset received", or "not established" for a TCP
@@ -431,7 +437,7 @@ function failureText(r) {
   const parts = [];
   if (r.error) parts.push(r.error);
   if (r.reset) parts.push(`reset ${r.reset}`);
-  if (!parts.length && r.protocol === "TCP" && r.closedAt && !r._up) parts.push("not established");
+  if (!parts.length && neverEstablished(r)) parts.push("not established");
   return parts.join(", ");
 }
 
