@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Web UI under load (issues 5 and 16): 50k connection rows, then 5k updates/s, in Chromium.
+"""Web UI under load (issues 5, 16 and 17): 50k connection rows, then 5k updates/s, in Chromium.
 
 The agent's own hub and HTTP app (hub.py, api/app.py: the UI files, /netstat with its snapshot and
 subscriptions) serve generated state, built before the page loads as an agent's is: 5 nodes' pods,
 host IPs and DNS names (`host.info` per node, as a multiplexer sends several), --rows
-`connection.event`s, then --rate live events/s in 50 ms batches (state changes, new connections,
-closes; opens and closes balance, so the table stays at about --rows live connections plus those
-lingering). With --mux, the generated state is one node's, and the page talks to a `netstatd mux`
-process in front of it (its first client opens the upstream).
+`connection.event`s, then --rate live events/s in 50 ms batches (state changes, counter refreshes,
+new connections, closes; opens and closes balance, so the table stays at about --rows live
+connections plus those lingering). Traffic as docs/protocol.md has it: most live TCP connections and
+every UDP flow carry their counters (heavy-tailed totals), refreshed (`states: []`) by a fifth of the
+live events, which gives their rows a Rate; closes carry final counters; a few connects are refused
+or time out, a few connections end with a reset (the red "failed" rows). With --mux, the generated
+state is one node's, and the page talks to a `netstatd mux` process in front of it (its first client
+opens the upstream).
 
 Headless Chromium (Debian's, the tests' launch arguments) opens the Connections view and the page
 records, from an init script:
@@ -98,6 +102,10 @@ SERVICE_PORTS = [80, 443, 8080, 5432, 6379, 9090, 53, 3306, 8443, 9200, 2379, 10
 HOSTNAMES = ["api.github.com", "s3.amazonaws.com", "registry.k8s.io", "example.com", "pypi.org", "auth0.com"]
 TCP_OPEN = [TCP_STATES[s] for s in (TCP_SYN_SENT, TCP_ESTABLISHED)]
 TCP_CHANGES = [TCP_STATES[s] for s in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK)]
+WITH_COUNTERS = 0.7  # live TCP connections of the snapshot that have had their counters refreshed
+FAILED_CONNECTS = 0.03  # of the live opens: a connect refused or timed out (one event, SYN_SENT -> CLOSE)
+RESETS = 0.03  # of the closes of TCP connections: a reset, sent or received
+CONNECT_ERRORS = ["ECONNREFUSED", "ECONNREFUSED", "ETIMEDOUT", "EHOSTUNREACH"]
 
 
 def now_ts() -> str:
@@ -151,7 +159,9 @@ class Cluster:
         self.conns: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in nodes}
         self.keys: list[tuple[str, str]] = []  # (node, key) of open connections, for picking at random
         for _ in range(rows):
-            self.open()
+            ev = self.open()
+            if ev["protocol"] == "UDP" or self.rnd.random() < WITH_COUNTERS:
+                self.count(ev)
 
     def inventory(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -260,6 +270,34 @@ class Cluster:
         self.keys.append((node, key))
         return ev
 
+    def count(self, ev: dict[str, Any]) -> None:
+        """Sets (or grows) ev's counters, as the agent's refreshes and closes carry them: totals."""
+        rnd = self.rnd
+        if "bytesSent" in ev:  # grown since: a few kB on most, a lot on a few
+            sent = ev["bytesSent"] + int(rnd.paretovariate(1.3) * 800)
+            received = ev["bytesReceived"] + int(rnd.paretovariate(1.3) * 2500)
+        else:  # heavy-tailed totals: most connections small, a few top talkers (up to GBs)
+            sent = int(rnd.paretovariate(1.1) * 300)
+            received = int(rnd.paretovariate(1.1) * 1200)
+        ev["bytesSent"], ev["bytesReceived"] = sent, received
+        if ev["protocol"] == "UDP":
+            ev["packetsSent"] = max(1, sent // 200)
+            ev["packetsReceived"] = max(1, received // 400)
+            return
+        ev["segmentsSent"] = 3 + sent // 1400 + received // 2800
+        ev["segmentsReceived"] = 2 + received // 1400 + sent // 2800
+        ev["rttUs"] = int(rnd.lognormvariate(6.5, 1.3))  # ~0.7 ms median, tens of ms for external peers
+        ev["retransmits"] = ev.get("retransmits", 0) + (rnd.random() < 0.05)
+
+    def fail_connect(self, ev: dict[str, Any]) -> None:
+        """A new connection's connect refused or timed out: its open and close in one event."""
+        ev["state"] = "CLOSE"
+        ev["states"] = ["SYN_SENT", "CLOSE"]
+        ev["error"] = self.rnd.choice(CONNECT_ERRORS)
+        retries = 2 if ev["error"] == "ETIMEDOUT" else 0
+        ev |= {"bytesSent": 0, "bytesReceived": 0, "segmentsSent": 1 + retries, "segmentsReceived": int(retries == 0)}
+        ev |= {"rttUs": 0, "retransmits": retries}
+
     def _pick(self) -> tuple[str, str, dict[str, Any]] | None:
         # swap-remove picking keeps this O(1); keys of connections already closed are skipped
         while self.keys:
@@ -273,30 +311,49 @@ class Cluster:
         return None
 
     def update(self, count: int) -> list[dict[str, Any]]:
-        """count live events: 40% state changes (or UDP refreshes), 30% opens, 30% closes."""
+        """count live events: 20% state changes (or UDP refreshes), 20% counter refreshes, 30% opens (a
+        few of them failed connects), 30% closes (with their counters; a few with a reset)."""
         out = []
         ts = now_ts()
+        rnd = self.rnd
         for _ in range(count):
-            r = self.rnd.random()
+            r = rnd.random()
             if r < 0.3:
-                states = None if self.rnd.random() < 0.5 else TCP_OPEN
-                out.append(self.open(states))
+                states = None if rnd.random() < 0.5 else TCP_OPEN
+                ev = self.open(states)
+                if ev["protocol"] == "TCP" and rnd.random() < FAILED_CONNECTS:
+                    self.fail_connect(ev)
+                    del self.conns[ev["nodeName"]][str(ev["sockCookie"])]
+                out.append(ev)
                 continue
             picked = self._pick()
             if picked is None:
                 continue
             node, key, old = picked
             ev = dict(old, timestamp=ts)
-            if r < 0.7:
+            if r < 0.5:
                 if ev["protocol"] == "TCP":
-                    ev["state"] = self.rnd.choice(TCP_CHANGES)
+                    ev["state"] = rnd.choice(TCP_CHANGES)
                     ev["states"] = [ev["state"]]
                 else:
                     ev["states"] = ["ACTIVE"]
+                    self.count(ev)
                 self.conns[node][key] = ev
+            elif r < 0.7:
+                self.count(ev)
+                self.conns[node][key] = dict(ev, states=[ev["state"]])  # as a snapshot would send it
+                ev["states"] = []  # a refresh of the counters only
             else:
-                ev["states"] = ["FIN_WAIT1", "FIN_WAIT2", "CLOSE"] if ev["protocol"] == "TCP" else ["CLOSE"]
+                tcp = ev["protocol"] == "TCP"
+                ev["states"] = ["FIN_WAIT1", "FIN_WAIT2", "CLOSE"] if tcp else ["CLOSE"]
                 ev["state"] = "CLOSE"
+                if tcp:
+                    self.count(ev)
+                    if rnd.random() < RESETS:
+                        ev["states"] = ["CLOSE"]
+                        ev["reset"] = rnd.choice(["sent", "received"])
+                        if ev["reset"] == "received":
+                            ev["error"] = "ECONNRESET"
                 del self.conns[node][key]
             out.append(ev)
         return out

@@ -19,6 +19,7 @@ from netstatd.testing.stream import StreamClient
 from tests.conftest import require, require_root
 from tests.integration import peers
 from tests.integration.test_kernel_events import finish, start_peer
+from tests.integration.test_tcp_close import CONNECT, EXCHANGE_CLIENT, EXCHANGE_SERVER, RECEIVED, SENT
 
 # Root needs --no-sandbox. The browser must not reach beyond the agent: no background services, and
 # every host name but the agent's address fails to resolve (it would otherwise query the machine's DNS).
@@ -424,6 +425,11 @@ ROW_FIELDS = {
         "closedAt",
         "exe",
         "pid",
+        "bytesSent",
+        "bytesReceived",
+        "rtt",
+        "failed",
+        "failure",
     ],
     "ports": ["protocol", "family", "ip", "port", "node", "exe", "comm", "pid"],
     "ips": ["ip", "type", "family", "node"],
@@ -433,7 +439,7 @@ ROW_FIELDS = {
 def grid_rows(page, view: str) -> list[dict]:
     fields = json.dumps(ROW_FIELDS[view])
     return page.evaluate(
-        f"(() => {{ const fs = {fields}; return (window.netstatd.grids.{view}?.all || [])"
+        f"(() => {{ const fs = {fields}; return (window.netstatd?.grids.{view}?.all || [])"
         ".map((r) => Object.fromEntries(fs.map((f) => [f, r[f] ?? null]))); })()"
     )
 
@@ -817,3 +823,157 @@ def test_a_subscription_too_wide_for_the_page_gets_a_banner_that_narrows_it(ui_a
     banner.wait_for(state="hidden")
     page.wait_for_function("() => window.netstatd.store.snapshotDone && window.netstatd.store.connCount() >= 2")
     assert sent.count({"type": "subscribe", "filter": {"nodeName": [node]}}) >= 2  # asked again
+
+
+# -- the traffic columns, failed connections and the "failed only" toggle -----------------------------
+
+# Holds a port that nobody listens on (bound, never listening): a connect to it is refused.
+CLOSED_PORT = """
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+print('ready', s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+FAILED_RED = "rgb(253, 226, 225)"  # app.css: #grid-conn .tabulator-row.failed
+
+
+def shown_by_ports(page) -> dict[tuple[int, int], dict]:
+    """The rows on screen, by (local port, remote port): their classes, background and traffic cells."""
+    shown = page.evaluate(
+        """() => [...document.querySelectorAll('#grid-conn .tabulator-row')].map((row) => {
+          const cell = (f) => row.querySelector(`.tabulator-cell[tabulator-field="${f}"]`).textContent;
+          return { cls: row.className, background: getComputedStyle(row).backgroundColor, lport: cell('localPort'),
+            rport: cell('remotePort'), sent: cell('bytesSent'), received: cell('bytesReceived'), rtt: cell('rtt'),
+            error: cell('failure') };
+        })"""
+    )
+    return {(int(r["lport"]), int(r["rport"])): r for r in shown if r["lport"] and r["rport"]}
+
+
+def sorted_with_missing_last(values: list, reverse: bool) -> bool:
+    present = [v for v in values if v is not None]
+    return values == sorted(present, reverse=reverse) + [None] * (len(values) - len(present))
+
+
+def test_traffic_columns_mark_failed_connections_sort_top_talkers_and_filter_failed_only(ui_agent, hosts, page):
+    """A refused connect (its CLOSE has error ECONNREFUSED) is red with its error; a client's 1,000,000
+    bytes come first sorted by Sent; "failed only" keeps only failed rows, in the URL and after a reload."""
+    a, b = hosts.a, hosts.b
+    procs = []
+
+    def peer(host, script, *args):
+        proc, number = start_peer(host, script, *args)
+        procs.append(proc)
+        return proc, number
+
+    def refused_connect() -> int:
+        proc, port = peer(a, CONNECT, b.ipv4, str(closed_port))
+        assert proc.stdout.readline().strip() == "ECONNREFUSED"
+        finish(proc)
+        return port
+
+    try:
+        _, closed_port = peer(b, CLOSED_PORT, b.ipv4)
+        big_server, big_port = peer(b, EXCHANGE_SERVER, b.ipv4, str(SENT), str(RECEIVED))
+        small_server, small_port = peer(b, EXCHANGE_SERVER, b.ipv4, "1000", "10")
+        _, held_port = peer(b, peers.TCP_HOLD_SERVER, b.ipv4)
+        _, held_client = peer(a, peers.TCP_HOLD_CLIENT, b.ipv4, str(held_port))
+        # Closed rows linger for the test. The search narrows to this module's namespaces in the page
+        # itself: a filter that is also the subscription would have the server send the live rows only.
+        page.goto(f"{ui_agent.url}/?view=conn&conn.linger=600&conn.q={b.ipv4}")
+        page.wait_for_function("() => window.netstatd?.store.snapshotDone")
+        big, big_client = peer(a, EXCHANGE_CLIENT, b.ipv4, str(big_port), str(SENT), str(RECEIVED))
+        small, small_client = peer(a, EXCHANGE_CLIENT, b.ipv4, str(small_port), "1000", "10")
+        finish(big, small, big_server, small_server)
+        refused = refused_connect()
+
+        def by_ports(rows):
+            return {(r["localPort"], r["remotePort"]): r for r in rows}
+
+        def ended(rows):
+            ours = by_ports(rows)
+            want = [(big_client, big_port), (big_port, big_client), (small_client, small_port), (refused, closed_port)]
+            return all(ours.get(k, {}).get("closedAt") for k in want) and ours[(big_client, big_port)]["bytesSent"]
+
+        rows = by_ports(wait_grid(page, "conn", ended, "the transfers and the refused connect closed"))
+        fail, client, server = rows[(refused, closed_port)], rows[(big_client, big_port)], rows[(big_port, big_client)]
+        assert (fail["failed"], fail["failure"]) == (True, "ECONNREFUSED"), fail
+        assert (client["bytesSent"], client["bytesReceived"], client["failed"]) == (SENT, RECEIVED, False), client
+        assert (server["bytesSent"], server["bytesReceived"], server["failed"]) == (RECEIVED, SENT, False), server
+        assert client["rtt"] > 0 and not client["failure"]
+
+        # marked on screen: the refused connect red with its error, the transfer not
+        shown = shown_by_ports(page)
+        assert "failed" in shown[(refused, closed_port)]["cls"].split(), shown[(refused, closed_port)]
+        assert shown[(refused, closed_port)]["background"] == FAILED_RED
+        assert shown[(refused, closed_port)]["error"] == "ECONNREFUSED"
+        big_row = shown[(big_client, big_port)]
+        assert "failed" not in big_row["cls"].split() and big_row["background"] != FAILED_RED, big_row
+        assert (big_row["sent"], big_row["received"]) == ("1.0 MB", "12.3 kB"), big_row
+        assert re.fullmatch(r"\d+(\.\d)? (µs|ms)", big_row["rtt"]), big_row
+        server_row = shown[(big_port, big_client)]
+        assert (server_row["sent"], server_row["received"]) == ("12.3 kB", "1.0 MB"), server_row
+        assert shown[(small_client, small_port)]["sent"] == "1.0 kB"
+
+        # sorted by Sent: ascending, then descending (top talkers first); a row without counters last
+        header = page.locator('#grid-conn .tabulator-col[tabulator-field="bytesSent"]')
+        header.click()
+        wait_query(page, "conn.sort=bytesSent:asc")
+        ascending = wait_grid(
+            page,
+            "conn",
+            lambda rs: len(rs) >= 5 and sorted_with_missing_last([r["bytesSent"] for r in rs], reverse=False),
+            "sorted by Sent, ascending",
+        )
+        with_bytes = [r for r in ascending if r["bytesSent"] is not None]
+        assert (with_bytes[-1]["localPort"], with_bytes[-1]["remotePort"]) == (big_client, big_port), with_bytes[-3:]
+        header.click()
+        wait_query(page, "conn.sort=bytesSent:desc")
+        rows = wait_grid(page, "conn", lambda rs: rs and rs[0]["localPort"] == big_client, "the top talker first")
+        assert sorted_with_missing_last([r["bytesSent"] for r in rows], reverse=True), rows
+        assert column(page, "localPort")[0] == str(big_client) and column(page, "bytesSent")[0] == "1.0 MB"
+
+        # failed only: in the page (no new subscription: the closed rows stay), and in the URL
+        set_control(page, "conn", "failed", True)
+        wait_query(page, "conn.failed=1")
+
+        def only_failed(key):
+            return lambda rs: rs and all(r["failed"] for r in rs) and key in by_ports(rs)
+
+        rows = wait_grid(page, "conn", only_failed((refused, closed_port)), "failed only")
+        assert (big_client, big_port) not in by_ports(rows) and (held_client, held_port) not in by_ports(rows)
+        shown_count, total = shown_counts(page)
+        assert shown_count < total
+        assert all("failed" in r["cls"].split() for r in shown_by_ports(page).values())
+
+        # after a reload: still on (and sorted); the page has only live rows again, none failed, until
+        # another connect is refused
+        page.reload()
+        assert control_value(page, "conn", "failed") is True
+        page.wait_for_function(
+            "p => window.netstatd?.store.snapshotDone && [...window.netstatd.store.nodes.values()]"
+            ".some((n) => [...n.conns.values()].some((c) => c.localPort === p))",
+            arg=held_client,
+        )
+        again = refused_connect()
+        rows = wait_grid(page, "conn", only_failed((again, closed_port)), "failed only, after a reload")
+        assert (held_client, held_port) not in by_ports(rows)
+        assert "conn.sort=bytesSent:desc" in decode(page)
+        set_control(page, "conn", "failed", False)
+        wait_grid(page, "conn", lambda rs: (held_client, held_port) in by_ports(rs), "failed only off")
+        assert "conn.failed" not in decode(page)
+    finally:
+        for proc in procs:
+            if proc.stdin:
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def decode(page) -> str:
+    return page.evaluate("decodeURIComponent(location.search)")

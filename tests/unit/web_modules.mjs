@@ -7,8 +7,9 @@ import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
 const WEB = new URL("../../src/netstatd/web/", import.meta.url);
-const { DNS_FAILED_KEEP_MS, DNS_FAILED_MAX, Store, UDP_EXPIRE_MS } = await import(new URL("store.js", WEB));
+const { DNS_FAILED_KEEP_MS, DNS_FAILED_MAX, Store, UDP_EXPIRE_MS, isFailed } = await import(new URL("store.js", WEB));
 const rows = await import(new URL("rows.js", WEB));
+const { formatBytes, formatRate, formatRtt } = await import(new URL("format.js", WEB));
 const { FILTERS, VIEWS, contains, fromQuery, subscriptionOf, subscriptionQuery, toQuery, widens } = await import(
   new URL("filters.js", WEB)
 );
@@ -449,12 +450,13 @@ test("fromQuery: defaults, values from the URL, unknown keys and bad values igno
 test("toQuery writes only what differs from the defaults, and fromQuery reads it back", () => {
   assert.equal(toQuery("conn", defaults()), "?view=conn");
   const filters = defaults();
-  Object.assign(filters.conn, { q: "curl", ext: false, dedup: true, port: "443", sort: { field: "pid", dir: "asc" } });
+  Object.assign(filters.conn, { q: "curl", ext: false, dedup: true, failed: true, port: "443", sort: { field: "pid", dir: "asc" } });
   Object.assign(filters.ips, { type: "pod", fam: "IPv6" });
   filters.deploy.q = "DaemonSet";
   const search = toQuery("ips", filters);
   const params = new URLSearchParams(search);
   assert.equal(params.get("conn.ext"), "0");
+  assert.equal(params.get("conn.failed"), "1");
   assert.equal(params.get("conn.sort"), "pid:asc");
   assert.equal(params.has("conn.lo"), false); // a default: left out
   assert.deepEqual(fromQuery(search), { view: "ips", filters });
@@ -496,4 +498,194 @@ test("past maxConns the store holds no new connection and counts what it left ou
   assert.equal(s.left.rows, 0); // a new snapshot: counted afresh
   assert.deepEqual(keys(s.node("n1").conns), ["9"]);
   assert.equal(s.connCount(), 1); // n1's rows replaced (the count follows the clear)
+});
+
+// -- the traffic columns: counters, Rate, failed connections, units, sorting ------------------------
+
+const at = (ms) => new Date(T0 + ms).toISOString();
+
+test("units: bytes, rates and round-trip times in human units, at their boundaries", () => {
+  const bytes = [
+    [0, "0 B"],
+    [950, "950 B"],
+    [999, "999 B"],
+    [1000, "1.0 kB"],
+    [1049, "1.0 kB"],
+    [12_500, "12.5 kB"],
+    [99_940, "99.9 kB"],
+    [99_960, "100 kB"],
+    [999_400, "999 kB"],
+    [999_600, "1.0 MB"], // not "1000 kB"
+    [1_000_000, "1.0 MB"],
+    [1_234_567, "1.2 MB"],
+    [5_368_709_120, "5.4 GB"],
+    [2e21, "2000 EB"],
+  ];
+  for (const [n, shown] of bytes) assert.equal(formatBytes(n), shown, String(n));
+  for (const missing of [undefined, null, NaN, -1, "12", Infinity]) assert.equal(formatBytes(missing), "", String(missing));
+  assert.equal(formatRate(12_500), "12.5 kB/s");
+  assert.equal(formatRate(950.4), "950 B/s");
+  assert.equal(formatRate(0.4), "0.4 B/s"); // a rate, unlike a count, may be a fraction of a byte
+  assert.equal(formatRate(0), "0 B/s");
+  assert.equal(formatRate(null), "");
+  const rtts = [
+    [45, "45 µs"],
+    [99.4, "99 µs"],
+    [99.6, "0.1 ms"],
+    [400, "0.4 ms"],
+    [9_940, "9.9 ms"],
+    [9_960, "10 ms"],
+    [35_000, "35 ms"],
+    [999_400, "999 ms"],
+    [999_600, "1.0 s"],
+    [125_000_000, "125 s"],
+  ];
+  for (const [us, shown] of rtts) assert.equal(formatRtt(us), shown, String(us));
+  for (const missing of [0, undefined, null, NaN, -5]) assert.equal(formatRtt(missing), "", String(missing)); // 0: never measured
+});
+
+test("Rate: bytes/s between the last two samples of a row's totals, from their timestamps", () => {
+  const s = new Store();
+  const row = () => s.node("n1").conns.get("1");
+  s.apply([conn("n1", 1, { timestamp: at(0) })], T0); // no counters yet
+  assert.equal(row().rate, null);
+  assert.equal(row().bytesSent, undefined);
+  s.apply([{ type: "snapshot.complete", nodeName: "n1" }]);
+  s.apply([conn("n1", 1, { timestamp: at(1000), states: [], bytesSent: 1000, bytesReceived: 500 })], T0 + 1000);
+  assert.equal(row().rate, null); // one sample: no rate yet
+  s.apply([conn("n1", 1, { timestamp: at(6000), states: [], bytesSent: 41_000, bytesReceived: 10_500 })], T0 + 6000);
+  assert.equal(row().rate, 10_000); // (51,500 - 1,500) bytes in 5 s
+  // an event without counters (a state change) keeps the totals and the rate
+  s.apply([conn("n1", 1, { timestamp: at(7000), state: "FIN_WAIT1", states: ["FIN_WAIT1"] })], T0 + 7000);
+  assert.deepEqual([row().bytesSent, row().bytesReceived, row().rate], [41_000, 10_500, 10_000]);
+  // the close's totals: the last interval, from the previous sample's timestamp
+  const end = { state: "CLOSE", states: ["CLOSE"], bytesSent: 43_000, bytesReceived: 10_500, rttUs: 420, retransmits: 2 };
+  s.apply([conn("n1", 1, { timestamp: at(8000), ...end })], T0 + 8000);
+  assert.equal(row().rate, 1000);
+  assert.equal(row().rtt, 420);
+  assert.equal(row().failed, false);
+
+  // the same totals later (only the RTT changed): nothing moved, 0 B/s; totals that went back start afresh
+  s.apply([conn("n1", 2, { timestamp: at(0), states: [], bytesSent: 10, bytesReceived: 0 })], T0);
+  s.apply([conn("n1", 2, { timestamp: at(5000), states: [], bytesSent: 5010, bytesReceived: 0 })], T0 + 5000);
+  assert.equal(s.node("n1").conns.get("2").rate, 1000);
+  s.apply([conn("n1", 2, { timestamp: at(10_000), states: [], bytesSent: 5010, bytesReceived: 0, rttUs: 900 })], T0 + 10_000);
+  assert.equal(s.node("n1").conns.get("2").rate, 0);
+  s.apply([conn("n1", 2, { timestamp: at(11_000), states: [], bytesSent: 3, bytesReceived: 0 })], T0 + 11_000);
+  assert.equal(s.node("n1").conns.get("2").rate, null);
+
+  // UDP flows: the same with their bytes (packets are only shown on hover)
+  const udp = { protocol: "UDP", state: "ACTIVE", states: ["ACTIVE"], remoteIP: "10.0.0.53", remotePort: 53 };
+  const first = { bytesSent: 100, bytesReceived: 300, packetsSent: 1, packetsReceived: 1 };
+  s.apply([conn("n1", 7, { ...udp, timestamp: at(0), ...first })], T0);
+  const next = { bytesSent: 2100, bytesReceived: 4300, packetsSent: 20, packetsReceived: 20 };
+  s.apply([conn("n1", 7, { ...udp, timestamp: at(2000), ...next })], T0 + 2000);
+  const flow = s.node("n1").conns.get("7|10.0.0.53|53");
+  assert.equal(flow.rate, 3000);
+  assert.equal(flow.failed, false);
+});
+
+test("Rate: a live row whose totals stop coming drops to 0; a stream.reset keeps the samples", () => {
+  const s = new Store();
+  s.apply([{ type: "snapshot.complete", nodeName: "n1" }]);
+  s.apply([conn("n1", 1, { timestamp: at(0), states: [], bytesSent: 0, bytesReceived: 0 })], T0);
+  s.apply([conn("n1", 1, { timestamp: at(5000), states: [], bytesSent: 50_000, bytesReceived: 0 })], T0 + 5000);
+  const live = s.node("n1").conns.get("1");
+  assert.equal(live.rate, 10_000);
+  s.sweep(T0 + 5000 + 11_000, 5000); // two of its 5 s intervals and a second: not yet
+  assert.equal(s.node("n1").conns.get("1"), live);
+  s.dirty.conn = false;
+  s.sweep(T0 + 5000 + 11_001, 5000);
+  const idle = s.node("n1").conns.get("1");
+  assert.notEqual(idle, live); // a new object: the grid redraws changed rows by identity
+  assert.equal(idle.rate, 0);
+  assert.equal(s.dirty.conn, true);
+  s.apply([conn("n1", 1, { timestamp: at(25_000), states: [], bytesSent: 70_000, bytesReceived: 0 })], T0 + 25_000);
+  assert.equal(s.node("n1").conns.get("1").rate, 1000); // since the last totals, 20 s before
+
+  // a new subscription: the row sent again with the same totals keeps its rate (a snapshot is no
+  // sample), and its next totals are measured from the last ones before the reset
+  s.apply([{ type: "stream.reset", nodeName: "n1", reason: "subscribe" }]);
+  s.apply([conn("n1", 1, { timestamp: at(26_000), bytesSent: 70_000, bytesReceived: 0 })], T0 + 26_000);
+  assert.equal(s.node("n1").conns.get("1").rate, 1000);
+  s.apply([{ type: "snapshot.complete", nodeName: "n1" }]);
+  assert.equal(s.node("n1").former, null);
+  s.apply([conn("n1", 1, { timestamp: at(30_000), states: [], bytesSent: 90_000, bytesReceived: 0 })], T0 + 30_000);
+  assert.equal(s.node("n1").conns.get("1").rate, 4000);
+});
+
+test("failed: an error, a reset, or a TCP connection closed before ESTABLISHED; the Error text", () => {
+  const s = new Store();
+  const close = { state: "CLOSE", states: ["CLOSE"] };
+  s.apply([
+    conn("n1", 1, { state: "SYN_SENT", states: ["SYN_SENT"] }),
+    conn("n1", 1, { ...close, error: "ECONNREFUSED", bytesSent: 0, bytesReceived: 0, rttUs: 0 }),
+    conn("n1", 2, { states: ["ESTABLISHED"] }),
+    conn("n1", 2, { ...close, reset: "received", error: "ECONNRESET", bytesSent: 6, bytesReceived: 0 }),
+    conn("n1", 3, { states: ["ESTABLISHED"] }),
+    conn("n1", 3, { ...close, reset: "sent", bytesReceived: 6 }),
+    conn("n1", 4, { state: "SYN_SENT", states: ["SYN_SENT"] }),
+    conn("n1", 4, close), // the application gave up first: no error, never established
+    conn("n1", 5, { state: "CLOSE", states: ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"] }),
+    conn("n1", 6, { ...close, states: ["FIN_WAIT1", "FIN_WAIT2", "CLOSE"] }), // the first event seen
+    conn("n1", 7, { ...close, bytesSent: 10, bytesReceived: 20, rttUs: 300 }), // counters only a connection has
+    conn("n1", 8, { state: "SYN_SENT", states: ["SYN_SENT"] }), // still trying
+    conn("n1", 9, { protocol: "UDP", ...close, remoteIP: "10.0.0.53", remotePort: 53 }),
+    conn("n1", 10, { state: "SYN_SENT", states: ["SYN_SENT"] }),
+    conn("n1", 10, { ...close, closeReason: "gone" }), // the agent missed its end: maybe its handshake too
+  ]);
+  const by = Object.fromEntries([...s.node("n1").conns.values()].map((r) => [r.sockCookie, [r.failed, r.failure]]));
+  assert.deepEqual(by, {
+    1: [true, "ECONNREFUSED"],
+    2: [true, "ECONNRESET, reset received"],
+    3: [true, "reset sent"],
+    4: [true, "not established"],
+    5: [false, ""],
+    6: [false, ""],
+    7: [false, ""],
+    8: [false, ""],
+    9: [false, ""],
+    10: [false, ""],
+  });
+  assert.equal(isFailed({ protocol: "TCP", closedAt: 0 }), false);
+  assert.equal(isFailed({ protocol: "UDP", closedAt: 1, error: "ECONNREFUSED" }), true);
+  // the "failed only" toggle, and the search box finds the error's name
+  assert.deepEqual(cookies(s, { failed: true }), [1, 2, 3, 4]);
+  assert.deepEqual(cookies(s, { failed: true, q: "reset" }), [2, 3]);
+  assert.deepEqual(cookies(s, { q: "econnrefused" }), [1]);
+  assert.equal(cookies(s, {}).length, 10);
+});
+
+test("sortBy: numbers and text, a missing value last in either direction, ties in order", () => {
+  const list = [
+    { id: "a", bytesSent: 10, failure: "" },
+    { id: "b", failure: "reset sent" },
+    { id: "c", bytesSent: 1_000_000, failure: "ECONNREFUSED" },
+    { id: "d", bytesSent: 0, failure: null },
+    { id: "e", bytesSent: 10, failure: "not established" },
+    { id: "f", bytesSent: NaN },
+  ];
+  const ids = (field, dir, numeric) => rows.sortBy(list, field, dir, numeric).map((r) => r.id).join("");
+  assert.equal(ids("bytesSent", "desc", true), "caedbf"); // the top talker first
+  assert.equal(ids("bytesSent", "asc", true), "daecbf");
+  assert.equal(ids("failure", "asc", false), "cebadf"); // empty text is missing too
+  assert.equal(ids("failure", "desc", false), "becadf");
+  assert.deepEqual(list.map((r) => r.id), ["a", "b", "c", "d", "e", "f"]); // left alone
+  // the store's rows, by bytes: rows without counters after every row with some
+  const s = new Store();
+  s.apply([conn("n1", 1), conn("n1", 2, { bytesSent: 5 }), conn("n1", 3, { bytesSent: 500 })]);
+  const view = rows.connectionRows(s, defaults().conn).rows;
+  assert.deepEqual(rows.sortBy(view, "bytesSent", "desc", true).map((r) => r.sockCookie), [3, 2, 1]);
+  assert.deepEqual(rows.sortBy(view, "bytesSent", "asc", true).map((r) => r.sockCookie), [2, 3, 1]);
+});
+
+test("the failed-only toggle round-trips through the URL and is not part of the subscription", () => {
+  assert.equal(fromQuery("").filters.conn.failed, false);
+  const q = fromQuery("?view=conn&conn.failed=1&conn.sort=bytesSent:desc");
+  assert.equal(q.filters.conn.failed, true);
+  assert.deepEqual(q.filters.conn.sort, { field: "bytesSent", dir: "desc" });
+  assert.equal(toQuery("conn", q.filters), "?view=conn&conn.failed=1&conn.sort=bytesSent%3Adesc");
+  assert.deepEqual(fromQuery(toQuery("conn", q.filters)), q);
+  assert.equal(toQuery("conn", { ...q.filters, conn: { ...q.filters.conn, failed: false, sort: null } }), "?view=conn");
+  assert.deepEqual(subscriptionOf(q.filters.conn), {});
 });

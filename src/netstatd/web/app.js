@@ -78,6 +78,7 @@ function fade(row, now) {
 
 function styleRow(elem, data) {
   elem.classList.toggle("closed", !!data.closedAt);
+  elem.classList.toggle("failed", !!data.failed); // an error, a reset, or never established: red-tinted
   elem.style.opacity = fade(data, Date.now());
 }
 

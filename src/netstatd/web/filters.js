@@ -36,6 +36,8 @@ export const FILTERS = {
     { key: "pods", kind: "toggle", label: "pod", def: true },
     { key: "ext", kind: "toggle", label: "external", def: true },
     { key: "dedup", kind: "toggle", label: "dedup", def: false },
+    // connections that failed (store.js isFailed): the page's own filter, not the subscription's
+    { key: "failed", kind: "toggle", label: "failed only", def: false },
     { key: "linger", kind: "number", label: "Closed linger (s)", def: "5" },
     { key: "max", kind: "number", label: "Max rows", def: String(MAX_CONNS) },
     { key: "sort", kind: "sort" },
@@ -134,9 +136,9 @@ export function contains(haystack, needle) {
 // What the server filters for this page (docs/protocol.md, "Subscriptions"): the Connections view's
 // namespace, pod and node (exact names, comma-separated), protocol, state, port and the loopback
 // toggle. The page receives only that, in every view. The rest stays in the browser, over what was
-// received: free text, the port side, the family, and the host, pod and external toggles (they are
-// about an endpoint's kind, which the page knows from the IP inventory; the server's `host` key is
-// about the socket's owner).
+// received: free text, the port side, the family, "failed only", and the host, pod and external
+// toggles (they are about an endpoint's kind, which the page knows from the IP inventory; the
+// server's `host` key is about the socket's owner).
 export function subscriptionOf(f) {
   const names = (v) => v.split(",").map((x) => x.trim()).filter(Boolean);
   const s = {};

@@ -43,13 +43,14 @@ function decorateConn(r, ips, dns, version) {
   r.container = r.containerName || (r.containerId ? r.containerId.slice(0, 12) : "");
   // what the search box looks in, lower-cased once (lower-casing nine fields of every row at every
   // keystroke took ~100 ms at 50k rows); "\n" keeps a match from spanning two fields
-  r._text = [r.localIP, r.remoteIP, r.exe, r.comm, r.pid, r.localLabel, r.remoteLabel, r.container, r.state]
+  r._text = [r.localIP, r.remoteIP, r.exe, r.comm, r.pid, r.localLabel, r.remoteLabel, r.container, r.state, r.failure]
     .map((v) => (v == null ? "" : String(v)))
     .join("\n")
     .toLowerCase();
 }
 
 function matchConn(r, f, port, q) {
+  if (f.failed && !r.failed) return false;
   if (f.proto && r.protocol !== f.proto) return false;
   if (f.fam && r.family !== f.fam) return false;
   if (f.state === "open" ? r.closedAt : f.state === "closed" ? !r.closedAt : f.state && r.state !== f.state) return false;
@@ -242,4 +243,48 @@ export function dnsRows(store, f) {
 
 function byText(a, b) {
   return a < b ? -1 : a > b ? 1 : 0;
+}
+
+// rows sorted by field (a new array; rows itself is left alone), as numbers or as text, ascending or
+// descending (dir "desc"); a missing value (no number; empty text) sorts last either way, so sorting
+// by a column that most rows lack (a connection's bytes before its counters came) still puts the
+// rows that have one first. Text compares lower-cased, by code point: localeCompare costs ~100 ns a
+// call, too slow for 50k rows at every redraw. The keys are extracted once into arrays and row
+// indexes are sorted (ties by index, so the order is stable): a comparator that reads row objects
+// costs ~60 ms at 50k rows, this about a third of that.
+export function sortBy(rows, field, dir, numeric) {
+  const n = rows.length;
+  const sign = dir === "desc" ? -1 : 1;
+  const order = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  if (numeric) {
+    const keys = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      const v = rows[i][field];
+      keys[i] = typeof v === "number" ? v : parseFloat(v); // NaN: empty or not a number
+    }
+    order.sort((i, j) => {
+      const x = keys[i];
+      const y = keys[j];
+      if (x !== x) return y !== y ? i - j : 1; // eslint-disable-line no-self-compare (NaN: missing, last)
+      if (y !== y) return -1; // eslint-disable-line no-self-compare
+      return x === y ? i - j : sign * (x - y);
+    });
+  } else {
+    const keys = new Array(n);
+    for (let i = 0; i < n; i++) {
+      const v = rows[i][field];
+      keys[i] = v === undefined || v === null ? "" : String(v).toLowerCase();
+    }
+    order.sort((i, j) => {
+      const x = keys[i];
+      const y = keys[j];
+      if (x === "") return y === "" ? i - j : 1;
+      if (y === "") return -1;
+      return x < y ? -sign : x > y ? sign : i - j;
+    });
+  }
+  const out = new Array(n);
+  for (let i = 0; i < n; i++) out[i] = rows[order[i]];
+  return out;
 }

@@ -16,6 +16,24 @@ export const MAX_CONNS = 100_000;
 // client IP and name (protocol.py DNS_FAILED_KEEP_S, DNS_FAILED_MAX: change them together).
 export const DNS_FAILED_KEEP_MS = 600_000;
 export const DNS_FAILED_MAX = 1000;
+// A connection's counters (docs/protocol.md, "How much and how well"): totals, never deltas. An event
+// without them (a state change, an older agent, a row not refreshed yet, a close the agent did not
+// see) keeps the row's last known ones.
+const COUNTERS = [
+  "bytesSent",
+  "bytesReceived",
+  "segmentsSent",
+  "segmentsReceived",
+  "packetsSent",
+  "packetsReceived",
+  "rttUs",
+  "retransmits",
+];
+// The states a TCP connection is in only once its handshake completed.
+const ESTABLISHED_STATES = new Set(["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "CLOSING"]);
+// A live row whose byte totals stopped coming: its Rate drops to 0 once the next sample is this late
+// (the agent sends counters only when a value changed): twice the row's last interval, plus this.
+const RATE_STALE_SLACK_MS = 1000;
 
 class NodeState {
   constructor(name) {
@@ -25,6 +43,9 @@ class NodeState {
     this.ips = new Map(); // ip|podUID -> ip.added (one host IP appears once per host-network pod too)
     this.ports = new Map(); // sockCookie -> port row
     this.conns = new Map(); // sockCookie (TCP) or sockCookie|remoteIP|remotePort (UDP) -> connection row
+    // The rows a stream.reset or a new session replaced, until snapshot.complete: the same connection's
+    // row sent again takes its counter samples from there, so its Rate goes on (not empty again).
+    this.former = null;
     this.dns = new Map(); // ip -> Map(hostname -> dns.resolved)
     this.dnsFailed = new Map(); // clientIP|name -> dns.failed row, least recently received first
     // Its rows are about to be sent again: "session" (a new WebSocket session) or "reset" (a
@@ -36,7 +57,8 @@ class NodeState {
     this.containers.clear();
     this.ips.clear();
     this.ports.clear();
-    this.conns.clear();
+    if (this.conns.size) this.former = this.conns;
+    this.conns = new Map();
     this.dns.clear();
     this.dnsFailed.clear();
   }
@@ -158,7 +180,16 @@ export class Store {
           lingering++;
           continue;
         }
-        if (!row.closedAt) continue;
+        if (!row.closedAt) {
+          const sample = row._sample;
+          if (row.rate > 0 && sample.dt > 0 && now - sample.seen > 2 * sample.dt + RATE_STALE_SLACK_MS) {
+            // no new totals for two of its intervals: nothing moved in at least one (a new object, as
+            // for every change; the sample stays, so the next totals give the rate since then)
+            n.conns.set(key, { ...row, rate: 0 });
+            this.dirty.conn = true;
+          }
+          continue;
+        }
         if (now - row.closedAt >= lingerMs) {
           n.conns.delete(key);
           this._connCount = null;
@@ -261,6 +292,7 @@ const SESSION_HANDLERS = {
       if (n.stale === "session") store.nodes.delete(name);
       else if (n.stale) n.clear();
       n.stale = false;
+      n.former = null;
     }
     store._connCount = null;
     store.markAll();
@@ -314,6 +346,7 @@ const HANDLERS = {
     row.closedAt = ev.state === "CLOSE" ? old?.closedAt || now : 0;
     // An event with only SYN_SENT has localPort 0 (the kernel picks it just after); keep a known one.
     if (!row.localPort && old?.localPort) row.localPort = old.localPort;
+    traffic(row, ev, old || node.former?.get(key), store.snapshotDone, now);
     node.conns.set(key, row);
     store.dirty.conn = true;
     store.restartRows++;
@@ -341,6 +374,72 @@ const HANDLERS = {
     store.dirty.dns = true;
   },
 };
+
+// A connection row's traffic fields, from its event and its previous row (prior, if any):
+// - the counters, the latest totals (an event without them keeps the prior ones), and `rtt` (µs; null
+//   when never measured: rttUs 0);
+// - `rate`: bytes/s, sent and received, between the last two samples (events whose byte totals
+//   changed: rate = change / time between their timestamps); null until there are two. A live event
+//   with the same totals and a later timestamp is a sample too (nothing moved: 0 B/s), but not a
+//   snapshot's (live: false), which only sends the latest state again;
+// - `failed`: isFailed(), and `failure`, what the Error column says.
+export function traffic(row, ev, prior, live, now) {
+  if (prior) {
+    for (const f of COUNTERS) if (row[f] === undefined && prior[f] !== undefined) row[f] = prior[f];
+    if (!row.error && prior.error) row.error = prior.error;
+    if (!row.reset && prior.reset) row.reset = prior.reset;
+  }
+  row.rtt = row.rttUs > 0 ? row.rttUs : null;
+  row.rate = prior?.rate ?? null;
+  row._sample = prior?._sample ?? null; // {at: timestamp ms, bytes, seen: when received, dt: ms since the one before}
+  if (typeof ev.bytesSent === "number" || typeof ev.bytesReceived === "number") {
+    const bytes = (row.bytesSent || 0) + (row.bytesReceived || 0);
+    const parsed = Date.parse(ev.timestamp);
+    const at = Number.isNaN(parsed) ? now : parsed;
+    const last = row._sample;
+    if (!last || bytes < last.bytes) {
+      row._sample = { at, bytes, seen: now, dt: 0 };
+      row.rate = null;
+    } else if (at > last.at && (bytes !== last.bytes || live)) {
+      row.rate = ((bytes - last.bytes) * 1000) / (at - last.at);
+      row._sample = { at, bytes, seen: now, dt: at - last.at };
+    }
+  }
+  // TCP: whether the handshake ever completed (its states, or counters only a connection has)
+  if (row.protocol === "TCP") {
+    row._up =
+      !!prior?._up ||
+      ESTABLISHED_STATES.has(row.state) ||
+      (ev.states || []).some((s) => ESTABLISHED_STATES.has(s)) ||
+      row.bytesSent > 0 ||
+      row.bytesReceived > 0 ||
+      row.rttUs > 0;
+  }
+  row.failed = isFailed(row);
+  row.failure = failureText(row);
+}
+
+// A failed connection (the "failed only" filter, the red rows): it ended with an error or a reset, or a
+// TCP connection closed without ever reaching ESTABLISHED.
+export function isFailed(r) {
+  return !!(r.error || r.reset || neverEstablished(r));
+}
+
+// A TCP close before the handshake completed. Not a close the agent did not see (closeReason "gone":
+// the transitions it missed may be the ones that established it).
+function neverEstablished(r) {
+  return r.protocol === "TCP" && !!r.closedAt && !r._up && r.closeReason !== "gone";
+}
+
+// The Error column: the error's name, "reset sent" / "reset received", or "not established" for a TCP
+// connection that closed before its handshake completed with no error (its application gave up first).
+function failureText(r) {
+  const parts = [];
+  if (r.error) parts.push(r.error);
+  if (r.reset) parts.push(`reset ${r.reset}`);
+  if (!parts.length && neverEstablished(r)) parts.push("not established");
+  return parts.join(", ");
+}
 
 // counts.get(key) += n, from 0
 export function tally(counts, key, n = 1) {

@@ -5,7 +5,9 @@
 
 import { TabulatorFull as Tabulator } from "./vendor/tabulator/tabulator_esm.min.js";
 import { el } from "./dom.js";
+import { formatBytes, formatRate, formatRtt } from "./format.js";
 import { basename } from "./net.js";
+import { sortBy } from "./rows.js";
 
 function text(v) {
   return document.createTextNode(v === null || v === undefined ? "" : String(v));
@@ -63,6 +65,36 @@ function withTitle(titleField) {
   return (v, r) => el("span", { title: r[titleField] || "", text: v ?? "" });
 }
 
+// A byte count in human units ("1.2 MB"); the exact count and the segments (TCP) or packets (UDP) on hover.
+function bytes(direction) {
+  return (v, r) => {
+    if (typeof v !== "number") return text("");
+    const units = r.protocol === "UDP" ? "packets" : "segments";
+    const count = r[`${units}${direction}`];
+    const title = `${v.toLocaleString()} bytes${typeof count === "number" ? ` in ${count.toLocaleString()} ${units}` : ""}`;
+    return el("span", { title, text: formatBytes(v) });
+  };
+}
+
+function rate(v) {
+  return text(formatRate(v));
+}
+
+function rtt(v) {
+  return text(formatRtt(v));
+}
+
+// Retransmitted segments, of how many sent on hover.
+function retransmits(v, r) {
+  if (typeof v !== "number") return text("");
+  const sent = typeof r.segmentsSent === "number" ? ` of ${r.segmentsSent.toLocaleString()} segments sent` : "";
+  return el("span", { title: `${v.toLocaleString()} retransmitted${sent}`, text: v });
+}
+
+function failure(v) {
+  return v ? el("span", { class: "failure", title: v, text: v }) : text("");
+}
+
 function portList(v) {
   return document.createTextNode((v || []).map((p) => `${p.name} ${p.port}`).join(", "));
 }
@@ -71,19 +103,27 @@ const num = { sorter: "number", hozAlign: "right" };
 
 export const COLUMNS = {
   conn: [
-    { title: "Node", field: "node", width: 110 },
-    { title: "Proto", field: "protocol", width: 70 },
-    { title: "State", field: "state", formatter: state, width: 120 },
-    { title: "Local", field: "localIP", formatter: endpoint("local"), minWidth: 160 },
-    { title: "L port", field: "localPort", ...num, width: 75 },
-    { title: "Remote", field: "remoteIP", formatter: endpoint("remote"), minWidth: 160 },
-    { title: "R port", field: "remotePort", ...num, width: 75 },
-    { title: "Dir", field: "direction", width: 85 },
-    { title: "PID", field: "pid", ...num, width: 80 },
-    { title: "Executable", field: "exe", formatter: exe, minWidth: 120 },
-    { title: "Container", field: "container", formatter: withTitle("containerId"), minWidth: 100 },
-    { title: "Family", field: "family", width: 70 },
-    { title: "Last event", field: "lastSeen", formatter: time, sorter: "number", width: 100 },
+    // 19 columns that fit a 1600 px window (its scrollbar included); narrower, the grid scrolls sideways
+    { title: "Node", field: "node", width: 76 },
+    { title: "Proto", field: "protocol", width: 62 },
+    { title: "State", field: "state", formatter: state, width: 105 },
+    { title: "Local", field: "localIP", formatter: endpoint("local"), minWidth: 130 },
+    { title: "L port", field: "localPort", ...num, width: 66 },
+    { title: "Remote", field: "remoteIP", formatter: endpoint("remote"), minWidth: 130 },
+    { title: "R port", field: "remotePort", ...num, width: 66 },
+    { title: "Dir", field: "direction", width: 78 },
+    // docs/ui.md "Traffic": the counters of connection.event, the rate between their last two samples
+    { title: "Sent", field: "bytesSent", formatter: bytes("Sent"), ...num, width: 66 },
+    { title: "Received", field: "bytesReceived", formatter: bytes("Received"), ...num, width: 97 },
+    { title: "Rate", field: "rate", formatter: rate, ...num, width: 74 },
+    { title: "RTT", field: "rtt", formatter: rtt, ...num, width: 62 },
+    { title: "Retrans", field: "retransmits", formatter: retransmits, ...num, width: 87 },
+    { title: "Error", field: "failure", formatter: failure, minWidth: 84 },
+    { title: "PID", field: "pid", ...num, width: 68 },
+    { title: "Executable", field: "exe", formatter: exe, minWidth: 95 },
+    { title: "Container", field: "container", formatter: withTitle("containerId"), minWidth: 78 },
+    { title: "Family", field: "family", width: 60 },
+    { title: "Last event", field: "lastSeen", formatter: time, sorter: "number", width: 92 },
   ],
   ports: [
     { title: "Node", field: "node", width: 110 },
@@ -128,49 +168,13 @@ export const COLUMNS = {
   ],
 };
 
-// Sorting is ours for the windowed grids (below): the whole view is sorted here, like Tabulator's
-// "number" and "string" sorters would (empty/NaN first when ascending), but comparing lower-cased
-// text by code point: localeCompare costs ~100 ns a call, too slow for 50k rows at every redraw.
-// rows sorted by {field, dir} (a new array; rows itself is left alone). The keys are extracted once
-// into arrays and row indexes are sorted (ties by index, so the order is stable): a comparator that
-// reads row objects costs ~60 ms at 50k rows, this about a third of that.
+// Sorting is ours for the windowed grids (below): the whole view is sorted by rows.js sortBy, numbers
+// as numbers and text by code point, a missing value last whichever the direction.
 export function sortRows(view, rows, sort) {
   if (!sort) return rows;
   const col = COLUMNS[view].find((c) => c.field === sort.field);
   if (!col) return rows;
-  const field = sort.field;
-  const n = rows.length;
-  const sign = sort.dir === "desc" ? -1 : 1;
-  const order = new Uint32Array(n);
-  for (let i = 0; i < n; i++) order[i] = i;
-  if (col.sorter === "number") {
-    const keys = new Float64Array(n);
-    for (let i = 0; i < n; i++) {
-      const v = rows[i][field];
-      keys[i] = typeof v === "number" ? v : parseFloat(v); // NaN: empty or not a number
-    }
-    order.sort((i, j) => {
-      const x = keys[i];
-      const y = keys[j];
-      if (x !== x) return y !== y ? i - j : -sign; // eslint-disable-line no-self-compare (NaN test)
-      if (y !== y) return sign; // eslint-disable-line no-self-compare
-      return x === y ? i - j : sign * (x - y);
-    });
-  } else {
-    const keys = new Array(n);
-    for (let i = 0; i < n; i++) {
-      const v = rows[i][field];
-      keys[i] = v === undefined || v === null ? "" : String(v).toLowerCase();
-    }
-    order.sort((i, j) => {
-      const x = keys[i];
-      const y = keys[j];
-      return x < y ? -sign : x > y ? sign : i - j;
-    });
-  }
-  const out = new Array(n);
-  for (let i = 0; i < n; i++) out[i] = rows[order[i]];
-  return out;
+  return sortBy(rows, sort.field, sort.dir, col.sorter === "number");
 }
 
 // A grid in `container`. onSort(sorter|null) fires when the user sorts by a column; rowStyle(element,
@@ -199,6 +203,9 @@ export function createGrid(container, view, { initialSort, onSort, rowStyle, win
     grid.holder = el("div", { class: "vholder" });
     grid.spacer = el("div", { class: "vspacer" });
     grid.scroller.append(grid.holder, grid.spacer);
+    // never narrower than its columns: in a narrow window the grid scrolls sideways (header and rows
+    // together), instead of Tabulator clipping the last columns
+    grid.holder.style.minWidth = `${COLUMNS[view].reduce((n, c) => n + (c.width || c.minWidth || 0), 2)}px`;
     container.replaceChildren(grid.scroller);
     target = el("div");
     grid.holder.append(target);
@@ -236,6 +243,7 @@ export function createGrid(container, view, { initialSort, onSort, rowStyle, win
   const columns = COLUMNS[view].map((c) => {
     const fmt = c.formatter || text;
     return {
+      headerTooltip: true, // the title on hover, where the column is too narrow for it
       ...c,
       formatter: (cell) => {
         const r = rowOf(cell);
