@@ -41,6 +41,8 @@ _TS, _LOCAL_PORT, _REMOTE_PORT, _COOKIE = "\0ts", "\0lp", "\0rp", "\0ck"
 # a closed connection's counters, in TcpStats' order (the native helper writes each one's in)
 STATS_FIELDS = ("bytesSent", "bytesReceived", "segmentsSent", "segmentsReceived", "rttUs", "retransmits")
 _STATS = tuple(f"\0s{i}" for i in range(len(STATS_FIELDS)))
+# a UDP flow's totals, in UdpCounts.totals()' order
+UDP_COUNT_FIELDS = ("bytesSent", "bytesReceived", "packetsSent", "packetsReceived")
 _CUTS = (
     b"\\u0000ts",  # the timestamp keeps its quotes
     b'"\\u0000lp"',
@@ -126,6 +128,8 @@ class EventBuilder:
                 event["error"] = c.error
             if c.reset is not None:
                 event["reset"] = c.reset
+        if c.udp_counts is not None:
+            event.update(zip(UDP_COUNT_FIELDS, c.udp_counts.totals(), strict=True))
         a = self.attribution
         if a is not None:
             event.update(self._owner_fields(a, c, count))
