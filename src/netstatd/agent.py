@@ -158,6 +158,7 @@ class Agent:
             self.kernel.open()
         except LoadError as e:
             raise StartupError(str(e)) from None
+        self.tracker.tables.take_udp_flow = self.kernel.take_udp_flow  # counts of the UDP closes it decides
         self._reader = RingReader(self.kernel.ring_fd, self.kernel.ring_size)
         self._drainer = RingDrainer(
             self._reader, asyncio.get_running_loop(), self.pipeline.ingest, report=self.supervisor.report

@@ -1,8 +1,10 @@
 """The C structs in events.h and their Python decoders, checked against the compiled object's BTF."""
 
 import json
+import re
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +45,38 @@ def test_netstat_event_matches_btf(btf):
         assert c_offsets[name] == off, name
     assert events.RECORD_SIZE == events.EVENT_SIZE + events.RING_HEADER
     assert events.RECORD_SIZE % 8 == 0  # ring records are 8-byte aligned
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "members"),
+    [
+        ("udp_flow_key", events.UDP_FLOW_KEY, [("cookie", 0), ("raddr", 8), ("rport", 24), ("_pad", 26)]),
+        (
+            "udp_flow",
+            events.UDP_FLOW,
+            [
+                ("bytes_sent", 0),
+                ("bytes_received", 8),
+                ("packets_sent", 16),
+                ("packets_received", 24),
+                ("announced_ns", 32),
+            ],
+        ),
+    ],
+)
+def test_udp_flow_map_structs_match_btf(btf, name, layout, members):
+    """User space reads udp_flows entries (loader.take_udp_flow) with these."""
+    s = btf[name]
+    assert s["size"] == layout.size
+    assert [(m["name"], m["bits_offset"] // 8) for m in s["members"]] == members
+
+
+def test_events_h_constants_match_events_py():
+    text = (Path(events.__file__).parent / "events.h").read_text()
+    defines = dict(re.findall(r"^#define ((?:EV|EVF|CNT|FOLDED)_\w+) (0x[0-9a-fA-F]+|\d+)", text, re.M))
+    assert {"EVF_UDP_COUNTS", "EVF_UDP_NEW", "EVF_UDP_MORE", "EV_UDP_CLOSE", "CNT_MAX"} <= defines.keys()
+    for name, value in defines.items():
+        assert getattr(events, name) == int(value, 0), name
 
 
 def test_agent_settings_matches_btf_and_sits_at_rodata_offset_zero(btf):

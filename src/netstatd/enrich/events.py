@@ -42,6 +42,8 @@ _TS, _LOCAL_PORT, _REMOTE_PORT, _COOKIE = "\0ts", "\0lp", "\0rp", "\0ck"
 # a closed connection's counters, in TcpStats' order (the native helper writes each one's in)
 STATS_FIELDS = ("bytesSent", "bytesReceived", "segmentsSent", "segmentsReceived", "rttUs", "retransmits")
 _STATS = tuple(f"\0s{i}" for i in range(len(STATS_FIELDS)))
+# a UDP flow's totals, in UdpCounts.totals()' order
+UDP_COUNT_FIELDS = ("bytesSent", "bytesReceived", "packetsSent", "packetsReceived")
 _CUTS = (
     b"\\u0000ts",  # the timestamp keeps its quotes
     b'"\\u0000lp"',
@@ -137,6 +139,8 @@ class EventBuilder:
                 event["error"] = c.error
             if c.reset is not None:
                 event["reset"] = c.reset
+        if c.udp_counts is not None:
+            event.update(zip(UDP_COUNT_FIELDS, c.udp_counts.totals(), strict=True))
         a = self.attribution
         if a is not None:
             event.update(self._owner_fields(a, c, count))
@@ -157,10 +161,12 @@ class EventBuilder:
             event["localHostname"] = c.local_hostname
         if close_reason is not None:
             event["closeReason"] = close_reason
-        if account and self.traffic is not None and c.stats is not None:
-            sent, received = c.stats.bytes_sent, c.stats.bytes_received
-            self.traffic.add(event.get("namespace"), sent - c.counted[0], received - c.counted[1])
-            c.counted = (sent, received)
+        if account and self.traffic is not None:
+            totals = c.stats or c.udp_counts
+            if totals is not None:
+                sent, received = totals.bytes_sent, totals.bytes_received
+                self.traffic.add(event.get("namespace"), sent - c.counted[0], received - c.counted[1])
+                c.counted = (sent, received)
         return event
 
     def _namespace(self, c: Conn) -> str | None:

@@ -1,5 +1,5 @@
-"""Bytes per Kubernetes namespace, for /metrics (--metrics-per-namespace): each connection's bytes
-counted once, as its counters grow, under the namespace of its pod.
+"""Bytes per Kubernetes namespace, for /metrics (--metrics-per-namespace): each TCP connection's and UDP
+flow's bytes counted once, as its counters grow, under the namespace of its pod.
 
 Bounded: at most MAX_NAMESPACES label values. The bytes of namespaces past them are counted under
 `namespace="_other"`, and each connection event that went there in
@@ -46,8 +46,8 @@ class NamespaceTraffic:
             Metric(
                 "netstatd_namespace_bytes_total",
                 "counter",
-                "Payload bytes of the connections of each Kubernetes namespace's pods (_host: host processes), "
-                "sent and received, as their counters grow (--metrics-per-namespace).",
+                "Payload bytes of the TCP connections and UDP flows of each Kubernetes namespace's pods "
+                "(_host: host processes), sent and received, as their counters grow (--metrics-per-namespace).",
                 samples,
             ),
             single(

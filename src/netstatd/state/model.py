@@ -45,6 +45,7 @@ class Conn:
         "stats",
         "stats_ts",
         "ts",
+        "udp_counts",
     )
 
     def __init__(self, protocol: str) -> None:
@@ -70,6 +71,8 @@ class Conn:
         self.error: str | None = None  # the socket's error, e.g. "ECONNREFUSED"
         self.reset: str | None = None  # "sent" or "received"
         self.counted = (0, 0)  # bytes sent and received already in the per-namespace metrics
+        # a UDP flow's totals, from its records (UdpCounts.update()); None before its first
+        self.udp_counts: UdpCounts | None = None
 
 
 class TcpStats(NamedTuple):
@@ -81,6 +84,41 @@ class TcpStats(NamedTuple):
     segments_received: int
     rtt_us: int  # smoothed
     retransmits: int
+
+
+_U32 = 0xFFFFFFFF
+
+
+class UdpCounts:
+    """A UDP flow's totals (docs/protocol.md, UDP), from the kernel's counters of its map entry as its
+    records carry them: the 64-bit totals go on across the entry starting over (evicted from the LRU,
+    or taken at an idle close and made again) and across the wrap of the records' 32-bit datagram
+    counts, by adding what each record adds to the one before."""
+
+    __slots__ = ("bytes_received", "bytes_sent", "last", "packets_received", "packets_sent")
+
+    def __init__(self) -> None:
+        self.bytes_sent = self.bytes_received = self.packets_sent = self.packets_received = 0
+        self.last: tuple[int, int, int, int] | None = None  # the entry's counters as last seen
+
+    def update(self, kernel: tuple[int, int, int, int], new_entry: bool) -> bool:
+        """kernel: the entry's bytes sent, bytes received, datagrams sent and received (mod 2**32);
+        new_entry: the entry started at this record's datagram. Returns whether the entry started over
+        under a flow that had counts (a restart; less bytes than before says so too, should the record
+        that made the entry have been lost)."""
+        last = self.last
+        restart = last is not None and (new_entry or kernel[0] < last[0] or kernel[1] < last[1])
+        if last is None or restart:
+            last = (0, 0, 0, 0)
+        self.bytes_sent += kernel[0] - last[0]
+        self.bytes_received += kernel[1] - last[1]
+        self.packets_sent += (kernel[2] - last[2]) & _U32
+        self.packets_received += (kernel[3] - last[3]) & _U32
+        self.last = kernel
+        return restart
+
+    def totals(self) -> tuple[int, int, int, int]:
+        return self.bytes_sent, self.bytes_received, self.packets_sent, self.packets_received
 
 
 class Listener:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..protocol import (
@@ -32,7 +33,7 @@ from ..protocol import (
 )
 from ..sources.bpf import events as ev
 from .fold import Period
-from .model import INBOUND, OUTBOUND, Conn, Listener, TcpStats
+from .model import INBOUND, OUTBOUND, Conn, Listener, TcpStats, UdpCounts
 from .native import ShortRep
 
 log = logging.getLogger("netstatd.state")
@@ -40,6 +41,9 @@ log = logging.getLogger("netstatd.state")
 # (connection, the states it passed through, close reason) or (listener, its event type, close reason)
 Change = tuple[Any, Any, str | None]
 UdpKey = tuple[int, bytes, int]  # cookie, peer address, peer port: one UDP socket, many peers
+# A UDP flow's kernel entry taken out of the map (loader.py take_udp_flow): its counters, or None
+TakeUdpFlow = Callable[[UdpKey], tuple[int, int, int, int] | None]
+NO_PEER = bytes(16)
 
 
 MAX_UNBOUND_LISTENERS = 1024
@@ -97,6 +101,11 @@ class Tables:
         self.connect_failures: dict[str, int] = {}  # by error name (a handful: errno's)
         self.stats_refreshed = 0  # connection events with new counters from the stats iterator
         self.resets = {"sent": 0, "received": 0}
+        self.udp_restarts = 0  # UDP flows whose kernel entry started over under them (evicted)
+        # the states of this period's UDP ACTIVE changes, by flow: a close in the same period joins its change
+        self._udp_active: dict[UdpKey, list[str]] = {}
+        # the kernel's udp_flows map, for the UDP closes decided here (the agent sets it once the probes load)
+        self.take_udp_flow: TakeUdpFlow | None = None
 
     # -- a flush period ------------------------------------------------------
     def apply_opens(self, period: Period) -> list[Change]:
@@ -118,6 +127,7 @@ class Tables:
                 self._apply_udp(key, first, full(chunk, off), out)
         for rec in period.closes:
             self._apply_control(rec, out)
+        self._udp_active.clear()
         now = time.monotonic()
         if now >= self._next_idle_check:
             self._next_idle_check = now + 1.0
@@ -253,7 +263,35 @@ class Tables:
         conn.pid, conn.comm, conn.cgroup_id = last[ev.TGID], self._comm(last[ev.COMM]), last[ev.CGROUP]
         conn.ts = last[ev.TS]
         conn.last_seen = time.monotonic()
-        out.append((conn, [UDP_ACTIVE], None))
+        if last[ev.FLAGS] & ev.EVF_UDP_COUNTS:
+            self._udp_counts(conn, last[ev.BYTES_ACKED : ev.SEGS_IN + 1], last[ev.FLAGS] & ev.EVF_UDP_NEW)
+        states = self._udp_active[key] = [UDP_ACTIVE]
+        out.append((conn, states, None))
+
+    def _udp_counts(self, conn: Conn, kernel: tuple[int, int, int, int], new_entry: int) -> None:
+        counts = conn.udp_counts
+        if counts is None:
+            counts = conn.udp_counts = UdpCounts()
+        if counts.update(kernel, bool(new_entry)):
+            self.udp_restarts += 1
+
+    def _close_udp_flow(self, key: UdpKey, conn: Conn, ts: int, reason: str | None, out: list[Change]) -> None:
+        """A UDP flow closed by a decision of ours (its socket's close without its own record, idle, gone):
+        its counts from its kernel entry, which goes (a later datagram starts a new flow)."""
+        take = self.take_udp_flow
+        kernel = take(key) if take is not None else None
+        if kernel is not None:
+            self._udp_counts(conn, kernel, False)
+        self._udp_closed(key, conn, ts, reason, out)
+
+    def _udp_closed(self, key: UdpKey, conn: Conn, ts: int, reason: str | None, out: list[Change]) -> None:
+        conn.state, conn.ts = CLOSED, ts
+        self.closed["UDP"] += 1
+        active = self._udp_active.pop(key, None)
+        if active is not None and reason is None:
+            active.append(CLOSED)  # active and closed within the period: one event (the coalescing rule)
+        else:
+            out.append((conn, [CLOSED], reason))
 
     def _apply_control(self, rec: tuple, out: list[Change]) -> None:
         """listen() and bind() records; the close of a listener or of a UDP socket."""
@@ -277,12 +315,20 @@ class Tables:
             lst.ts = rec[ev.TS]
             out.append((lst, PORT_CLOSED, None))
         elif kind == ev.EV_UDP_CLOSE:
+            if rec[ev.DADDR] != NO_PEER:  # a flow of the socket, with its final counts
+                key = (cookie, rec[ev.DADDR], rec[ev.DPORT])
+                conn = self.udp.get(key)
+                if conn is not None:
+                    self._drop_udp_flow(key)
+                    if rec[ev.FLAGS] & ev.EVF_UDP_COUNTS:
+                        self._udp_counts(conn, rec[ev.BYTES_ACKED : ev.SEGS_IN + 1], 0)
+                    self._udp_closed(key, conn, rec[ev.TS], None, out)
+                if rec[ev.FLAGS] & ev.EVF_UDP_MORE:
+                    return  # the socket's last record closes the rest
             for key in self._udp_by_cookie.pop(cookie, ()):
                 conn = self.udp.pop(key, None)
                 if conn is not None:
-                    conn.state, conn.ts = CLOSED, rec[ev.TS]
-                    self.closed["UDP"] += 1
-                    out.append((conn, [CLOSED], None))
+                    self._close_udp_flow(key, conn, rec[ev.TS], None, out)
             lst = self.remove_listener(cookie)
             if lst is not None:
                 lst.ts = rec[ev.TS]
@@ -339,9 +385,7 @@ class Tables:
         for key, conn in list(self.udp.items()):
             if key[0] not in udp and conn.ts < before_ns:
                 self._drop_udp_flow(key)
-                conn.state, conn.ts = CLOSED, now
-                self.closed["UDP"] += 1
-                out.append((conn, [CLOSED], "gone"))
+                self._close_udp_flow(key, conn, now, "gone", out)
         for cookie, lst in list(self.listeners.items()):
             if cookie not in (tcp if lst.protocol == "TCP" else udp) and lst.ts < before_ns:
                 self.remove_listener(cookie)
@@ -354,9 +398,7 @@ class Tables:
         cutoff = now - self.udp_idle_s
         for key in [k for k, c in self.udp.items() if c.last_seen < cutoff]:
             conn = self._drop_udp_flow(key)
-            conn.state = CLOSED
-            self.closed["UDP"] += 1
-            out.append((conn, [CLOSED], "idle"))
+            self._close_udp_flow(key, conn, conn.ts, "idle", out)
 
     def _drop_udp_flow(self, key: UdpKey) -> Conn:
         conn = self.udp.pop(key)

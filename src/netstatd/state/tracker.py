@@ -112,6 +112,13 @@ class Tracker:
                 "Connections and flows seen closing.",
                 [({"protocol": p}, n) for p, n in t.closed.items()],
             ),
+            single(
+                "netstatd_udp_flow_restarts_total",
+                "counter",
+                "UDP flows whose kernel counters started over while the flow went on (evicted from the "
+                "kernel's flow map): their totals miss what the flow carried since its previous event.",
+                t.udp_restarts,
+            ),
             single("netstatd_listening_ports", "gauge", "Listening TCP and bound UDP sockets.", len(t.listeners)),
             single(
                 "netstatd_unattributed_connections_total",

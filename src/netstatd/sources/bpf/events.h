@@ -11,16 +11,20 @@
 #define EV_TCP_STATE 1  /* inet_sock_set_state transition */
 #define EV_TCP_ACCEPT 2 /* the accepting process, when it is not the listener's (see netstatd.bpf.c) */
 #define EV_TCP_LISTEN 3 /* the LISTEN transition, in listen()'s context; sport 0 before the port is picked */
-#define EV_UDP_SEND 4   /* datagram sent (deduplicated per flow) */
-#define EV_UDP_RECV 5   /* datagram received (deduplicated per flow) */
+#define EV_UDP_SEND 4   /* datagram sent: a flow's announcement (at most one per udp_refresh_ns) */
+#define EV_UDP_RECV 5   /* datagram received: likewise */
 #define EV_UDP_BIND 6   /* bind() on a UDP socket: a UDP "listener" */
-#define EV_UDP_CLOSE 7  /* UDP socket with flows or a bound port released */
+#define EV_UDP_CLOSE 7  /* UDP socket with flows or a bound port released: one record per flow it kept
+			 * (daddr/dport set, EVF_UDP_MORE on all but the last), else one without a peer */
 #define EV_TCP_STATS 8  /* a live connection's counters (the stats iterator, not the ring) */
 
 /* event.flags */
 #define EVF_OWNER_CURRENT 0x1 /* owner is the task that was running (process context) */
 #define EVF_OWNER_STORED 0x2  /* owner came from the per-socket owner storage */
 #define EVF_OWNER_ACCEPT 0x4  /* owner was set by accept() after the listener's clone */
+#define EVF_UDP_COUNTS 0x8    /* a UDP record carrying its flow's totals (the counter fields, below) */
+#define EVF_UDP_NEW 0x10      /* ... of a flow entry this datagram created: they start here */
+#define EVF_UDP_MORE 0x20     /* EV_UDP_CLOSE: the same socket's close has another record after this one */
 
 #define NETSTATD_COMM_LEN 16
 
@@ -45,8 +49,11 @@ struct netstat_event {
 	 * record, before newstate; FOLDED_BITS bits each, the oldest lowest,
 	 * 0 ends the list (no TCP state is 0). */
 	__u64 folded;
-	/* EV_TCP_STATE into CLOSE, and EV_TCP_STATS (0 otherwise): the socket's own
-	 * counters (struct tcp_sock), payload only. */
+	/* EV_TCP_STATE into CLOSE, and EV_TCP_STATS: the socket's own counters
+	 * (struct tcp_sock), payload only.
+	 * UDP records with EVF_UDP_COUNTS: the flow's totals (struct udp_flow) in the first four,
+	 * bytes_acked = bytes sent, bytes_received = bytes received, segs_out = datagrams sent,
+	 * segs_in = datagrams received (the low 32 bits: user space carries the rest); 0 otherwise. */
 	__u64 bytes_acked;    /* payload bytes sent and acknowledged by the peer */
 	__u64 bytes_received; /* payload bytes received */
 	__u32 segs_out;       /* segments sent, retransmissions included */
@@ -55,6 +62,23 @@ struct netstat_event {
 	__u32 total_retrans;  /* segments retransmitted */
 	__u32 error;          /* the socket's error (sk_err, else sk_err_soft): an errno, 0 for none */
 	__u32 _pad2;
+};
+
+/* The udp_flows map (netstatd.bpf.c), which user space also reads and deletes from (loader.py):
+ * one entry per UDP flow, a socket and a peer. */
+struct udp_flow_key {
+	__u64 cookie;    /* the socket's */
+	__u8 raddr[16];  /* the peer, as event.daddr */
+	__u16 rport;     /* host byte order */
+	__u8 _pad[6];
+};
+
+struct udp_flow {
+	__u64 bytes_sent; /* totals since the entry was made; atomic adds, both directions */
+	__u64 bytes_received;
+	__u64 packets_sent;
+	__u64 packets_received;
+	__u64 announced_ns; /* the flow's last record: the next comes udp_refresh_ns later at the earliest */
 };
 
 #define FOLDED_BITS 4

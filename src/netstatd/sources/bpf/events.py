@@ -20,6 +20,9 @@ EV_TCP_STATS = 8
 EVF_OWNER_CURRENT = 0x1
 EVF_OWNER_STORED = 0x2
 EVF_OWNER_ACCEPT = 0x4
+EVF_UDP_COUNTS = 0x8  # a UDP record carrying its flow's totals
+EVF_UDP_NEW = 0x10  # ... of a kernel flow entry made by this datagram: its counters start here
+EVF_UDP_MORE = 0x20  # EV_UDP_CLOSE: another record of the same socket's close follows
 
 CNT_EMITTED = 0
 CNT_LOST = 1
@@ -51,6 +54,8 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("_pad", "7x"),
     ("comm", "16s"),
     ("folded", "Q"),
+    # a TCP CLOSE's counters; on UDP records with EVF_UDP_COUNTS the flow's totals: bytes sent, bytes
+    # received, datagrams sent, datagrams received (the low 32 bits of the two counts)
     ("bytes_acked", "Q"),
     ("bytes_received", "Q"),
     ("segs_out", "I"),
@@ -106,6 +111,12 @@ assert STATS_RECORD.size == EVENT_SIZE
 
 # struct agent_settings
 SETTINGS = struct.Struct("<BBBB4xQ")
+
+# The udp_flows map, which user space reads at the closes it decides (loader.py take_udp_flow):
+# struct udp_flow_key (cookie, peer address as event.daddr, peer port) and struct udp_flow (bytes sent,
+# bytes received, datagrams sent, datagrams received, last announcement ns).
+UDP_FLOW_KEY = struct.Struct("<Q16sH6x")
+UDP_FLOW = struct.Struct("<QQQQQ")
 
 
 def folded_states(folded: int) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -130,6 +131,8 @@ class KernelProbes:
         self._links: list[int] = []
         self._cgroup_fd = -1
         self.ring_fd = -1
+        self._udp_flows_fd = -1
+        self._take_and_delete = True  # bpf_map_lookup_and_delete_elem on an LRU hash (Linux >= 5.14)
         self.ring_size = settings.ring_bytes
 
     # -- lifecycle --------------------------------------------------------
@@ -164,6 +167,7 @@ class KernelProbes:
         if self._obj:
             lib.bpf_object__close(self._obj)
             self._obj = None
+        self._udp_flows_fd = -1
 
     # -- steps ------------------------------------------------------------
     def _load(self, use_fexit: bool) -> None:
@@ -193,6 +197,8 @@ class KernelProbes:
         self._producer = mmap.mmap(self.ring_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE)
         counters = check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters")
         self._counters_fd = lib.bpf_map__fd(counters)
+        flows = check_ptr(lib.bpf_object__find_map_by_name(obj, b"udp_flows"), "find map udp_flows")
+        self._udp_flows_fd = lib.bpf_map__fd(flows)
 
     def _write_settings(self) -> None:
         m = None
@@ -358,6 +364,29 @@ class KernelProbes:
             finally:
                 os.close(fd)
         return b"".join(chunks)
+
+    def take_udp_flow(self, key: tuple[int, bytes, int]) -> tuple[int, int, int, int] | None:
+        """A UDP flow's kernel entry, taken out of the map: its totals as records carry them (bytes sent,
+        bytes received, and the low 32 bits of datagrams sent and received), or None when there is none.
+        For the closes user space decides (Tables: idle, gone, a socket's flows its release did not send):
+        the flow's counts up to now, and a later datagram starts a new entry."""
+        if self._udp_flows_fd < 0:
+            return None
+        k = events.UDP_FLOW_KEY.pack(*key)
+        kbuf = (ctypes.c_char * len(k)).from_buffer_copy(k)
+        vbuf = (ctypes.c_char * events.UDP_FLOW.size)()
+        if self._take_and_delete:
+            rc = lib.bpf_map_lookup_and_delete_elem(self._udp_flows_fd, kbuf, vbuf)
+            if rc in (-errno.EINVAL, -errno.EOPNOTSUPP, -524):  # ENOTSUPP: an older kernel
+                self._take_and_delete = False
+        if not self._take_and_delete:
+            rc = lib.bpf_map_lookup_elem(self._udp_flows_fd, kbuf, vbuf)
+            if rc == 0:
+                lib.bpf_map_delete_elem(self._udp_flows_fd, kbuf)
+        if rc != 0:
+            return None
+        sent, received, packets_sent, packets_received, _ = events.UDP_FLOW.unpack(bytes(vbuf))
+        return sent, received, packets_sent & 0xFFFFFFFF, packets_received & 0xFFFFFFFF
 
     def counters(self) -> list[int]:
         """Kernel counters (events.CNT_*), summed over CPUs."""

@@ -38,7 +38,7 @@ struct owner {
 	__u64 cookie;    /* socket the owner was recorded for; differs after a clone */
 	__u64 cgroup_id;
 	__u32 tgid;
-	__u32 udp_flags; /* UDPF_*: what a UDP socket has announced */
+	__u32 udp_flags; /* UDPF_BOUND: the UDP socket announced its port (its flows: udp_socks) */
 	char comm[NETSTATD_COMM_LEN];
 	__u64 folded;    /* states passed through since the last record (see event.folded) */
 	__u32 nfolded;
@@ -47,7 +47,6 @@ struct owner {
 	__u64 stats_sig; /* the counters the stats iterator last reported, hashed */
 };
 
-#define UDPF_FLOW 0x1
 #define UDPF_BOUND 0x2
 #define TCPF_ACCEPT_PENDING 0x1 /* cloned from a listener: the acceptor is not known yet */
 #define TCPF_PASSIVE 0x2        /* cloned from a listener */
@@ -82,22 +81,36 @@ struct {
 	__type(value, struct udp_peer);
 } udp_peers SEC(".maps");
 
-struct udp_flow_key {
-	__u64 cookie;
-	__u8 raddr[16];
-	__u16 rport;
-	__u8 kind;
-	__u8 _pad[5];
-};
-
-/* Last announcement time of each UDP flow: repeated datagrams within
- * settings.udp_refresh_ns are counted, not sent. */
+/* Each UDP flow's totals, both directions, and its last announcement: datagrams within
+ * settings.udp_refresh_ns of it are counted here, not sent (struct udp_flow, events.h). An LRU:
+ * an evicted flow's next datagram starts a new entry, whose record says so (EVF_UDP_NEW). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct udp_flow_key);
-	__type(value, __u64);
+	__type(value, struct udp_flow);
 } udp_flows SEC(".maps");
+
+/* The first UDP_CLOSE_PEERS peers of a UDP socket, from its flows' first datagrams, so that its
+ * release can send each of those flows' final totals (and drop their entries). */
+#define UDP_CLOSE_PEERS 4
+
+struct udp_sock_peers {
+	__u32 n;
+	__u32 _pad;
+	struct {
+		__u8 addr[16];
+		__u16 port;
+		__u16 _pad;
+	} peers[UDP_CLOSE_PEERS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct udp_sock_peers);
+} udp_socks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -164,11 +177,6 @@ static __always_inline bool filtered_loopback(const struct netstat_event *e)
 	return is_loopback(e->saddr, e->family) || is_loopback(e->daddr, e->family);
 }
 
-static __always_inline __u32 netns_of_sock(struct sock *sk)
-{
-	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-}
-
 static __always_inline __u32 netns_of_current(void)
 {
 	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
@@ -176,34 +184,8 @@ static __always_inline __u32 netns_of_current(void)
 	return BPF_CORE_READ(t, nsproxy, net_ns, ns.inum);
 }
 
-/* Addresses, ports and netns of sk. Returns false for non-inet sockets.
- * Probe reads throughout, so it serves BTF and plain pointers alike. */
-static __always_inline bool fill_sock(struct netstat_event *e, struct sock *sk)
-{
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	struct inet_sock *inet = (struct inet_sock *)sk;
-
-	if (family == AF_INET) {
-		e->family = 4;
-		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
-	} else if (family == AF_INET6) {
-		e->family = 6;
-		/* into a struct in6_addr: a u8[16] destination copies one byte */
-		BPF_CORE_READ_INTO((struct in6_addr *)e->saddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO((struct in6_addr *)e->daddr, sk, __sk_common.skc_v6_daddr);
-	} else {
-		return false;
-	}
-	/* skc_num is already 0 at CLOSE; inet_sport still holds the port */
-	e->sport = bpf_ntohs(BPF_CORE_READ(inet, inet_sport));
-	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	e->netns = netns_of_sock(sk);
-	return true;
-}
-
-/* fill_sock() for the tp_btf programs, whose sock is a typed kernel pointer: plain loads (the
- * verifier turns them into fault-safe loads) instead of one probe-read helper call per field. */
+/* Addresses, ports and netns of a TCP socket. Its sock is a typed kernel pointer (tp_btf, iter):
+ * plain loads (the verifier makes them fault-safe) instead of one probe-read helper call per field. */
 static __always_inline bool fill_sock_btf(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp)
 {
 	const struct sock_common *c = &sk->__sk_common;
@@ -609,18 +591,102 @@ static __always_inline bool zero_addr(const __u8 *a)
 	return hi == 0 && lo == 0;
 }
 
-/* Called after the send/receive returned, in the caller's context. */
-static __always_inline int handle_udp_io(struct sock *sk, int ret, __u8 kind)
+static __always_inline bool same_peer(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+/* A new flow of sk: remembered for its release, among the socket's first UDP_CLOSE_PEERS. Two CPUs
+ * adding peers to one socket at once may keep one of them only; the other's close totals then come
+ * from user space's read of its entry (docs/kernel.md). */
+static __always_inline void track_peer(struct sock *sk, const struct udp_flow_key *key)
+{
+	struct udp_sock_peers *u = bpf_sk_storage_get(&udp_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	__u32 n;
+
+	if (!u)
+		return;
+	n = u->n;
+	for (int i = 0; i < UDP_CLOSE_PEERS; i++) {
+		if (i >= n)
+			break;
+		if (u->peers[i].port == key->rport && same_peer(u->peers[i].addr, key->raddr))
+			return; /* its entry was evicted or taken by user space, and made again */
+	}
+	if (n >= UDP_CLOSE_PEERS)
+		return;
+	__builtin_memcpy(u->peers[n].addr, key->raddr, 16);
+	u->peers[n].port = key->rport;
+	u->n = n + 1;
+}
+
+static __always_inline void add_datagram(struct udp_flow *f, int ret, __u8 kind)
+{
+	/* atomic: a socket's sends and receives run on any CPU */
+	if (kind == EV_UDP_SEND) {
+		__sync_fetch_and_add(&f->bytes_sent, ret);
+		__sync_fetch_and_add(&f->packets_sent, 1);
+	} else {
+		__sync_fetch_and_add(&f->bytes_received, ret);
+		__sync_fetch_and_add(&f->packets_received, 1);
+	}
+}
+
+static __always_inline void flow_counts(struct netstat_event *e, const struct udp_flow *f)
+{
+	e->bytes_acked = f->bytes_sent;
+	e->bytes_received = f->bytes_received;
+	e->segs_out = f->packets_sent;
+	e->segs_in = f->packets_received;
+}
+
+/* fill_sock_btf() for a UDP socket (no tcp_sock to read inet_sport from): plain loads, and the local
+ * port from skc_num, which a UDP socket has while it is bound, as it is to send or receive. */
+static __always_inline bool fill_udp_sock(struct netstat_event *e, const struct sock *sk)
+{
+	const struct sock_common *c = &sk->__sk_common;
+
+	if (c->skc_family == AF_INET) {
+		e->family = 4;
+		*(__u32 *)e->saddr = c->skc_rcv_saddr;
+		*(__u32 *)e->daddr = c->skc_daddr;
+	} else if (c->skc_family == AF_INET6) {
+		e->family = 6;
+		__builtin_memcpy(e->saddr, &c->skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(e->daddr, &c->skc_v6_daddr, 16);
+	} else {
+		return false;
+	}
+	e->sport = c->skc_num;
+	e->dport = bpf_ntohs(c->skc_dport);
+	e->netns = c->skc_net.net->ns.inum;
+	return true;
+}
+
+#define MSG_PEEK 2
+
+/* Called after the send/receive returned, in the caller's context: every datagram is counted in
+ * its flow's entry (one hash look-up, two atomic adds), and the flow is announced with its totals
+ * when the entry is new or its last announcement is settings.udp_refresh_ns old. */
+static __always_inline int handle_udp_io(struct sock *sk, int ret, int msg_flags, __u8 kind)
 {
 	struct netstat_event e = {};
 	struct udp_flow_key key = {};
-	__u64 id, now, *last;
+	struct udp_flow *f;
+	__u64 id, now;
 	struct udp_peer *p;
-	struct owner *o;
 
 	if (!settings.capture_udp || ret < 0 || sk->sk_protocol != IPPROTO_UDP)
 		return 0;
-	if (!fill_sock(&e, sk))
+	if (kind == EV_UDP_RECV && (msg_flags & MSG_PEEK))
+		return 0; /* the datagram stays queued: the read that takes it counts it */
+	if (!fill_udp_sock(&e, sk))
 		return 0;
 	e.cookie = bpf_get_socket_cookie(sk);
 	id = bpf_get_current_pid_tgid();
@@ -646,44 +712,65 @@ static __always_inline int handle_udp_io(struct sock *sk, int ret, __u8 kind)
 	key.cookie = e.cookie;
 	__builtin_memcpy(key.raddr, e.daddr, 16);
 	key.rport = e.dport;
-	key.kind = kind;
 	now = bpf_ktime_get_ns();
-	last = bpf_map_lookup_elem(&udp_flows, &key);
-	if (last && now - *last < settings.udp_refresh_ns) {
-		count(CNT_UDP_DEDUPED);
-		return 0;
-	}
-	bpf_map_update_elem(&udp_flows, &key, &now, BPF_ANY);
+	f = bpf_map_lookup_elem(&udp_flows, &key);
+	if (f) {
+		add_datagram(f, ret, kind);
+		if (now - f->announced_ns < settings.udp_refresh_ns) {
+			count(CNT_UDP_DEDUPED);
+			return 0;
+		}
+		f->announced_ns = now;
+		flow_counts(&e, f);
+		e.flags = EVF_UDP_COUNTS;
+	} else {
+		struct udp_flow v = {.announced_ns = now};
 
-	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (o)
-		o->udp_flags |= UDPF_FLOW;
+		if (kind == EV_UDP_SEND) {
+			v.bytes_sent = ret;
+			v.packets_sent = 1;
+		} else {
+			v.bytes_received = ret;
+			v.packets_received = 1;
+		}
+		if (bpf_map_update_elem(&udp_flows, &key, &v, BPF_NOEXIST)) {
+			/* another CPU made it just now, and announces it */
+			f = bpf_map_lookup_elem(&udp_flows, &key);
+			if (f)
+				add_datagram(f, ret, kind);
+			count(CNT_UDP_DEDUPED);
+			return 0;
+		}
+		track_peer(sk, &key);
+		flow_counts(&e, &v);
+		e.flags = EVF_UDP_COUNTS | EVF_UDP_NEW;
+	}
 	e.kind = kind;
 	event_owner_current(&e);
 	emit(&e);
 	return 0;
 }
 
-static __always_inline int handle_sock_io(struct sock *sk, int ret, __u8 kind)
+static __always_inline int handle_sock_io(struct sock *sk, int ret, int flags, __u8 kind)
 {
 	if (sk->sk_protocol == IPPROTO_TCP) {
 		if (settings.accept_from_io && ret >= 0)
 			tcp_first_io(sk);
 		return 0;
 	}
-	return handle_udp_io(sk, ret, kind);
+	return handle_udp_io(sk, ret, flags, kind);
 }
 
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(on_sock_send_length, struct sock *sk, int ret, int flags)
 {
-	return handle_sock_io(sk, ret, EV_UDP_SEND);
+	return handle_sock_io(sk, ret, flags, EV_UDP_SEND);
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(on_sock_recv_length, struct sock *sk, int ret, int flags)
 {
-	return handle_sock_io(sk, ret, EV_UDP_RECV);
+	return handle_sock_io(sk, ret, flags, EV_UDP_RECV);
 }
 
 /* bpf_sock has no netns; bind() and close() run in the owner's netns. */
@@ -740,21 +827,60 @@ int on_post_bind6(struct bpf_sock *ctx)
 	return handle_post_bind(ctx, 6);
 }
 
+/* A UDP socket's end: one record per flow it kept (track_peer) with the flow's final totals, whose
+ * entry goes; every record but the last says more follow (EVF_UDP_MORE), and the last closes the
+ * socket in user space: its other flows (user space reads their entries) and its port. A socket
+ * without flows sends one record, without a peer. */
 SEC("cgroup/sock_release")
 int on_sock_release(struct bpf_sock *ctx)
 {
 	struct netstat_event e = {};
+	struct udp_flow_key key = {};
+	struct udp_sock_peers *u;
+	struct udp_flow *f;
 	struct owner *o;
+	__u32 n = 0;
+	__u8 owner_flags;
 
 	if (!settings.capture_udp || ctx->protocol != IPPROTO_UDP)
 		return 1;
 	o = bpf_sk_storage_get(&owners, ctx, 0, 0);
-	if (!o || !o->udp_flags)
+	u = bpf_sk_storage_get(&udp_socks, ctx, 0, 0);
+	if (u)
+		n = u->n;
+	if (!n && !(o && o->udp_flags))
 		return 1; /* announced nothing, so nothing to close */
-	/* only the cookie: user space knows the addresses from the flows/bind */
+	/* the cookie, and the peer of each flow: user space knows the rest from the flows/bind */
 	e.family = ctx->family == AF_INET6 ? 6 : 4;
 	fill_cgroup_sock_event(&e, ctx);
 	e.kind = EV_UDP_CLOSE;
-	emit(&e);
+	if (!u || !n) {
+		emit(&e);
+		return 1;
+	}
+	owner_flags = e.flags;
+	key.cookie = e.cookie;
+	for (int i = 0; i < UDP_CLOSE_PEERS; i++) {
+		if (i >= n)
+			break;
+		__builtin_memcpy(key.raddr, u->peers[i].addr, 16);
+		key.rport = u->peers[i].port;
+		__builtin_memcpy(e.daddr, key.raddr, 16);
+		e.dport = key.rport;
+		e.flags = owner_flags | (i + 1 < n ? EVF_UDP_MORE : 0);
+		f = bpf_map_lookup_elem(&udp_flows, &key);
+		if (f) {
+			flow_counts(&e, f);
+			e.flags |= EVF_UDP_COUNTS;
+			bpf_map_delete_elem(&udp_flows, &key);
+		} else {
+			/* evicted, or taken by user space at the flow's idle close */
+			e.bytes_acked = 0;
+			e.bytes_received = 0;
+			e.segs_out = 0;
+			e.segs_in = 0;
+		}
+		emit(&e);
+	}
 	return 1;
 }
