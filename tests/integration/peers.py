@@ -1,5 +1,26 @@
 """Peer programs run inside test namespaces (python3 -c). Each prints 'ready ...' when set up."""
 
+import subprocess
+import sys
+
+
+def start_peer(host, script: str, *args: str) -> tuple[subprocess.Popen, int]:
+    """Run a peer script in host's netns; return it and the number it printed when ready."""
+    proc = host.popen(sys.executable, "-c", script, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "ready", f"peer failed to start: {line}"
+    return proc, int(line[1])
+
+
+def finish(*procs: subprocess.Popen, check: bool = False) -> None:
+    """Close the peers' stdin (their cue to end) and wait for them; check: each must exit 0."""
+    for p in procs:
+        if p.stdin:
+            p.stdin.close()
+        code = p.wait(30)
+        assert not check or code == 0, f"peer {p.args[-1]} exited with {code}"
+
+
 TCP_SERVER = """
 import socket, sys
 fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET

@@ -7,25 +7,11 @@ import sys
 import pytest
 
 from tests.integration import peers
+from tests.integration.peers import finish, start_peer
 
 PYTHON_EXE = os.path.realpath(sys.executable)
 CLIENT_STATES = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
 SERVER_STATES = ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
-
-
-def start_peer(host, script: str, *args: str) -> tuple[subprocess.Popen, int]:
-    """Run a peer script in host's netns; return it and the number it printed when ready."""
-    proc = host.popen(sys.executable, "-c", script, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().split()
-    assert line and line[0] == "ready", f"peer failed to start: {line}"
-    return proc, int(line[1])
-
-
-def finish(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.stdin:
-            p.stdin.close()
-        p.wait(10)
 
 
 def events_of(stream, cookie_filter) -> list[dict]:

@@ -4,9 +4,11 @@ transfers), a failed connect's error (a closed port; a SYN dropped by iptables),
 import contextlib
 import re
 import subprocess
-import sys
 
 import pytest
+
+from tests.integration import peers
+from tests.integration.peers import start_peer
 
 SENT, RECEIVED = 1_000_000, 12_345
 
@@ -103,18 +105,8 @@ c.close()
 """
 
 
-def start(host, script: str, *args: str) -> tuple[subprocess.Popen, int]:
-    proc = host.popen(sys.executable, "-c", script, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().split()
-    assert line and line[0] == "ready", f"peer failed to start: {line}"
-    return proc, int(line[1])
-
-
 def finish(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.stdin:
-            p.stdin.close()
-        assert p.wait(30) == 0, f"peer {p.args[-1]} failed"
+    peers.finish(*procs, check=True)
 
 
 def close_of(stream, netns: int, local_port: int) -> dict:
@@ -132,8 +124,8 @@ def close_of(stream, netns: int, local_port: int) -> dict:
 def test_both_ends_of_a_known_transfer_carry_its_exact_counters(hosts, stream, family):
     a, b = hosts.a, hosts.b
     b_ip = b.ipv4 if family == "ipv4" else b.ipv6
-    server, port = start(b, EXCHANGE_SERVER, b_ip, str(SENT), str(RECEIVED))
-    client, client_port = start(a, EXCHANGE_CLIENT, b_ip, str(port), str(SENT), str(RECEIVED))
+    server, port = start_peer(b, EXCHANGE_SERVER, b_ip, str(SENT), str(RECEIVED))
+    client, client_port = start_peer(a, EXCHANGE_CLIENT, b_ip, str(port), str(SENT), str(RECEIVED))
     finish(client, server)
     client_close = close_of(stream, a.netns_inode, client_port)
     server_close = stream.wait_for(
@@ -159,7 +151,7 @@ def test_both_ends_of_a_known_transfer_carry_its_exact_counters(hosts, stream, f
 def test_a_connect_to_a_closed_port_is_refused_and_nothing_says_it_sent_a_reset(hosts, stream, agent):
     a, b = hosts.a, hosts.b
     before = agent.metric('netstatd_connect_failures_total{reason="ECONNREFUSED"}')
-    client, port = start(a, CONNECT, b.ipv4, "9")  # nothing listens on 9 in b
+    client, port = start_peer(a, CONNECT, b.ipv4, "9")  # nothing listens on 9 in b
     assert client.stdout.readline().strip() == "ECONNREFUSED"
     finish(client)
     close = close_of(stream, a.netns_inode, port)
@@ -176,7 +168,7 @@ def test_a_connect_whose_syn_is_dropped_times_out(hosts, stream, agent):
     b.run("iptables", "-w", "-A", *rule)
     a.run("sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")  # ~3 s instead of ~2 min
     try:
-        client, local_port = start(a, CONNECT, b.ipv4, str(port))
+        client, local_port = start_peer(a, CONNECT, b.ipv4, str(port))
         assert client.stdout.readline().strip() == "ETIMEDOUT"
         finish(client)
     finally:
@@ -193,8 +185,8 @@ def test_a_connect_whose_syn_is_dropped_times_out(hosts, stream, agent):
 def test_a_server_closing_with_unread_data_resets_and_both_ends_say_so(hosts, stream, agent):
     a, b = hosts.a, hosts.b
     sent_before = agent.metric('netstatd_tcp_resets_total{direction="sent"}')
-    server, port = start(b, UNREAD_SERVER, b.ipv4)
-    client, client_port = start(a, PUSH_CLIENT, b.ipv4, str(port))
+    server, port = start_peer(b, UNREAD_SERVER, b.ipv4)
+    client, client_port = start_peer(a, PUSH_CLIENT, b.ipv4, str(port))
     finish(client)
     finish(server)
     client_close = close_of(stream, a.netns_inode, client_port)
@@ -218,12 +210,12 @@ def test_retransmits_under_loss_match_what_ss_reports(hosts, stream):
     arrived and the loss had stopped. (A drop on the sender's own OUTPUT is no loss to TCP: the stack
     sees the local error and sends again, retransmitting nothing.)"""
     a, b = hosts.a, hosts.b
-    server, port = start(b, SENDING_SERVER, b.ipv4, str(4 * SENT))
+    server, port = start_peer(b, SENDING_SERVER, b.ipv4, str(4 * SENT))
     rule = ["INPUT", "-p", "tcp", "--sport", str(port), "-m", "statistic", "--mode", "random"]
     rule += ["--probability", "0.05", "-j", "DROP"]
     a.run("iptables", "-w", "-A", *rule)
     try:
-        client, client_port = start(a, RECEIVING_CLIENT, b.ipv4, str(port), str(4 * SENT))
+        client, client_port = start_peer(a, RECEIVING_CLIENT, b.ipv4, str(port), str(4 * SENT))
         assert server.stdout.readline().strip() == "sent"
     finally:
         a.run("iptables", "-w", "-D", *rule)

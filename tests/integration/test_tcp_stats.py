@@ -2,8 +2,6 @@
 against the kernel's own `ss -tin` read at the same time (real traffic between two namespaces)."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -11,6 +9,7 @@ from netstatd.sources.bpf import events as ev
 from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
 from netstatd.testing.agent import AgentProcess
 from tests.conftest import require_root
+from tests.integration.peers import start_peer
 
 SENT, RECEIVED = 300_000, 4_321
 
@@ -75,13 +74,6 @@ def agent(tmp_path_factory):
     print(proc.log_text()[-3000:])
 
 
-def start(host, script: str, *args: str) -> tuple[subprocess.Popen, int]:
-    proc = host.popen(sys.executable, "-c", script, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().split()
-    assert line and line[0] == "ready", f"peer failed to start: {line}"
-    return proc, int(line[1])
-
-
 def ss_info(host, local_port: int) -> dict[str, float]:
     out = host.run("ss", "-Htin", "state", "established", "sport", f"= :{local_port}").stdout
     info = {k: float(v) for k, v in re.findall(r"\b(bytes_acked|bytes_received):(\d+)", out)}
@@ -93,8 +85,8 @@ def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, str
     a, b = hosts.a, hosts.b
     host_sent = 'netstatd_namespace_bytes_total{namespace="_host",direction="sent"}'
     sent_before = agent.metric(host_sent)
-    server, port = start(b, ANSWERING_SERVER, b.ipv4, str(SENT), str(RECEIVED))
-    client, client_port = start(a, HOLDING_CLIENT, b.ipv4, str(port), str(SENT), str(RECEIVED))
+    server, port = start_peer(b, ANSWERING_SERVER, b.ipv4, str(SENT), str(RECEIVED))
+    client, client_port = start_peer(a, HOLDING_CLIENT, b.ipv4, str(port), str(SENT), str(RECEIVED))
     try:
         assert client.stdout.readline().strip() == "done"
 
@@ -126,8 +118,8 @@ def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, str
         again = len(
             stream.matching(lambda e: refreshed(e) or (e.get("localPort") == client_port and e.get("states") == []))
         )
-        marker_server, marker_port = start(b, ANSWERING_SERVER, b.ipv4, "1000", "1")
-        marker, marker_client_port = start(a, HOLDING_CLIENT, b.ipv4, str(marker_port), "1000", "1")
+        marker_server, marker_port = start_peer(b, ANSWERING_SERVER, b.ipv4, "1000", "1")
+        marker, marker_client_port = start_peer(a, HOLDING_CLIENT, b.ipv4, str(marker_port), "1000", "1")
         assert marker.stdout.readline().strip() == "done"
         stream.wait_for(lambda e: e.get("localPort") == marker_client_port and e.get("bytesSent") == 1000, timeout=10)
         same = stream.matching(lambda e: e.get("localPort") == client_port and e.get("states") == [])
@@ -146,8 +138,8 @@ def test_the_stats_iterator_reports_each_changed_socket_once_across_read_buffers
     is shown again at the next read, not forgotten; a second pass, with nothing changed, is empty."""
     a, b = hosts.a, hosts.b
     n = 400
-    server, port = start(b, HOLDER, "server", b.ipv4, str(n))
-    client, _ = start(a, HOLDER, "client", b.ipv4, str(n), str(port))
+    server, port = start_peer(b, HOLDER, "server", b.ipv4, str(n))
+    client, _ = start_peer(a, HOLDER, "client", b.ipv4, str(n), str(port))
     kernel = KernelProbes(KernelSettings())
     kernel.open()
     try:

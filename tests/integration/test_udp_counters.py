@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.integration import peers
+
 N, ASK, ANSWER = 1000, 100, 37
 
 # Answers each datagram with argv[3] bytes, argv[2] times; connected (argv[4] == "1": it connects to
@@ -107,10 +109,7 @@ def expect(proc: subprocess.Popen, word: str) -> None:
 
 
 def finish(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.stdin:
-            p.stdin.close()
-        assert p.wait(30) == 0, "peer failed"
+    peers.finish(*procs, check=True)
 
 
 def counts(e: dict) -> tuple[int, int, int, int]:
