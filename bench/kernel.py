@@ -42,7 +42,7 @@ from netstatd.sources import netlink
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
 from netstatd.testing.agent import AgentProcess
-from netstatd.testing.hosts import HostPair
+from netstatd.testing.hosts import HOLD_CONNECTIONS, HostPair
 
 GETPPID_C = r"""
 #include <stdio.h>
@@ -62,28 +62,6 @@ int main(void) {
 """
 SYSCALL_RUNS = 5
 
-# N connections held open, each having sent 100 bytes; "ready" once all are up, then waits for stdin.
-HOLDER = """
-import socket, sys
-role, addr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-held = []
-if role == "server":
-    s = socket.socket()
-    s.bind((addr, 0))
-    s.listen(4096)
-    print("ready", s.getsockname()[1], flush=True)
-    while len(held) < n:
-        c, _ = s.accept()
-        c.recv(100)
-        held.append(c)
-else:
-    for _ in range(n):
-        c = socket.create_connection((addr, int(sys.argv[4])))
-        c.sendall(b"x" * 100)
-        held.append(c)
-    print("ready 0", flush=True)
-sys.stdin.read()
-"""
 INET_DIAG_INFO = 2  # the tcp_info attribute, and its bit (1 << (2 - 1)) in idiag_ext
 TCP_INFO = struct.Struct("<68xI28xI16xQQII")  # rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in
 STATS_SYSCTL = "kernel.bpf_stats_enabled"
@@ -191,7 +169,9 @@ def timed(fn, *args) -> tuple[Any, dict[str, float]]:
 
 
 def hold(host, *argv: str) -> tuple[subprocess.Popen, int]:
-    proc = host.popen(sys.executable, "-c", HOLDER, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = host.popen(
+        sys.executable, "-c", HOLD_CONNECTIONS, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline().split()
     if not line or line[0] != "ready":
         raise RuntimeError(f"connection holder {argv[0]} failed")
@@ -204,9 +184,9 @@ def stats_costs(n: int) -> dict[str, Any]:
         pair = HostPair()
         stack.callback(pair.close)
         pair.open()
-        server, port = hold(pair.b, "server", pair.b.ipv4, str(n))
+        server, port = hold(pair.b, "server", pair.b.ipv4, str(n), "100")
         stack.callback(server.kill)
-        client, _ = hold(pair.a, "client", pair.b.ipv4, str(n), str(port))
+        client, _ = hold(pair.a, "client", pair.b.ipv4, str(n), "100", str(port))
         stack.callback(client.kill)
         kernel = KernelProbes(KernelSettings())
         kernel.open()

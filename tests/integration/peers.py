@@ -12,6 +12,19 @@ def start_peer(host, script: str, *args: str) -> tuple[subprocess.Popen, int]:
     return proc, int(line[1])
 
 
+def close_of(stream, netns: int, *, local_port: int | None = None, remote_port: int | None = None) -> dict:
+    """The CLOSE event of the connection in netns with that local or remote port."""
+    return stream.wait_for(
+        lambda e: (
+            e["type"] == "connection.event"
+            and e["netns"] == netns
+            and (local_port is None or e["localPort"] == local_port)
+            and (remote_port is None or e["remotePort"] == remote_port)
+            and e["state"] == "CLOSE"
+        )
+    )
+
+
 def finish(*procs: subprocess.Popen, check: bool = False) -> None:
     """Close the peers' stdin (their cue to end) and wait for them; check: each must exit 0."""
     for p in procs:
@@ -151,4 +164,50 @@ c, _ = s.accept()
 sys.stdin.readline()
 c.close()
 sys.stdin.read()
+"""
+
+# ADDR NEED ANSWER [hold]: reads exactly NEED bytes, answers ANSWER bytes, then closes once the client
+# has (with "hold": holds the connection until stdin closes).
+TCP_EXCHANGE_SERVER = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam)
+s.bind((sys.argv[1], 0))
+s.listen()
+print('ready', s.getsockname()[1], flush=True)
+c, _ = s.accept()
+need = int(sys.argv[2])
+while need:
+    need -= len(c.recv(min(need, 65536)))
+c.sendall(b'r' * int(sys.argv[3]))
+if sys.argv[4:] == ['hold']:
+    sys.stdin.read()
+else:
+    assert c.recv(1) == b''
+c.close()
+"""
+
+# ADDR PORT SEND NEED [hold]: sends SEND bytes, reads exactly NEED, closes (with "hold": says 'done' and
+# holds the connection until stdin closes).
+TCP_EXCHANGE_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print('ready', c.getsockname()[1], flush=True)
+c.sendall(b's' * int(sys.argv[3]))
+need = int(sys.argv[4])
+while need:
+    need -= len(c.recv(need))
+if sys.argv[5:] == ['hold']:
+    print('done', flush=True)
+    sys.stdin.read()
+c.close()
+"""
+
+# ADDR PORT: connects; prints its local port, then the error connect() ended with.
+TCP_CONNECT = """
+import errno, socket, sys
+c = socket.socket()
+c.bind(('0.0.0.0', 0))
+print('ready', c.getsockname()[1], flush=True)
+print(errno.errorcode[c.connect_ex((sys.argv[1], int(sys.argv[2])))], flush=True)
 """

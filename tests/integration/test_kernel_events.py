@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.integration import peers
-from tests.integration.peers import finish, start_peer
+from tests.integration.peers import close_of, finish, start_peer
 
 PYTHON_EXE = os.path.realpath(sys.executable)
 CLIENT_STATES = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
@@ -184,14 +184,7 @@ def test_accepted_connection_belongs_to_the_accepting_process(hosts, stream):
     port, worker = int(port), int(worker)
     client, client_port = start_peer(a, peers.TCP_CLIENT, b.ipv4, str(port))
     finish(client, server)
-    close = stream.wait_for(
-        lambda e: (
-            e["type"] == "connection.event"
-            and e["netns"] == b.netns_inode
-            and e["remotePort"] == client_port
-            and e["state"] == "CLOSE"
-        )
-    )
+    close = close_of(stream, b.netns_inode, remote_port=client_port)
     assert worker != server.pid
     assert close["pid"] == worker  # not the listener's pid
     assert close["direction"] == "inbound"

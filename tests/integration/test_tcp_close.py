@@ -8,46 +8,9 @@ import subprocess
 import pytest
 
 from tests.integration import peers
-from tests.integration.peers import start_peer
+from tests.integration.peers import close_of, start_peer
 
 SENT, RECEIVED = 1_000_000, 12_345
-
-# Reads exactly SENT bytes, answers RECEIVED bytes, closes once the client has.
-EXCHANGE_SERVER = """
-import socket, sys
-fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam)
-s.bind((sys.argv[1], 0))
-s.listen()
-print('ready', s.getsockname()[1], flush=True)
-c, _ = s.accept()
-need = int(sys.argv[2])
-while need:
-    need -= len(c.recv(min(need, 65536)))
-c.sendall(b'r' * int(sys.argv[3]))
-assert c.recv(1) == b''
-c.close()
-"""
-
-EXCHANGE_CLIENT = """
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-print('ready', c.getsockname()[1], flush=True)
-c.sendall(b's' * int(sys.argv[3]))
-need = int(sys.argv[4])
-while need:
-    need -= len(c.recv(need))
-c.close()
-"""
-
-# Connects; prints its local port, then the error connect() ended with.
-CONNECT = """
-import errno, socket, sys
-c = socket.socket()
-c.bind(('0.0.0.0', 0))
-print('ready', c.getsockname()[1], flush=True)
-print(errno.errorcode[c.connect_ex((sys.argv[1], int(sys.argv[2])))], flush=True)
-"""
 
 # Takes a connection, leaves what it sent unread and closes: the kernel resets the connection.
 UNREAD_SERVER = """
@@ -109,33 +72,15 @@ def finish(*procs: subprocess.Popen) -> None:
     peers.finish(*procs, check=True)
 
 
-def close_of(stream, netns: int, local_port: int) -> dict:
-    return stream.wait_for(
-        lambda e: (
-            e["type"] == "connection.event"
-            and e["netns"] == netns
-            and e["localPort"] == local_port
-            and e["state"] == "CLOSE"
-        )
-    )
-
-
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_both_ends_of_a_known_transfer_carry_its_exact_counters(hosts, stream, family):
     a, b = hosts.a, hosts.b
     b_ip = b.ipv4 if family == "ipv4" else b.ipv6
-    server, port = start_peer(b, EXCHANGE_SERVER, b_ip, str(SENT), str(RECEIVED))
-    client, client_port = start_peer(a, EXCHANGE_CLIENT, b_ip, str(port), str(SENT), str(RECEIVED))
+    server, port = start_peer(b, peers.TCP_EXCHANGE_SERVER, b_ip, str(SENT), str(RECEIVED))
+    client, client_port = start_peer(a, peers.TCP_EXCHANGE_CLIENT, b_ip, str(port), str(SENT), str(RECEIVED))
     finish(client, server)
-    client_close = close_of(stream, a.netns_inode, client_port)
-    server_close = stream.wait_for(
-        lambda e: (
-            e["type"] == "connection.event"
-            and e["netns"] == b.netns_inode
-            and e["remotePort"] == client_port
-            and e["state"] == "CLOSE"
-        )
-    )
+    client_close = close_of(stream, a.netns_inode, local_port=client_port)
+    server_close = close_of(stream, b.netns_inode, remote_port=client_port)
     assert (client_close["bytesSent"], client_close["bytesReceived"]) == (SENT, RECEIVED)
     assert (server_close["bytesSent"], server_close["bytesReceived"]) == (RECEIVED, SENT)
     for e in (client_close, server_close):
@@ -151,10 +96,10 @@ def test_both_ends_of_a_known_transfer_carry_its_exact_counters(hosts, stream, f
 def test_a_connect_to_a_closed_port_is_refused_and_nothing_says_it_sent_a_reset(hosts, stream, agent):
     a, b = hosts.a, hosts.b
     before = agent.metric('netstatd_connect_failures_total{reason="ECONNREFUSED"}')
-    client, port = start_peer(a, CONNECT, b.ipv4, "9")  # nothing listens on 9 in b
+    client, port = start_peer(a, peers.TCP_CONNECT, b.ipv4, "9")  # nothing listens on 9 in b
     assert client.stdout.readline().strip() == "ECONNREFUSED"
     finish(client)
-    close = close_of(stream, a.netns_inode, port)
+    close = close_of(stream, a.netns_inode, local_port=port)
     assert close["error"] == "ECONNREFUSED"
     assert "reset" not in close and close["bytesSent"] == 0
     assert agent.metric('netstatd_connect_failures_total{reason="ECONNREFUSED"}') == before + 1
@@ -168,14 +113,14 @@ def test_a_connect_whose_syn_is_dropped_times_out(hosts, stream, agent):
     b.run("iptables", "-w", "-A", *rule)
     a.run("sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")  # ~3 s instead of ~2 min
     try:
-        client, local_port = start_peer(a, CONNECT, b.ipv4, str(port))
+        client, local_port = start_peer(a, peers.TCP_CONNECT, b.ipv4, str(port))
         assert client.stdout.readline().strip() == "ETIMEDOUT"
         finish(client)
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             b.run("iptables", "-w", "-D", *rule)
         a.run("sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=6")
-    close = close_of(stream, a.netns_inode, local_port)
+    close = close_of(stream, a.netns_inode, local_port=local_port)
     assert close["error"] == "ETIMEDOUT" and "reset" not in close
     # every segment it sent was the SYN: the first, then its retransmissions
     assert close["retransmits"] >= 1 and close["segmentsSent"] == close["retransmits"] + 1
@@ -189,15 +134,8 @@ def test_a_server_closing_with_unread_data_resets_and_both_ends_say_so(hosts, st
     client, client_port = start_peer(a, PUSH_CLIENT, b.ipv4, str(port))
     finish(client)
     finish(server)
-    client_close = close_of(stream, a.netns_inode, client_port)
-    server_close = stream.wait_for(
-        lambda e: (
-            e["type"] == "connection.event"
-            and e["netns"] == b.netns_inode
-            and e["remotePort"] == client_port
-            and e["state"] == "CLOSE"
-        )
-    )
+    client_close = close_of(stream, a.netns_inode, local_port=client_port)
+    server_close = close_of(stream, b.netns_inode, remote_port=client_port)
     assert server_close["reset"] == "sent" and "error" not in server_close
     assert client_close["reset"] == "received" and client_close["error"] == "ECONNRESET"
     assert server_close["bytesReceived"] == len(b"unread") and client_close["bytesSent"] == len(b"unread")
@@ -225,13 +163,6 @@ def test_retransmits_under_loss_match_what_ss_reports(hosts, stream):
     server.stdin.write("close\n")
     server.stdin.flush()
     finish(client, server)
-    close = stream.wait_for(
-        lambda e: (
-            e["type"] == "connection.event"
-            and e["netns"] == b.netns_inode
-            and e["remotePort"] == client_port
-            and e["state"] == "CLOSE"
-        )
-    )
+    close = close_of(stream, b.netns_inode, remote_port=client_port)
     assert close["retransmits"] == int(found.group(1))
     assert close["bytesSent"] == 4 * SENT and close["bytesReceived"] == 1

@@ -8,61 +8,11 @@ import pytest
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
 from netstatd.testing.agent import AgentProcess
+from netstatd.testing.hosts import HOLD_CONNECTIONS
 from tests.conftest import require_root
-from tests.integration.peers import start_peer
+from tests.integration.peers import TCP_EXCHANGE_CLIENT, TCP_EXCHANGE_SERVER, start_peer
 
 SENT, RECEIVED = 300_000, 4_321
-
-# Sends its bytes, reads the answer, says so, and holds the connection open until stdin closes.
-HOLDING_CLIENT = """
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-print('ready', c.getsockname()[1], flush=True)
-c.sendall(b's' * int(sys.argv[3]))
-need = int(sys.argv[4])
-while need:
-    need -= len(c.recv(need))
-print('done', flush=True)
-sys.stdin.read()
-"""
-
-ANSWERING_SERVER = """
-import socket, sys
-s = socket.socket()
-s.bind((sys.argv[1], 0))
-s.listen()
-print('ready', s.getsockname()[1], flush=True)
-c, _ = s.accept()
-need = int(sys.argv[2])
-while need:
-    need -= len(c.recv(min(need, 65536)))
-c.sendall(b'r' * int(sys.argv[3]))
-sys.stdin.read()
-"""
-
-
-# N connections held open, each having sent one byte; "ready" once all are up, then waits for stdin.
-HOLDER = """
-import socket, sys
-role, addr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-held = []
-if role == "server":
-    s = socket.socket()
-    s.bind((addr, 0))
-    s.listen(1024)
-    print("ready", s.getsockname()[1], flush=True)
-    while len(held) < n:
-        c, _ = s.accept()
-        c.recv(1)
-        held.append(c)
-else:
-    for _ in range(n):
-        c = socket.create_connection((addr, int(sys.argv[4])))
-        c.sendall(b"x")
-        held.append(c)
-    print("ready 0", flush=True)
-sys.stdin.read()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +35,8 @@ def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, str
     a, b = hosts.a, hosts.b
     host_sent = 'netstatd_namespace_bytes_total{namespace="_host",direction="sent"}'
     sent_before = agent.metric(host_sent)
-    server, port = start_peer(b, ANSWERING_SERVER, b.ipv4, str(SENT), str(RECEIVED))
-    client, client_port = start_peer(a, HOLDING_CLIENT, b.ipv4, str(port), str(SENT), str(RECEIVED))
+    server, port = start_peer(b, TCP_EXCHANGE_SERVER, b.ipv4, str(SENT), str(RECEIVED), "hold")
+    client, client_port = start_peer(a, TCP_EXCHANGE_CLIENT, b.ipv4, str(port), str(SENT), str(RECEIVED), "hold")
     try:
         assert client.stdout.readline().strip() == "done"
 
@@ -118,8 +68,8 @@ def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, str
         again = len(
             stream.matching(lambda e: refreshed(e) or (e.get("localPort") == client_port and e.get("states") == []))
         )
-        marker_server, marker_port = start_peer(b, ANSWERING_SERVER, b.ipv4, "1000", "1")
-        marker, marker_client_port = start_peer(a, HOLDING_CLIENT, b.ipv4, str(marker_port), "1000", "1")
+        marker_server, marker_port = start_peer(b, TCP_EXCHANGE_SERVER, b.ipv4, "1000", "1", "hold")
+        marker, marker_client_port = start_peer(a, TCP_EXCHANGE_CLIENT, b.ipv4, str(marker_port), "1000", "1", "hold")
         assert marker.stdout.readline().strip() == "done"
         stream.wait_for(lambda e: e.get("localPort") == marker_client_port and e.get("bytesSent") == 1000, timeout=10)
         same = stream.matching(lambda e: e.get("localPort") == client_port and e.get("states") == [])
@@ -138,8 +88,8 @@ def test_the_stats_iterator_reports_each_changed_socket_once_across_read_buffers
     is shown again at the next read, not forgotten; a second pass, with nothing changed, is empty."""
     a, b = hosts.a, hosts.b
     n = 400
-    server, port = start_peer(b, HOLDER, "server", b.ipv4, str(n))
-    client, _ = start_peer(a, HOLDER, "client", b.ipv4, str(n), str(port))
+    server, port = start_peer(b, HOLD_CONNECTIONS, "server", b.ipv4, str(n), "1")
+    client, _ = start_peer(a, HOLD_CONNECTIONS, "client", b.ipv4, str(n), "1", str(port))
     kernel = KernelProbes(KernelSettings())
     kernel.open()
     try:

@@ -19,7 +19,7 @@ from netstatd.testing.stream import StreamClient
 from tests.conftest import require, require_root
 from tests.integration import peers
 from tests.integration.test_kernel_events import finish, start_peer
-from tests.integration.test_tcp_close import CONNECT, EXCHANGE_CLIENT, EXCHANGE_SERVER, RECEIVED, SENT
+from tests.integration.test_tcp_close import RECEIVED, SENT
 
 # Root needs --no-sandbox. The browser must not reach beyond the agent: no background services, and
 # every host name but the agent's address fails to resolve (it would otherwise query the machine's DNS).
@@ -869,23 +869,23 @@ def test_traffic_columns_mark_failed_connections_sort_top_talkers_and_filter_fai
         return proc, number
 
     def refused_connect() -> int:
-        proc, port = peer(a, CONNECT, b.ipv4, str(closed_port))
+        proc, port = peer(a, peers.TCP_CONNECT, b.ipv4, str(closed_port))
         assert proc.stdout.readline().strip() == "ECONNREFUSED"
         finish(proc)
         return port
 
     try:
         _, closed_port = peer(b, CLOSED_PORT, b.ipv4)
-        big_server, big_port = peer(b, EXCHANGE_SERVER, b.ipv4, str(SENT), str(RECEIVED))
-        small_server, small_port = peer(b, EXCHANGE_SERVER, b.ipv4, "1000", "10")
+        big_server, big_port = peer(b, peers.TCP_EXCHANGE_SERVER, b.ipv4, str(SENT), str(RECEIVED))
+        small_server, small_port = peer(b, peers.TCP_EXCHANGE_SERVER, b.ipv4, "1000", "10")
         _, held_port = peer(b, peers.TCP_HOLD_SERVER, b.ipv4)
         _, held_client = peer(a, peers.TCP_HOLD_CLIENT, b.ipv4, str(held_port))
         # Closed rows linger for the test. The search narrows to this module's namespaces in the page
         # itself: a filter that is also the subscription would have the server send the live rows only.
         page.goto(f"{ui_agent.url}/?view=conn&conn.linger=600&conn.q={b.ipv4}")
         page.wait_for_function("() => window.netstatd?.store.snapshotDone")
-        big, big_client = peer(a, EXCHANGE_CLIENT, b.ipv4, str(big_port), str(SENT), str(RECEIVED))
-        small, small_client = peer(a, EXCHANGE_CLIENT, b.ipv4, str(small_port), "1000", "10")
+        big, big_client = peer(a, peers.TCP_EXCHANGE_CLIENT, b.ipv4, str(big_port), str(SENT), str(RECEIVED))
+        small, small_client = peer(a, peers.TCP_EXCHANGE_CLIENT, b.ipv4, str(small_port), "1000", "10")
         finish(big, small, big_server, small_server)
         refused = refused_connect()
 

@@ -12,6 +12,33 @@ import secrets
 import subprocess
 from dataclasses import dataclass, field
 
+# `python -c HOLD_CONNECTIONS server ADDR N BYTES` / `... client ADDR N BYTES PORT`: N TCP connections
+# held open, each client having sent BYTES; prints "ready PORT" (the client: "ready 0") once all are up,
+# then holds them until its stdin closes.
+HOLD_CONNECTIONS = """
+import socket, sys
+role, addr, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+held = []
+if role == "server":
+    s = socket.socket()
+    s.bind((addr, 0))
+    s.listen(4096)
+    print("ready", s.getsockname()[1], flush=True)
+    while len(held) < n:
+        c, _ = s.accept()
+        need = size
+        while need:
+            need -= len(c.recv(need))
+        held.append(c)
+else:
+    for _ in range(n):
+        c = socket.create_connection((addr, int(sys.argv[5])))
+        c.sendall(b"x" * size)
+        held.append(c)
+    print("ready 0", flush=True)
+sys.stdin.read()
+"""
+
 
 def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
