@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import statistics
 import struct
@@ -146,11 +145,9 @@ def diag_info(netns: dict[int, str]) -> int:
     """sock_diag with INET_DIAG_INFO in each namespace: every TCP socket's counters, parsed as the
     agent would need them (the other way to refresh live connections). Returns how many."""
     req = struct.pack("=BBBxI", 0, 6, 1 << (INET_DIAG_INFO - 1), 0xFFFFFFFF) + bytes(48)
-    own, n = netlink.netns_inode(), 0
-    for inode, path in netns.items():
-        make = functools.partial(netlink.open_netlink, netlink.NETLINK_SOCK_DIAG)
-        sock = make() if inode == own else make(path, inode)
-        with sock:
+    n = 0
+    for inode, path in netlink.each_netns(netns):
+        with netlink.open_netlink(netlink.NETLINK_SOCK_DIAG, path, inode) as sock:
             for family in (2, 10):
                 payload = bytes([family]) + req[1:]
                 for _, body in netlink.dump(sock, 20, payload):  # SOCK_DIAG_BY_FAMILY

@@ -189,6 +189,16 @@ def open_netlink(protocol: int, netns_path: str | None = None, expect_inode: int
     def make() -> socket.socket:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)  # Python sets close-on-exec
 
-    if netns_path is None:
-        return make()
-    return run_in_netns(netns_path, make, expect_inode)
+    return call_in_netns(netns_path, make, expect_inode)
+
+
+def call_in_netns(netns_path: str | None, fn: Callable[[], T], expect_inode: int | None = None) -> T:
+    """fn() in the caller's netns (netns_path None: no thread, no setns), else run_in_netns()."""
+    return fn() if netns_path is None else run_in_netns(netns_path, fn, expect_inode)
+
+
+def each_netns(netns: dict[int, str]) -> Iterator[tuple[int, str | None]]:
+    """(inode, path) per netns; the caller's own netns with path None: it needs no thread and no setns."""
+    own = netns_inode()
+    for inode, path in netns.items():
+        yield inode, None if inode == own else path

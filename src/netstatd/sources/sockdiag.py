@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..protocol import TCP_CLOSE, TCP_NEW_SYN_RECV, TCP_TIME_WAIT
-from .netlink import NETLINK_SOCK_DIAG, dump, netns_inode, open_netlink
+from .netlink import NETLINK_SOCK_DIAG, dump, each_netns, open_netlink
 
 log = logging.getLogger("netstatd.sockdiag")
 
@@ -97,7 +97,7 @@ def dump_all_netns(netns: dict[int, str]) -> list[DiagSocket]:
     odd namespace cannot stop the start-up snapshot of the rest.
     """
     out: list[DiagSocket] = []
-    for inode, path in _each_netns(netns):
+    for inode, path in each_netns(netns):
         try:
             out.extend(dump_sockets(inode, path))
         except (FileNotFoundError, ProcessLookupError) as e:
@@ -148,17 +148,10 @@ def _cookie_states(sock: socket.socket, family: int, protocol: int, states: int)
 
 def _diag_sockets(netns: dict[int, str]) -> Iterator[socket.socket]:
     """An open sock_diag socket in each netns in turn; a netns that vanished meanwhile is skipped."""
-    for inode, path in _each_netns(netns):
+    for inode, path in each_netns(netns):
         try:
             sock = open_netlink(NETLINK_SOCK_DIAG, path, expect_inode=inode if path else None)
         except (FileNotFoundError, ProcessLookupError):
             continue
         with sock:
             yield sock
-
-
-def _each_netns(netns: dict[int, str]) -> Iterator[tuple[int, str | None]]:
-    """(inode, path) per netns; the caller's own netns with path None: it needs no thread and no setns."""
-    own = netns_inode()
-    for inode, path in netns.items():
-        yield inode, None if inode == own else path

@@ -351,11 +351,10 @@ class KernelProbes:
                 raise OSError(-fd, f"bpf_iter_create: {os.strerror(-fd)}")
             return fd
 
-        own = netlink.netns_inode()
         chunks = []
-        for inode, path in netns.items():
+        for inode, path in netlink.each_netns(netns):
             try:
-                fd = create() if inode == own else netlink.run_in_netns(path, create, inode)
+                fd = netlink.call_in_netns(path, create, inode)
             except (FileNotFoundError, ProcessLookupError):
                 continue
             try:
