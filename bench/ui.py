@@ -24,7 +24,8 @@ records, from an init script:
   each change of the grid's DOM, timed at the end of that frame's main-thread work), and cleared
   until rows the filter had hidden are back, --reps times each. Search is the page's own filter; Port
   and Namespace are also the subscription, so a change is a round trip to the server (at once for
-  Port, after a pause in the typing for Namespace, and at once whenever the filter is widened).
+  Port, after a pause in the typing for Namespace, and at once whenever the filter is widened): each
+  change waits until the subscription is in force, so clearing measures the widening's round trip.
 
     .venv/bin/python bench/ui.py [--rows 50000] [--rate 5000] [--seconds 20] [--reps 10] [--json PATH]
                                  [--sort FIELD:DIR] [--web-dir DIR] [--mux]
@@ -78,7 +79,8 @@ CHROMIUM_ARGS = [
 BATCH_MS = 50  # the agent's coalescing window: one WebSocket frame per 50 ms
 MAX_ARRAY = 2000  # events per frame at most (docs/protocol.md)
 TARGET_P95_FRAME_MS = 50
-TARGET_FILTER_MS = 100
+TARGET_FILTER_MS = 100  # a filter applied in the page
+TARGET_RESUBSCRIBE_MS = 300  # one that needs the server's rows (Port and Namespace widened: cleared)
 FILTER_PORT = 5432  # one of the service ports below: about 1 row in 12 has it
 FILTER_SEARCH = "payments"  # a namespace and pod name: 1 pod in 16
 FILTER_NAMESPACE = "payments"  # the same namespace in the Namespace filter, which the server applies too
@@ -568,13 +570,18 @@ def measure_filter(page, name: str, field: str, value: str, reps: int) -> dict[s
             page.fill(selector, text)
             page.wait_for_function("window.__bench.filterMs !== null", polling=50, timeout=15_000)
             out.append(page.evaluate("window.__bench.filterMs"))
-            page.wait_for_timeout(300)
+            # the subscription in force before the next change (the page sends a typed one once the
+            # typing pauses for 0.4 s): clearing then measures a widening, not a race with a snapshot
+            page.wait_for_timeout(500)
+            page.wait_for_function("!window.netstatd.store.loading", polling=50, timeout=15_000)
     failed = sum(t < 0 for t in applied + cleared)
     return {
         "filter": f"conn.{name}={value}",
         "apply_ms": percentiles([t for t in applied if t >= 0]),
         "clear_ms": percentiles([t for t in cleared if t >= 0]),
         "timeouts": failed,
+        "applied": [round(t, 1) for t in applied],
+        "cleared": [round(t, 1) for t in cleared],
     }
 
 
@@ -591,7 +598,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "web_dir": str(args.web_dir) if args.web_dir else "package",
         "served_by": "netstatd mux, one node behind it" if args.mux else "the node's hub",
         "when": now_ts(),
-        "targets": {"p95_frame_ms": TARGET_P95_FRAME_MS, "filter_ms": TARGET_FILTER_MS},
+        "targets": {
+            "p95_frame_ms": TARGET_P95_FRAME_MS,
+            "filter_ms": TARGET_FILTER_MS,
+            "resubscribe_ms": TARGET_RESUBSCRIBE_MS,
+        },
     }
     try:
         with sync_playwright() as p:
@@ -654,12 +665,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "late_batches": server.late_batches,
     }
     p95 = result["updates"]["gap_ms"].get("p95", 1e9)
-    filt = max(f["apply_ms"].get("p95", 1e9) for f in result["filters"])
+    # Search is the page's own both ways; Port and Namespace cleared widen the subscription
+    search = next(f for f in result["filters"] if f["filter"].startswith("conn.q="))
+    in_page = [f["apply_ms"] for f in result["filters"]] + [search["clear_ms"]]
+    resubscribed = [f["clear_ms"] for f in result["filters"] if f is not search]
+    filt = max(t.get("p95", 1e9) for t in in_page)
+    resub = max(t.get("p95", 1e9) for t in resubscribed)
     result["verdict"] = {
         "p95_frame_ms": p95,
         "p95_filter_ms": filt,
+        "p95_resubscribe_ms": resub,
         "frames_ok": p95 < TARGET_P95_FRAME_MS,
-        "filter_ok": filt < TARGET_FILTER_MS,
+        "filter_ok": filt < TARGET_FILTER_MS and resub < TARGET_RESUBSCRIBE_MS,
     }
     return result
 
@@ -687,7 +704,8 @@ def summary(r: dict[str, Any]) -> str:
     v = r["verdict"]
     lines.append(
         f"targets: p95 frame < {TARGET_P95_FRAME_MS} ms: {'MET' if v['frames_ok'] else 'MISSED'}; "
-        f"filter < {TARGET_FILTER_MS} ms: {'MET' if v['filter_ok'] else 'MISSED'}"
+        f"filter p95 {v['p95_filter_ms']} ms in the page (< {TARGET_FILTER_MS}), {v['p95_resubscribe_ms']} ms "
+        f"re-subscribed (< {TARGET_RESUBSCRIBE_MS}): {'MET' if v['filter_ok'] else 'MISSED'}"
     )
     if r["page_errors"]:
         lines.append(f"page errors: {r['page_errors'][:3]}")

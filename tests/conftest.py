@@ -1,4 +1,6 @@
 import os
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -19,3 +21,11 @@ def require(condition: object, reason: str) -> None:
 def require_root() -> None:
     """Kernel and namespace tests need root."""
     require(os.geteuid() == 0, "needs root (loads eBPF programs / creates network namespaces); run 'make test' as root")
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:
+    """Polls cond until it is true; fails the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not true within {timeout} s"
+        time.sleep(0.1)

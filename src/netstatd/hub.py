@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -35,6 +35,9 @@ log = logging.getLogger("netstatd.hub")
 
 Event = dict[str, Any]
 FRAME_EVENTS = 2000  # events per WebSocket frame: keeps frames under ~1 MB
+# A snapshot's first frame is smaller: its rows are what a user waits for (a page's first screen, the
+# rows a widened filter adds), and each hop (node, mux, page) handles a frame whole before passing it on.
+FIRST_FRAME_EVENTS = 200
 # While a snapshot is being sent, a client's queue may hold this many times its bounds: the live events
 # behind a large snapshot (a cluster's, through the mux) are needed after it, and an overflow would only
 # start the snapshot again.
@@ -67,7 +70,7 @@ class Subscriber:
         # Its snapshot.complete waits for release(), after what is queued by then (a mux client whose
         # nodes are still sending the rows its new filter adds: they reach it live meanwhile).
         self.completion_held = False
-        self._completion: Event | None = None  # the held snapshot.complete, once its rows are sent
+        self._completions: list[Event] = []  # held snapshot.completes whose rows were sent
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.queue: deque[tuple[bytes, int]] = deque()
@@ -118,18 +121,31 @@ class Subscriber:
 
     def start_snapshot(self, head: bytes) -> None:
         self._head.append(head)
-        self._snapshot = self.hub.snapshot_frames(self.filter)
-        self._completion, self.completion_held = None, False
+        self.completion_held, self._completions = False, []
+        self._snapshot = self._frames_of(self.filter)
         self.wake.set()
 
     def hold_completion(self) -> None:
-        """The snapshot just started goes out now, its snapshot.complete only after release()."""
+        """The snapshot in progress goes on, its snapshot.complete waits for release()."""
         self.completion_held = True
-        self._snapshot = self._rows_then_completion()
 
-    def _rows_then_completion(self) -> Iterator[bytes]:
-        count = yield from self.hub.snapshot_frames(self.filter, last=False)
-        self._completion = self.hub.event(SNAPSHOT_COMPLETE, count=count)
+    def _frames_of(self, filter: Subscription | Added, **fields: Any) -> Iterator[bytes]:
+        """What `filter` lets through of the state, encoded frame by frame as take() asks, its
+        snapshot.complete (with `fields`) in the last frame, unless held by then."""
+        count, tail = 0, []
+        for batch, last in self.hub.snapshot_batches(filter):
+            count += len(batch)
+            if last:
+                tail = batch
+            else:
+                yield orjson.dumps(batch)
+        completion = self.hub.event(SNAPSHOT_COMPLETE, count=count, **fields)
+        if self.completion_held:
+            self._completions.append(completion)
+        else:
+            tail.append(completion)
+        if tail:
+            yield orjson.dumps(tail)
 
     def resubscribe(self, new: Subscription) -> None:
         """A new filter: what is queued goes (the new snapshot supersedes it), then a stream.reset
@@ -141,12 +157,13 @@ class Subscriber:
         self.start_snapshot(orjson.dumps(self.hub.event(STREAM_RESET, reason="subscribe", filter=new.to_json())))
 
     def widen(self, new: Subscription, version: int) -> None:
-        """A partial re-subscription (what a mux sends its upstreams): nothing is dropped; after any
-        snapshot in progress come a stream.reset marked partial, the rows `new` lets through that the
-        old filter did not, and a snapshot.complete marked partial, both carrying `version`."""
+        """A partial re-subscription (what a mux sends its upstreams, and the page when a filter only
+        widens): nothing is dropped; after any snapshot in progress come a stream.reset marked partial,
+        the rows `new` lets through that the old filter did not, and a snapshot.complete marked
+        partial, both carrying `version`."""
         old, self.filter = self.filter, new
         marker = self.hub.event(STREAM_RESET, reason="subscribe", partial=True, subscription=version)
-        added = self.hub.snapshot_frames(Added(new, old), {"partial": True, "subscription": version})
+        added = self._frames_of(Added(new, old), partial=True, subscription=version)
         frames = itertools.chain((orjson.dumps(marker),), added)
         self._snapshot = frames if self._snapshot is None else itertools.chain(self._snapshot, frames)
         self.wake.set()
@@ -185,9 +202,9 @@ class Subscriber:
             self.queued_events -= n
             self.queued_bytes -= len(frame)
             frames.append(frame)
-        if self._completion is not None and not self.completion_held:
-            frames.append(orjson.dumps(self._completion))
-            self._completion = None
+        if self._completions and not self.completion_held:
+            frames += [orjson.dumps(c) for c in self._completions]
+            self._completions = []
         self.wake.clear()
         return frames
 
@@ -254,27 +271,18 @@ class Hub:
             ),
         ]
 
-    def snapshot_frames(
-        self, filter: Subscription | Added = EVERYTHING, complete: Event | None = None, *, last: bool = True
-    ) -> Generator[bytes, None, int]:
-        """The current state (what `filter` lets through) in frames of FRAME_EVENTS events, then
-        snapshot.complete (with `complete`'s fields), encoded lazily. last=False: without it. Returns
-        the number of events."""
-        batch: list[Event] = []
-        count = 0
+    def snapshot_batches(self, filter: Subscription | Added = EVERYTHING) -> Iterator[tuple[list[Event], bool]]:
+        """The current state (what `filter` lets through) in lists of FRAME_EVENTS events (the first of
+        FIRST_FRAME_EVENTS), made as they are asked for (one event ahead, to tell the last list)."""
         events = self._snapshot()
-        for event in events if filter.empty else filter_events(filter, events):
-            batch.append(event)
-            if len(batch) == FRAME_EVENTS:
-                count += len(batch)
-                yield orjson.dumps(batch)
-                batch = []
-        count += len(batch)
-        if last:
-            batch.append(self.event(SNAPSHOT_COMPLETE, count=count, **(complete or {})))
-        if batch:
-            yield orjson.dumps(batch)
-        return count
+        it = iter(events if filter.empty else filter_events(filter, events))
+        batch = list(itertools.islice(it, FIRST_FRAME_EVENTS))
+        while batch:
+            after = next(it, None)
+            yield batch, after is None
+            if after is None:
+                return
+            batch = [after, *itertools.islice(it, FRAME_EVENTS - 1)]
 
     def subscribe(self, peer: str, first: Event, filter: Subscription = EVERYTHING) -> Subscriber | None:
         """New client: `first` (host.info), the snapshot, then live frames. None when full."""

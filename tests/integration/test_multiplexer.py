@@ -19,7 +19,7 @@ import pytest
 from netstatd.testing.agent import free_port, netstatd_binary
 from netstatd.testing.cluster import DOMAIN, Cluster, garbage_peer_cmd, in_netns
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
+from tests.conftest import require_root, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,13 +63,6 @@ def wait_since(client: StreamClient, mark: int, pred: Callable[[dict], bool], ti
             return found[0]
         assert time.monotonic() < deadline, f"no matching event within {timeout}s"
         time.sleep(0.05)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not true within {timeout}s"
-        time.sleep(0.2)
 
 
 def wait_for_nodes(client: StreamClient, c: Cluster, nodes: range, timeout: float = 15, since: int = 0) -> None:

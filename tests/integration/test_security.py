@@ -9,7 +9,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.cluster import Cluster, in_netns
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
+from tests.conftest import require_root, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "alice-0123456789abcdef0123456789"
@@ -52,13 +51,6 @@ def fingerprint(host: str, port: int, ca: Path) -> str:
     context = ssl.create_default_context(cafile=str(ca))
     with socket.create_connection((host, port), timeout=5) as raw, context.wrap_socket(raw, server_hostname=host) as s:
         return hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest()
-
-
-def wait_until(cond, timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not true within {timeout} s"
-        time.sleep(0.1)
 
 
 def test_the_default_listens_on_loopback_only_and_an_exposed_address_is_warned_about(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
+from tests.conftest import require_root, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -178,3 +178,27 @@ def test_push_down_the_nodes_send_the_mux_only_what_its_clients_want(agent, list
     assert b.port not in ports_seen(narrow)
     assert [e["type"] for e in narrow.events].count("snapshot.complete") == 1
     assert not [e for e in narrow.events if e["type"] == "stream.reset"]
+
+
+def test_a_filter_narrowed_then_widened_on_the_mux_port_keeps_its_rows_and_the_nodes_sending(agent, listeners):
+    """As the page does with a port typed and cleared: a mux client narrows to a's port, then widens back
+    partially. It gets no reset for the widening, b's rows come from the merged state (the upstream's
+    narrowing waits NARROW_AFTER_S, so the node was not re-subscribed), and a narrowing that lasts is
+    pushed down to the node once that time has passed."""
+    a, b = listeners
+    changes = lambda: agent.metric("netstatd_mux_subscription_changes_total")  # noqa: E731
+    is_partial = lambda kind: lambda e: e["type"] == kind and e.get("partial") is True  # noqa: E731
+    with StreamClient(f"{agent.mux_ws_url}?port={a.port},{b.port}") as client:
+        client.wait_snapshot()
+        client.wait_for(lambda e: e["type"] == "port.listening" and e["port"] == b.port)
+        wait_until(lambda: agent.metric("netstatd_mux_clients_connected") == 1)  # an earlier test's has left
+        before = changes()
+        client.send({"type": "subscribe", "filter": {"port": [a.port]}})
+        client.send({"type": "subscribe", "filter": {"port": [a.port, b.port]}, "partial": True, "version": 1})
+        done = client.wait_for(is_partial("snapshot.complete"))
+        start = next(i for i, e in enumerate(client.events) if is_partial("stream.reset")(e))
+        added = client.events[start : next(i for i, e in enumerate(client.events) if e is done)]
+        assert {e["port"] for e in added if e["type"] == "port.listening"} == {b.port}
+        assert done["subscription"] == 1 and changes() == before
+        client.send({"type": "subscribe", "filter": {"port": [a.port]}})
+        wait_until(lambda: changes() == before + 1)

@@ -13,6 +13,7 @@ from netstatd.sources.dnstap.framestream import CONTENT_TYPE, START, control_fra
 from netstatd.testing.agent import AgentProcess
 from netstatd.testing.dns import client_response
 from netstatd.testing.stream import StreamClient
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,8 +56,8 @@ def test_every_loop_restarts_after_a_fault_and_works_again(ctd, tmp_path):
         # the follower works again: a container started now is reported, and its netns scanned (the
         # netns-scan fault: the scan runs again). Only once it follows containerd again: a task started
         # while it waits to restart is found by the relisting, which scans no netns.
-        wait_until(lambda: agent.metric("netstatd_containerd_syncs_total") >= 2)
-        wait_until(lambda: agent.metric("netstatd_containerd_connected") == 1)
+        wait_until(lambda: agent.metric("netstatd_containerd_syncs_total") >= 2, 30)
+        wait_until(lambda: agent.metric("netstatd_containerd_connected") == 1, 30)
         later = ctd.run_pod("after-faults", {"app": ["sleep", "3600"]}, namespace="faults")
         node.wait_for(lambda e: e["type"] == "container.added" and e.get("podName") == "after-faults")
         wait_faults(agent, TASKS)
@@ -71,19 +72,12 @@ def test_every_loop_restarts_after_a_fault_and_works_again(ctd, tmp_path):
             port = server.getsockname()[1]
             socket.create_connection(("127.0.0.1", port)).close()
             node.wait_for(lambda e: e["type"] == "connection.event" and e.get("localPort") == port)
-        wait_until(lambda: re.search(r'netstatd_netns_scans_total\{result="done"\} [1-9]', agent.metrics()))
+        wait_until(lambda: re.search(r'netstatd_netns_scans_total\{result="done"\} [1-9]', agent.metrics()), 30)
         mux.wait_for(lambda e: e["type"] == "peer.status" and e["status"] == "connected", timeout=20)
         send_dnstap(agent.dnstap_port, "second.faults.test.", "192.0.2.2")
         node.wait_for(lambda e: e["type"] == "dns.resolved" and e.get("ip") == "192.0.2.2")
         ctd.remove_pod(later)
         ctd.remove_pod(pod)
-
-
-def wait_until(cond, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "not true in time"
-        time.sleep(0.2)
 
 
 def wait_faults(agent: AgentProcess, tasks) -> None:

@@ -223,6 +223,24 @@ def test_a_held_snapshot_complete_comes_after_the_rows_that_reach_the_client_liv
     assert got[1]["count"] == 1  # the snapshot's own rows
 
 
+def test_a_held_partial_completion_comes_after_the_rows_that_reach_the_client_live():
+    """A mux client that widened its filter partially: nothing it holds is dropped, the merged state's
+    added rows go out at once, and the partial snapshot.complete once its nodes have sent theirs."""
+    state = [conn(), conn(localPort=40001, remotePort=5432)]
+    hub = Hub("mux", lambda: state, lambda: "t")
+    sub = hub.subscribe("a", {"type": "host.info"}, parse({"port": "443"}))
+    frames(sub)
+    hub.resubscribe(sub, parse({"port": "443,5432"}), True, 3)
+    sub.hold_completion()
+    got = frames(sub) + frames(sub)
+    assert [e["type"] for e in got] == ["stream.reset", "connection.event"] and got[0]["partial"] is True
+    hub.publish([conn(localPort=40002, remotePort=5432)])  # a row a node sends for the new filter
+    sub.release()
+    got = frames(sub)
+    assert [e["type"] for e in got] == ["connection.event", "snapshot.complete"]
+    assert got[1]["partial"] is True and got[1]["subscription"] == 3 and got[1]["count"] == 1
+
+
 def test_covers_tells_whether_held_rows_already_hold_a_filters():
     shop, shop_tcp = parse({"namespace": "shop"}), parse({"namespace": "shop", "protocol": "TCP"})
     assert covers(EVERYTHING, shop) and covers(shop, shop_tcp) and covers(shop, shop)

@@ -196,6 +196,26 @@ test("a node's host.info starts its state afresh; a new session drops nodes that
   assert.deepEqual(keys(s.node("n1").conns), ["3"]);
 });
 
+test("after a stream.reset a node's connections stay until its first connection event; a partial one drops nothing", () => {
+  const s = new Store();
+  s.apply([conn("n1", 1), conn("n2", 2)]);
+  s.apply([{ type: "stream.reset", reason: "subscribe" }]);
+  s.apply([{ type: "container.added", nodeName: "n1", containerId: "c1" }]);
+  assert.deepEqual(keys(s.node("n1").conns), ["1"]); // the inventory comes first: the rows stay shown
+  s.apply([conn("n1", 3)]);
+  assert.deepEqual(keys(s.node("n1").conns), ["3"]);
+  s.apply([{ type: "container.added", nodeName: "n2", containerId: "c2" }, { type: "snapshot.complete", count: 3 }]);
+  assert.equal(s.node("n2").conns.size, 0); // sent no connection again: none matches now
+  assert.equal(s.loading, false);
+  s.apply([{ type: "stream.reset", reason: "subscribe", partial: true, subscription: 1 }, conn("n2", 4)]);
+  assert.equal(s.loading, true);
+  assert.deepEqual(keys(s.node("n1").conns), ["3"]);
+  assert.deepEqual(keys(s.node("n2").conns), ["4"]);
+  s.apply([{ type: "snapshot.complete", partial: true, subscription: 1, count: 1 }]);
+  assert.equal(s.loading, false);
+  assert.equal(s.connCount(), 2);
+});
+
 test("indexes: a pod IP wins over the host's, dns.expired forgets the name", () => {
   const s = new Store();
   s.apply([

@@ -37,6 +37,10 @@ log = logging.getLogger("netstatd.mux")
 MAX_PEER_EVENTS_PER_S = 500_000  # 10x what a node delivers at full churn (tens of thousands/s, docs/benchmarks.md)
 LINGER_S = 60.0  # upstreams stay open this long after the last client left (a page reload keeps them)
 WAIT_S = 10.0  # a client held for its nodes' rows gets its snapshot after this long anyway
+# A union narrowed by a client's new filter reaches the upstreams once it has lasted this long: a filter
+# tried and cleared again (a port typed in the page) does not make every node send its rows twice, and
+# the rows it brings back are here at once.
+NARROW_AFTER_S = 5.0
 
 
 class MuxHub(Hub):
@@ -56,8 +60,9 @@ class MuxHub(Hub):
         self.mux.client_left(sub)
 
     def resubscribe(self, sub: Subscriber, new: Subscription, partial: bool = False, version: int = 0) -> None:
-        sub.resubscribe(new)  # its reset and snapshot, held until the nodes have its rows
-        self.mux.client_changed(sub)
+        # the merged state's rows for it now, the nodes' live; its snapshot.complete waits for the nodes
+        super().resubscribe(sub, new, partial, version)
+        self.mux.client_changed(sub, narrow_later=True)
 
 
 class Mux:
@@ -86,6 +91,7 @@ class Mux:
         self.interest_changes = 0
         self.waits_expired = 0  # clients released by WAIT_S before every node had answered
         self._waiting: dict[Subscriber, tuple[int, float]] = {}  # held client -> (version, deadline)
+        self._narrowing: asyncio.TimerHandle | None = None  # a narrower union, once it has lasted NARROW_AFTER_S
         self.linger_s = linger_s
         self.active = False  # upstreams open (a client is here, or left less than linger_s ago)
         self._idle_since = 0.0
@@ -123,14 +129,15 @@ class Mux:
             await self._runner.cleanup()
 
     # -- push-down ------------------------------------------------------------
-    def client_changed(self, sub: Subscriber) -> None:
-        """A client came or changed filter: re-subscribe the upstreams if the union changed. Unless the
-        merged state already holds every row the client wants, its snapshot.complete waits until the
-        connected nodes have sent them (they reach it live meanwhile); the first client, whose upstreams
-        open now, waits for its whole snapshot."""
+    def client_changed(self, sub: Subscriber, narrow_later: bool = False) -> None:
+        """A client came or changed filter: re-subscribe the upstreams if the union changed (narrow_later:
+        if it only narrowed, once it has stayed so for NARROW_AFTER_S). Unless the merged state already holds every row
+        the client wants, its snapshot.complete waits until the connected nodes have sent them (they
+        reach it live meanwhile); the first client, whose upstreams open now, waits for its whole
+        snapshot."""
         settled = all(p.acked >= self.interest_version or p.failing for p in self.peers.values())
         held_rows = self.interest  # what the merged state holds, once settled
-        self._update_interest()
+        self._update_interest(narrow_later)
         if not self.active:
             self._activate()
             if not self.peers:
@@ -147,11 +154,19 @@ class Mux:
         self._waiting.pop(sub, None)
         self._update_interest()
 
-    def _update_interest(self) -> None:
+    def _update_interest(self, narrow_later: bool = False) -> None:
         """The union of the clients' filters; when it changed, every upstream is re-subscribed and the
         rows it no longer lets through are dropped. No client: the last one stays (upstreams linger)."""
         new = union(s.filter for s in self.hub.subscribers)
-        if new is None or new == self.interest:
+        if new is None:
+            return
+        if self._narrowing is not None:
+            self._narrowing.cancel()
+            self._narrowing = None
+        if new == self.interest:
+            return
+        if narrow_later and self.active and covers(self.interest, new):
+            self._narrowing = asyncio.get_running_loop().call_later(NARROW_AFTER_S, self._narrow)
             return
         self.interest, self.interest_version = new, self.interest_version + 1
         self.interest_changes += 1
@@ -160,6 +175,10 @@ class Mux:
         if not new.empty:
             for tables in self.state.nodes.values():
                 tables.prune(new)
+
+    def _narrow(self) -> None:
+        self._narrowing = None
+        self._update_interest()
 
     def _current_interest(self) -> tuple[int, Subscription]:
         return self.interest_version, self.interest

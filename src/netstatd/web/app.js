@@ -49,7 +49,7 @@ let frameRequested = false;
 let pass = null; // a sliced redraw of the Connections view in progress: {p, work, startedAt}
 let stream = null;
 let subscribeTimer = 0;
-let firstScreenOf = -1; // the store's restart whose first rows were drawn at once
+let firstScreenOf = -1; // the store's load whose first rows were drawn at once
 let tooWide = { version: -1, at: 0 }; // what the too-wide banner shows: store.left's version, when
 
 const $ = (id) => document.getElementById(id);
@@ -207,7 +207,7 @@ function renderStatus(now) {
     const secs = Math.max(0, Math.ceil((link.retryAt - now) / 1000));
     text = `reconnecting in ${secs} s (attempt ${link.attempt})`;
   } else if (link.state === "connected") {
-    text = store.snapshotDone ? "connected" : "connected, loading snapshot…";
+    text = store.loading ? "connected, loading snapshot…" : "connected";
   } else {
     text = "connecting…";
   }
@@ -329,7 +329,7 @@ function filterInput(view, spec) {
 }
 
 // The Connections filters that the server applies (filters.js subscriptionOf); the server answers a
-// change with a stream.reset and the matching snapshot.
+// change with the rows it adds (a widening) or a stream.reset and the matching snapshot.
 function resubscribe() {
   stream?.subscribe(subscriptionOf(ui.filters.conn));
 }
@@ -395,12 +395,12 @@ function boot() {
     onSession: () => store.beginSession(),
     onEvents: (events) => {
       store.apply(events);
-      // The first rows after a (re)connect or a stream.reset (a new subscription) are drawn at the next
-      // frame, not at the loop's next turn: the page does not wait for the whole snapshot.
-      if (store.restartRows && store.restarts !== firstScreenOf) {
-        firstScreenOf = store.restarts;
+      // The first rows after a (re)connect, a stream.reset or a widening (a new subscription) are drawn
+      // at the next frame, not at the loop's next turn: the page does not wait for the whole snapshot.
+      if (store.loadRows && store.loads !== firstScreenOf) {
+        firstScreenOf = store.loads;
         renderSoon();
-      } else if (!store.snapshotDone && Date.now() - lastRenderAt >= LOADING_REDRAW_GAP * lastRenderMs) {
+      } else if (store.loading && Date.now() - lastRenderAt >= LOADING_REDRAW_GAP * lastRenderMs) {
         renderSoon();
       }
     },

@@ -49,18 +49,29 @@ class NodeState {
     this.dns = new Map(); // ip -> Map(hostname -> dns.resolved)
     this.dnsFailed = new Map(); // clientIP|name -> dns.failed row, least recently received first
     // Its rows are about to be sent again: "session" (a new WebSocket session) or "reset" (a
-    // stream.reset). They stay on screen until its first event, which clears them.
+    // stream.reset). They stay on screen until its first event, which clears them; its connections
+    // stay until its first connection event (staleConns), since a snapshot sends the inventory first.
     this.stale = false;
+    this.staleConns = false;
   }
 
   clear() {
+    this.clearInventory();
+    this.clearConns();
+  }
+
+  clearInventory() {
     this.containers.clear();
     this.ips.clear();
     this.ports.clear();
-    if (this.conns.size) this.former = this.conns;
-    this.conns = new Map();
     this.dns.clear();
     this.dnsFailed.clear();
+  }
+
+  clearConns() {
+    if (this.conns.size) this.former = this.conns;
+    this.conns = new Map();
+    this.staleConns = false;
   }
 }
 
@@ -69,8 +80,10 @@ export class Store {
     this.nodes = new Map();
     this.eventCount = 0;
     this.snapshotDone = false;
-    this.restarts = 0; // sessions and stream.resets: each sends every node's rows again
-    this.restartRows = 0; // connection events since the last restart
+    this.adding = false; // a widened subscription's rows are coming (until its partial snapshot.complete)
+    // Sessions, stream.resets and widenings: each starts rows the user waits for (drawn at once).
+    this.loads = 0;
+    this.loadRows = 0; // connection events since the last of them
     this.maxConns = MAX_CONNS;
     this._connCount = null; // connection rows held (null: count again, rows were removed)
     this.left = newLeft(); // connections past maxConns, since the last restart
@@ -104,9 +117,22 @@ export class Store {
   restart(why) {
     for (const n of this.nodes.values()) n.stale = why;
     this.snapshotDone = false;
-    this.restarts++;
-    this.restartRows = 0;
+    this.adding = false;
+    this.loads++;
+    this.loadRows = 0;
     this.left = newLeft();
+  }
+
+  // A partial re-subscription: what the page holds stays, the rows the wider filter adds follow.
+  beginAdding() {
+    this.adding = true;
+    this.loads++;
+    this.loadRows = 0;
+  }
+
+  // A snapshot or a widening's rows are still coming.
+  get loading() {
+    return !this.snapshotDone || this.adding;
   }
 
   connCount() {
@@ -140,10 +166,16 @@ export class Store {
       if (!handler) continue;
       const node = this.node(ev.nodeName || "");
       if (node.stale) {
-        // The first event of a node in a new session: its whole state is being sent again.
-        this.clearNode(node);
+        // The first event of a node in a new session: its whole state is being sent again. Its
+        // connections (what the page's own filter may still show) go at its first connection event.
+        node.clearInventory();
+        node.staleConns = true;
         node.stale = false;
         this.markAll();
+      }
+      if (node.staleConns && ev.type === "connection.event") {
+        node.clearConns();
+        this._connCount = null;
       }
       handler(this, node, ev, now);
     }
@@ -278,19 +310,29 @@ const SESSION_HANDLERS = {
       store.markAll();
     }
   },
-  "stream.reset"(store) {
+  "stream.reset"(store, ev) {
+    // Partial (the filter only widened): the rows it adds follow, nothing is dropped.
+    if (ev.partial) {
+      store.beginAdding();
+      return;
+    }
     // The whole stream starts again (we fell behind, or the subscription changed) and every node's
     // state follows; on the multiplexer port the reset names the multiplexer, not a node. The rows
     // stay on screen (the page's own filters narrow them at once) until each node's are sent again.
     store.restart("reset");
   },
   // (it names the node or the multiplexer that sent the stream: it starts no node's state)
-  "snapshot.complete"(store) {
+  "snapshot.complete"(store, ev) {
+    if (ev.partial) {
+      store.adding = false;
+      return;
+    }
     store.snapshotDone = true;
     for (const [name, n] of store.nodes) {
       // nothing sent again: gone from the new session; after a reset, nothing matches there now
       if (n.stale === "session") store.nodes.delete(name);
       else if (n.stale) n.clear();
+      else if (n.staleConns) n.clearConns();
       n.stale = false;
       n.former = null;
     }
@@ -349,7 +391,7 @@ const HANDLERS = {
     traffic(row, ev, old || node.former?.get(key), store.snapshotDone, now);
     node.conns.set(key, row);
     store.dirty.conn = true;
-    store.restartRows++;
+    store.loadRows++;
     if (!isLoopback(ev.remoteIP)) store.dirty.ips = true; // "every IP seen" includes remote peers
   },
   "dns.resolved"(store, node, ev) {

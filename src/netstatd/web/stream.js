@@ -1,6 +1,8 @@
 // The WebSocket to /netstat of whoever served this page: a node's agent and the cluster-wide
 // multiplexer serve the same UI and the same protocol, so the client is the same for both.
 
+import { widens } from "./filters.js";
+
 const FIRST_DELAY_MS = 500;
 const MAX_DELAY_MS = 15_000;
 
@@ -16,8 +18,8 @@ export function streamURL(loc = window.location, query = "") {
 // Calls onSession() when a connection opens (a fresh snapshot follows), onEvents(list) per frame and
 // onStatus({state, attempt, retryAt, refused}) when the connection state changes (refused: closed before it
 // opened, e.g. a 401 once the session expired). Reconnects with backoff. urlFor(filter) is the URL to
-// open with a subscription; subscribe(filter) changes it on the open connection (the server answers
-// with a stream.reset and the new snapshot) and for the next reconnect.
+// open with a subscription; subscribe(filter) changes it on the open connection and for the next
+// reconnect.
 export class Stream {
   constructor(urlFor, { onSession, onEvents, onStatus }, filter = {}) {
     this.urlFor = urlFor;
@@ -27,6 +29,7 @@ export class Stream {
     this.onStatus = onStatus;
     this.attempt = 0;
     this.ws = null;
+    this.version = 0; // of the partial re-subscriptions sent
   }
 
   start() {
@@ -61,12 +64,16 @@ export class Stream {
     };
   }
 
-  // True when the filter changed (and was sent, when connected). again: send it even if unchanged (the
-  // server answers with a stream.reset and the whole snapshot again).
+  // True when the filter changed (and was sent, when connected). A filter that only widens is sent
+  // partial: the server keeps what the page holds and sends just the rows it adds. Otherwise, or with
+  // again (the whole snapshot again, even if unchanged), the server answers with a stream.reset and
+  // the new filter's snapshot.
   subscribe(filter, again = false) {
     if (!again && JSON.stringify(filter) === JSON.stringify(this.filter)) return false;
+    const frame = { type: "subscribe", filter };
+    if (!again && widens(this.filter, filter)) Object.assign(frame, { partial: true, version: ++this.version });
     this.filter = filter;
-    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify({ type: "subscribe", filter }));
+    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
     return true;
   }
 }
