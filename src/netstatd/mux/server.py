@@ -131,10 +131,10 @@ class Mux:
     # -- push-down ------------------------------------------------------------
     def client_changed(self, sub: Subscriber, narrow_later: bool = False) -> None:
         """A client came or changed filter: re-subscribe the upstreams if the union changed (narrow_later:
-        if it only narrowed, once it has stayed so for NARROW_AFTER_S). Unless the merged state already holds every row
-        the client wants, its snapshot.complete waits until the connected nodes have sent them (they
-        reach it live meanwhile); the first client, whose upstreams open now, waits for its whole
-        snapshot."""
+        if it only narrowed, once it has stayed so for NARROW_AFTER_S). Unless the merged state already
+        holds every row the client wants, its snapshot.complete waits until the connected nodes have sent
+        them (they reach it live meanwhile); the first client, whose upstreams open now, waits for its
+        whole snapshot."""
         settled = all(p.acked >= self.interest_version or p.failing for p in self.peers.values())
         held_rows = self.interest  # what the merged state holds, once settled
         self._update_interest(narrow_later)
