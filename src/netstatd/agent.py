@@ -26,7 +26,7 @@ from .hub import Hub
 from .listen import exposure
 from .metrics import Metric, build_info
 from .mux.server import Mux
-from .pipeline import FLUSH_INTERVAL_S, FlushWindow, Pipeline
+from .pipeline import Pipeline
 from .protocol import HOST_INFO, WallClock
 from .settings import Settings
 from .sources import addresses, procfs
@@ -45,6 +45,7 @@ from .supervisor import Supervisor, failpoint
 
 log = logging.getLogger("netstatd")
 
+FLUSH_INTERVAL_S = 0.05  # the coalescing window documented in docs/protocol.md
 FIRST_SYNC_WAIT_S = 5.0  # how long the seed waits for containerd's first listing, so it is attributed
 IP_REFRESH_S = 30.0  # host addresses change without a container event (DHCP, an admin): re-read this often
 
@@ -78,7 +79,6 @@ class Agent:
             settings.node_name, self.clock, self.processes, self.attribution, self.hostnames, traffic
         )
         self.pipeline = Pipeline(self.tracker, builder)
-        self.flush_window = FlushWindow()
         self.dnstap = DnstapCollector(
             self.hostnames.learn,
             allow=self.dnstap_allow,
@@ -119,7 +119,6 @@ class Agent:
             self.tracker,
             builder,
             self.checks,
-            self.flush_window,
             self.hub,
             self.front,
             self.dnstap,
@@ -247,13 +246,10 @@ class Agent:
         self.hub.publish(self.ips.update(fresh))
 
     async def _flush_loop(self) -> None:
-        flushed = 0
         while True:
-            await asyncio.sleep(self.flush_window.update(self.hub.backlog(), flushed, self.hub.client_max_events))
+            await asyncio.sleep(FLUSH_INTERVAL_S)
             failpoint("flush")
-            events = self.hostnames.flush() + self.dns_failures.flush() + self.pipeline.flush()
-            flushed = len(events)
-            self.hub.publish(events)
+            self.hub.publish(self.hostnames.flush() + self.dns_failures.flush() + self.pipeline.flush())
             if self.pipeline.tracker.tables.unbound_listeners:
                 self.checks.bind_listeners_soon()
 

@@ -284,11 +284,6 @@ class Hub:
                 return
             batch = [after, *itertools.islice(it, FRAME_EVENTS - 1)]
 
-    def backlog(self) -> float:
-        """How far behind the client least behind is, as a share of its queue's bound: when even that one
-        is behind, the agent is what cannot keep up (one client that stopped reading is behind on its own)."""
-        return min((s.queued_events / s.max_events for s in self.subscribers), default=0.0)
-
     def subscribe(self, peer: str, first: Event, filter: Subscription = EVERYTHING) -> Subscriber | None:
         """New client: `first` (host.info), the snapshot, then live frames. None when full."""
         if len(self.subscribers) >= self.max_clients:

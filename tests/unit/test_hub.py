@@ -136,36 +136,3 @@ def test_a_client_still_taking_its_snapshot_may_queue_more_before_it_overflows()
     assert hub.overflows == 0 and sub.queued_events == SNAPSHOT_SLACK * 10
     hub.publish([{"type": "connection.event", "sockCookie": 1}])
     assert hub.overflows == 1
-
-
-def test_the_backlog_is_the_queue_of_the_client_least_behind_as_a_share_of_its_bound():
-    hub = Hub("n1", list, lambda: "T", client_max_events=1000)
-    fast = hub.subscribe("fast", {"type": "host.info"})
-    hub.subscribe("slow", {"type": "host.info"})
-    hub.publish([{"type": "connection.event", "sockCookie": i} for i in range(300)])
-    assert hub.backlog() == 0.3  # neither keeps up: the agent is behind
-    take_all(fast)
-    assert hub.backlog() == 0  # one does: the other is slow on its own
-
-
-def test_the_flush_window_widens_while_every_client_is_behind_and_narrows_once_one_caught_up():
-    from netstatd.pipeline import BEHIND, CALM_S, FLUSH_INTERVAL_S, LOADED_FLUSH_INTERVAL_S, FlushWindow
-
-    window, bound = FlushWindow(), 200_000
-    assert window.update(0, 1000, bound) == FLUSH_INTERVAL_S
-    assert window.update(BEHIND * 1.1, 1000, bound) == LOADED_FLUSH_INTERVAL_S and window.widened == 1
-    assert window.update(BEHIND * 1.1, 4000, bound) == LOADED_FLUSH_INTERVAL_S and window.widened == 1
-    assert window.update(BEHIND / 2, 4000, bound) == LOADED_FLUSH_INTERVAL_S  # catching up, still behind
-    calm = [window.update(BEHIND / 11, 4000, bound) for _ in range(int(CALM_S / LOADED_FLUSH_INTERVAL_S))]
-    assert calm[:-1] == [LOADED_FLUSH_INTERVAL_S] * (len(calm) - 1)  # caught up: the wide window stays a while
-    assert calm[-1] == FLUSH_INTERVAL_S and window.widened == 1
-
-
-def test_the_flush_window_stays_short_when_a_wide_flush_would_not_fit_the_clients_queues():
-    """A window's events come at once: four times as many in a wide one."""
-    from netstatd.pipeline import BEHIND, FLUSH_INTERVAL_S, LOADED_FLUSH_INTERVAL_S, FlushWindow
-
-    window = FlushWindow()
-    assert window.update(BEHIND * 2, 1000, 10_000) == FLUSH_INTERVAL_S  # 4,000 a flush: over a quarter
-    assert window.update(BEHIND * 2, 600, 10_000) == LOADED_FLUSH_INTERVAL_S
-    assert window.update(BEHIND * 2, 3000, 10_000) == FLUSH_INTERVAL_S  # the wide flushes grew
