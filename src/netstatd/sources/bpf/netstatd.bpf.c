@@ -184,12 +184,11 @@ static __always_inline __u32 netns_of_current(void)
 	return BPF_CORE_READ(t, nsproxy, net_ns, ns.inum);
 }
 
-/* Addresses, ports and netns of a TCP socket. Its sock is a typed kernel pointer (tp_btf, iter):
- * plain loads (the verifier makes them fault-safe) instead of one probe-read helper call per field. */
-static __always_inline bool fill_sock_btf(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp)
+/* Family, addresses, remote port and netns of a socket. Its sock is a typed kernel pointer (tp_btf,
+ * iter, the UDP I/O tracepoints): plain loads (the verifier makes them fault-safe) instead of one
+ * probe-read helper call per field. False for another family. */
+static __always_inline bool fill_sock_common(struct netstat_event *e, const struct sock_common *c)
 {
-	const struct sock_common *c = &sk->__sk_common;
-
 	if (c->skc_family == AF_INET) {
 		e->family = 4;
 		/* the address, then 12 zero bytes: every byte written (see reserve()) */
@@ -204,10 +203,18 @@ static __always_inline bool fill_sock_btf(struct netstat_event *e, const struct 
 	} else {
 		return false;
 	}
-	/* skc_num is already 0 at CLOSE; inet_sport still holds the port */
-	e->sport = bpf_ntohs(tp->inet_conn.icsk_inet.inet_sport);
 	e->dport = bpf_ntohs(c->skc_dport);
 	e->netns = c->skc_net.net->ns.inum;
+	return true;
+}
+
+/* fill_sock_common() and the local port of a TCP socket: skc_num is already 0 at CLOSE, inet_sport
+ * still holds the port. */
+static __always_inline bool fill_sock_btf(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp)
+{
+	if (!fill_sock_common(e, &sk->__sk_common))
+		return false;
+	e->sport = bpf_ntohs(tp->inet_conn.icsk_inet.inet_sport);
 	return true;
 }
 
@@ -646,26 +653,13 @@ static __always_inline void flow_counts(struct netstat_event *e, const struct ud
 	e->segs_in = f->packets_received;
 }
 
-/* fill_sock_btf() for a UDP socket (no tcp_sock to read inet_sport from): plain loads, and the local
- * port from skc_num, which a UDP socket has while it is bound, as it is to send or receive. */
+/* fill_sock_common() and the local port of a UDP socket (no tcp_sock to read inet_sport from):
+ * skc_num, which a UDP socket has while it is bound, as it is to send or receive. */
 static __always_inline bool fill_udp_sock(struct netstat_event *e, const struct sock *sk)
 {
-	const struct sock_common *c = &sk->__sk_common;
-
-	if (c->skc_family == AF_INET) {
-		e->family = 4;
-		*(__u32 *)e->saddr = c->skc_rcv_saddr;
-		*(__u32 *)e->daddr = c->skc_daddr;
-	} else if (c->skc_family == AF_INET6) {
-		e->family = 6;
-		__builtin_memcpy(e->saddr, &c->skc_v6_rcv_saddr, 16);
-		__builtin_memcpy(e->daddr, &c->skc_v6_daddr, 16);
-	} else {
+	if (!fill_sock_common(e, &sk->__sk_common))
 		return false;
-	}
-	e->sport = c->skc_num;
-	e->dport = bpf_ntohs(c->skc_dport);
-	e->netns = c->skc_net.net->ns.inum;
+	e->sport = sk->__sk_common.skc_num;
 	return true;
 }
 
