@@ -25,13 +25,27 @@ def close_of(stream, netns: int, *, local_port: int | None = None, remote_port: 
     )
 
 
-def finish(*procs: subprocess.Popen, check: bool = False) -> None:
+def finish(*procs: subprocess.Popen, check: bool = False, timeout: float = 30) -> None:
     """Close the peers' stdin (their cue to end) and wait for them; check: each must exit 0."""
     for p in procs:
         if p.stdin:
             p.stdin.close()
-        code = p.wait(30)
+        code = p.wait(timeout)
         assert not check or code == 0, f"peer {p.args[-1]} exited with {code}"
+
+
+def stop(*procs: subprocess.Popen, timeout: float = 10) -> None:
+    """A test's teardown: close the peers' stdin and wait for them, killing any still running after
+    timeout (finish() is for a test that asserts how they ended)."""
+    for p in procs:
+        if p.stdin:
+            p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 TCP_SERVER = """

@@ -32,6 +32,7 @@ from netstatd.sources.netlink import (
 from netstatd.sources.procfs import list_netns, socket_owners
 from netstatd.sources.sockdiag import DiagSocket, dump_all_netns, dump_sockets
 from tests.conftest import require
+from tests.integration import peers
 
 V4_PAD = bytes(12)
 LO4 = socket.inet_aton("127.0.0.1") + V4_PAD
@@ -89,13 +90,7 @@ def child(netns: str) -> Iterator[dict]:
         assert line, f"child in {netns} exited early (rc {proc.poll()})"
         yield json.loads(line)
     finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        peers.stop(proc, timeout=5)
 
 
 def _one(socks: list[DiagSocket], **want: object) -> DiagSocket:

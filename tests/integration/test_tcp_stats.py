@@ -7,21 +7,16 @@ import pytest
 
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
-from netstatd.testing.agent import AgentProcess
 from netstatd.testing.hosts import HOLD_CONNECTIONS
-from tests.conftest import require_root
-from tests.integration.peers import TCP_EXCHANGE_CLIENT, TCP_EXCHANGE_SERVER, start_peer
+from tests.conftest import own_agent
+from tests.integration.peers import TCP_EXCHANGE_CLIENT, TCP_EXCHANGE_SERVER, finish, start_peer
 
 SENT, RECEIVED = 300_000, 4_321
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    require_root()
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    with AgentProcess("--stats-interval", "1", "--metrics-per-namespace", log_path=log) as proc:
-        yield proc
-    print(proc.log_text()[-3000:])
+    yield from own_agent(tmp_path_factory, "--stats-interval", "1", "--metrics-per-namespace")
 
 
 def ss_info(host, local_port: int) -> dict[str, float]:
@@ -74,13 +69,9 @@ def test_a_live_connection_s_counters_are_refreshed_and_agree_with_ss(hosts, str
         stream.wait_for(lambda e: e.get("localPort") == marker_client_port and e.get("bytesSent") == 1000, timeout=10)
         same = stream.matching(lambda e: e.get("localPort") == client_port and e.get("states") == [])
         assert len(same) == again
-        for p in (marker, marker_server):
-            p.stdin.close()
-            p.wait(10)
+        finish(marker, marker_server, timeout=10)
     finally:
-        for p in (client, server):
-            p.stdin.close()
-            p.wait(10)
+        finish(client, server, timeout=10)
 
 
 def test_the_stats_iterator_reports_each_changed_socket_once_across_read_buffers(hosts):
@@ -100,6 +91,4 @@ def test_the_stats_iterator_reports_each_changed_socket_once_across_read_buffers
         assert kernel.read_tcp_stats(netns) == b""
     finally:
         kernel.close()
-        for p in (client, server):
-            p.stdin.close()
-            p.wait(10)
+        finish(client, server, timeout=10)

@@ -18,7 +18,7 @@ from netstatd.testing.dns import Resolver, Zone
 from netstatd.testing.stream import StreamClient
 from tests.conftest import require, require_root
 from tests.integration import peers
-from tests.integration.test_kernel_events import finish, start_peer
+from tests.integration.peers import finish, start_peer
 from tests.integration.test_tcp_close import RECEIVED, SENT
 
 # Root needs --no-sandbox. The browser must not reach beyond the agent: no background services, and
@@ -396,14 +396,7 @@ def scene(ui_agent, hosts, tmp_path_factory):
             },
         }
     finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        peers.stop(*procs)
 
 
 # What each view's rows are made of, read from the grid's rows (all of them: the grid draws only those
@@ -966,14 +959,7 @@ def test_traffic_columns_mark_failed_connections_sort_top_talkers_and_filter_fai
         wait_grid(page, "conn", lambda rs: (held_client, held_port) in by_ports(rs), "failed only off")
         assert "conn.failed" not in decode(page)
     finally:
-        for proc in procs:
-            if proc.stdin:
-                proc.stdin.close()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        peers.stop(*procs)
 
 
 def decode(page) -> str:
