@@ -1,8 +1,11 @@
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+
+from netstatd.testing.agent import AgentProcess
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -29,3 +32,13 @@ def wait_until(cond: Callable[[], object], timeout: float = 15, what: str = "con
     while not cond():
         assert time.monotonic() < deadline, f"{what}: not true within {timeout} s"
         time.sleep(0.1)
+
+
+def own_agent(tmp_path_factory, *args: str, **kw: Any) -> Iterator[AgentProcess]:
+    """A module fixture's agent (needs root), with these arguments (kw: AgentProcess's); the end of
+    its log is printed after, for a failure's report."""
+    require_root()
+    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
+    with AgentProcess(*args, log_path=log, **kw) as proc:
+        yield proc
+    print(proc.log_text()[-3000:])

@@ -1,10 +1,9 @@
 import pytest
 
-from netstatd.testing.agent import AgentProcess
 from netstatd.testing.containerd import PrivateContainerd
 from netstatd.testing.hosts import HostPair
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
+from tests.conftest import own_agent, require_root
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +29,13 @@ def host_ip(ctd):
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    require_root()
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    proc = AgentProcess("--log-level", "debug", log_path=log)
-    with proc:
-        yield proc
-    print(proc.log_text()[-3000:])
+    yield from own_agent(tmp_path_factory, "--log-level", "debug")
 
 
 @pytest.fixture(scope="module")
 def ctd_agent(ctd, tmp_path_factory):
     """An agent following the module's private containerd."""
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    proc = AgentProcess("--log-level", "debug", env={"CONTAINERD_SOCKET": ctd.socket}, log_path=log)
-    with proc:
-        yield proc
-    print(proc.log_text()[-3000:])
+    yield from own_agent(tmp_path_factory, "--log-level", "debug", env={"CONTAINERD_SOCKET": ctd.socket})
 
 
 @pytest.fixture

@@ -10,10 +10,9 @@ import subprocess
 
 import pytest
 
-from netstatd.testing.agent import AgentProcess
 from netstatd.testing.dns import Resolver, Zone, answer_addresses
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
+from tests.conftest import own_agent
 
 # --dns-failed-interval: short, so the folded failures' event comes soon, and still well over the 1-2 s
 # unbound takes to send a message
@@ -22,12 +21,7 @@ INTERVAL_S = 5
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    require_root()
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    proc = AgentProcess("--log-level", "debug", "--dns-failed-interval", str(INTERVAL_S), log_path=log)
-    with proc:
-        yield proc
-    print(proc.log_text()[-3000:])
+    yield from own_agent(tmp_path_factory, "--log-level", "debug", "--dns-failed-interval", str(INTERVAL_S))
 
 
 @pytest.fixture(scope="module")

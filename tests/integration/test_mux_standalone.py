@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from netstatd.testing.agent import AgentProcess, MuxProcess, process_status
+from netstatd.testing.agent import MuxProcess, process_status
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root
+from tests.conftest import own_agent
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -18,10 +18,7 @@ NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--boun
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    require_root()
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    with AgentProcess("--loopback", "--http-mux-port", "0", log_path=log) as proc:
-        yield proc
+    yield from own_agent(tmp_path_factory, "--loopback", "--http-mux-port", "0")
 
 
 def test_the_agent_serves_no_multiplexer_with_port_zero(agent):

@@ -10,19 +10,15 @@ import socket
 import aiohttp
 import pytest
 
-from netstatd.testing.agent import AgentProcess
 from netstatd.testing.stream import StreamClient
-from tests.conftest import require_root, wait_until
+from tests.conftest import own_agent, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    require_root()
-    log = tmp_path_factory.mktemp("agent") / "netstatd.log"
-    with AgentProcess("--loopback", log_path=log) as proc:
-        yield proc
+    yield from own_agent(tmp_path_factory, "--loopback")
 
 
 class Listener:
