@@ -534,6 +534,8 @@ AGENT_COUNTERS = {
     # they never reach the ring, so they are lost events too.
     "skipped": "netstatd_kernel_events_skipped_total",
     "nested": "netstatd_kernel_nested_events_total",
+    # Transitions the tracepoint never delivered, taken late from the socket's next one (kernel.md).
+    "inferred": "netstatd_kernel_transitions_inferred_total",
     "reconciled": "netstatd_state_reconciled_total",
     "connections_left": "netstatd_connections",
 }
@@ -778,6 +780,7 @@ def netstatd_figures(ph: dict[str, Any], rate_without: float) -> dict[str, Any]:
         "kernel_events_lost_ring": int(agent["lost"]),
         "kernel_events_skipped": int(agent["skipped"]),
         "kernel_events_nested": int(agent["nested"]),
+        "kernel_transitions_inferred": int(agent["inferred"]),
         "state_reconciled": int(agent["reconciled"]),
         "connections_left_in_agent_state": int(agent["connections_left"]),
         "connections_opened": gen["connections"],
@@ -977,7 +980,8 @@ def summary(r: dict[str, Any]) -> str:
         f"netstatd: {r['kernel_records_emitted']:,} records emitted, {r['kernel_events_received']:,} received, "
         f"{r['kernel_events_lost']:,} lost ({r['kernel_events_lost_ring']:,} ring full, "
         f"{r['kernel_events_skipped']:,} skipped by re-entry; "
-        f"{r['kernel_events_nested']:,} taken by the nested program)",
+        f"{r['kernel_events_nested']:,} taken by the nested program; "
+        f"{r['kernel_transitions_inferred']:,} transitions never delivered by the tracepoint, inferred)",
         f"  client side           {side('client', r['connections_opened'])}",
         f"  server side           {side('server', r['server_connections_accepted'])}",
         f"  WebSocket client      {ws['ws_events']:,} events in {ws['ws_frames']:,} frames, "

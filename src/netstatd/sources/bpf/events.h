@@ -25,6 +25,7 @@
 #define EVF_UDP_COUNTS 0x8    /* a UDP record carrying its flow's totals (the counter fields, below) */
 #define EVF_UDP_NEW 0x10      /* ... of a flow entry this datagram created: they start here */
 #define EVF_UDP_MORE 0x20     /* EV_UDP_CLOSE: the same socket's close has another record after this one */
+#define EVF_INFERRED 0x40     /* EV_TCP_STATE: a transition no probe saw, inferred at the socket's next one */
 
 #define NETSTATD_COMM_LEN 16
 
@@ -101,6 +102,7 @@ struct agent_settings {
 #define CNT_NESTED 3 /* state transitions the second program took */
 #define CNT_FOLDED 4 /* state transitions folded into a later record */
 #define CNT_PASSED 5 /* runs of the first program that found the transition taken by the second */
-#define CNT_MAX 6
+#define CNT_INFERRED 6 /* TCP transitions no probe saw, inferred from the socket's next one */
+#define CNT_MAX 7
 
 #endif

@@ -23,6 +23,7 @@ EVF_OWNER_ACCEPT = 0x4
 EVF_UDP_COUNTS = 0x8  # a UDP record carrying its flow's totals
 EVF_UDP_NEW = 0x10  # ... of a kernel flow entry made by this datagram: its counters start here
 EVF_UDP_MORE = 0x20  # EV_UDP_CLOSE: another record of the same socket's close follows
+EVF_INFERRED = 0x40  # EV_TCP_STATE: a transition no probe saw, inferred at the socket's next one
 
 CNT_EMITTED = 0
 CNT_LOST = 1
@@ -30,7 +31,8 @@ CNT_UDP_DEDUPED = 2
 CNT_NESTED = 3
 CNT_FOLDED = 4
 CNT_PASSED = 5
-CNT_MAX = 6
+CNT_INFERRED = 6
+CNT_MAX = 7
 
 FOLDED_BITS = 4
 FOLDED_MAX = 16

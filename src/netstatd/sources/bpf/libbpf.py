@@ -53,6 +53,7 @@ def _load() -> ctypes.CDLL:
         "bpf_map__set_max_entries": (i, [p, ctypes.c_uint32]),
         "bpf_map__initial_value": (p, [p, ctypes.POINTER(sz)]),
         "bpf_map_lookup_elem": (i, [i, p, p]),
+        "bpf_map_update_elem": (i, [i, p, p, ctypes.c_uint64]),
         "bpf_map_lookup_and_delete_elem": (i, [i, p, p]),
         "bpf_map_delete_elem": (i, [i, p]),
         "libbpf_num_possible_cpus": (i, []),

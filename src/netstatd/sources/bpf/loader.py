@@ -311,6 +311,12 @@ class KernelProbes:
                 "TCP transitions the second state program took because the first was already running on that CPU.",
                 counters[events.CNT_NESTED],
             ),
+            single(
+                "netstatd_kernel_transitions_inferred_total",
+                "counter",
+                "TCP transitions no probe of the tracepoint saw, inferred from the socket's next transition.",
+                counters[events.CNT_INFERRED],
+            ),
             Metric(
                 "netstatd_kernel_program_misses_total",
                 "counter",

@@ -310,45 +310,27 @@ static __always_inline bool foldable(int newstate)
 	       newstate != TCP_LISTEN;
 }
 
-/* second: called by the second of the two programs (see "Two programs"). */
-static __always_inline int handle_state(struct sock *sk, const int oldstate, const int newstate, bool second)
+/* One transition taken: folded into the socket's next record, or a record of its own. inferred: a
+ * transition no probe saw (see handle_state), taken at the next one: its record's owner is the stored
+ * one and its time that of the next transition. */
+static __always_inline void take_transition(struct sock *sk, struct owner *o, const int oldstate, const int newstate,
+					    bool inferred)
 {
 	struct netstat_event *e;
 	struct tcp_sock *tp;
-	struct owner *o;
 
-	if (!settings.capture_tcp || sk->sk_protocol != IPPROTO_TCP)
-		return 0;
-	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!o) {
-		if (second)
-			return 0; /* cannot tell whether the first took it: it is counted as skipped if not */
-	} else {
-		/* Consecutive transitions of a socket always differ (the old state of one is the new
-		 * state of the previous), so an equal step means the other program took this one. */
-		__u16 step = oldstate << 8 | newstate;
-
-		if (o->last_step == step) {
-			if (!second)
-				count(CNT_PASSED);
-			return 0;
-		}
-		o->last_step = step;
-	}
-	if (second)
-		count(CNT_NESTED);
 	if (o && foldable(newstate) && o->nfolded < FOLDED_MAX) {
 		o->folded |= (__u64)newstate << (FOLDED_BITS * o->nfolded);
 		o->nfolded++;
 		count(CNT_FOLDED);
-		return 0;
+		return;
 	}
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
-		return 0;
+		return;
 	__u64 cookie = bpf_get_socket_cookie(sk);
 
-	if (o && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN)) {
+	if (o && !inferred && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN)) {
 		/* process context: connect() or listen() */
 		owner_from_current(o, cookie);
 	} else if (o && !o->cookie) {
@@ -359,10 +341,10 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 		o->tcp_flags |= TCPF_ACCEPT_PENDING | TCPF_PASSIVE;
 	}
 	if (skipped_sock(sk))
-		return 0;
+		return;
 	e = reserve();
 	if (!e)
-		return 0;
+		return;
 	fill_sock_btf(e, sk, tp);
 	e->cookie = cookie;
 	e->kind = newstate == TCP_LISTEN ? EV_TCP_LISTEN : EV_TCP_STATE;
@@ -370,7 +352,7 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 	e->newstate = newstate;
 	*(__u64 *)&e->flags = 0; /* with _pad */
 	e->folded = 0;
-	if (newstate == TCP_LISTEN) {
+	if (newstate == TCP_LISTEN && !inferred) {
 		/* listen() itself: the port is the bound one (0 for a listen without bind, which
 		 * picks it just after; user space asks sock_diag) */
 		event_owner_current(e);
@@ -384,9 +366,13 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 		e->cgroup_id = 0;
 		__builtin_memset(e->comm, 0, sizeof(e->comm));
 	}
-	if (newstate == TCP_CLOSE) {
+	if (inferred)
+		e->flags |= EVF_INFERRED;
+	if (newstate == TCP_CLOSE && !inferred) {
 		fill_counters(e, sk, tp, oldstate, true, sk->sk_err ? sk->sk_err : sk->sk_err_soft, o);
 	} else {
+		/* an inferred CLOSE is one the socket has left since (it connects again): its
+		 * counters are gone */
 		e->bytes_acked = 0;
 		e->bytes_received = 0;
 		e->segs_out = 0;
@@ -397,6 +383,50 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 	}
 	e->_pad2 = 0;
 	submit(e);
+}
+
+/* second: called by the second of the two programs (see "Two programs").
+ *
+ * Missed transitions. Rarely (about one connection in a million at full churn here), the kernel
+ * runs no probe of the tracepoint at all for a connection's handshake: neither program, nor a
+ * classic tracepoint program beside them, and no recursion miss is counted. The socket's next
+ * transition shows it: its old state is not the new state of the last one taken. The missed part
+ * is then taken as one inferred transition (last state seen -> this old state; through SYN_RECV
+ * for a socket cloned from its listener, the only way there), counted in CNT_INFERRED. */
+static __always_inline int handle_state(struct sock *sk, const int oldstate, const int newstate, bool second)
+{
+	struct owner *o;
+
+	if (!settings.capture_tcp || sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o) {
+		if (second)
+			return 0; /* cannot tell whether the first took it: it is counted as skipped if not */
+	} else {
+		/* Consecutive transitions of a socket always differ (the old state of one is the new
+		 * state of the previous), so an equal step means the other program took this one. */
+		__u16 step = oldstate << 8 | newstate;
+		int seen = o->last_step & 0xff; /* 0: none taken yet (new storage) */
+
+		if (o->last_step == step) {
+			if (!second)
+				count(CNT_PASSED);
+			return 0;
+		}
+		o->last_step = step;
+		if (seen && seen != oldstate) {
+			count(CNT_INFERRED);
+			if (seen == TCP_LISTEN && oldstate != TCP_SYN_RECV && o->nfolded < FOLDED_MAX) {
+				o->folded |= (__u64)TCP_SYN_RECV << (FOLDED_BITS * o->nfolded);
+				o->nfolded++;
+			}
+			take_transition(sk, o, seen, oldstate, true);
+		}
+	}
+	if (second)
+		count(CNT_NESTED);
+	take_transition(sk, o, oldstate, newstate, false);
 	return 0;
 }
 
