@@ -26,7 +26,7 @@ RUN touch build/vmlinux.h \
     && make src/netstatd/sources/bpf/netstatd.bpf.o src/netstatd/sources/bpf/probe_fentry.bpf.o \
     && /opt/netstatd/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
     && test -f /opt/netstatd/lib/python3.11/site-packages/netstatd/sources/bpf/netstatd.bpf.o \
-    && /opt/netstatd/bin/python -c "import netstatd.state._shortconn"
+    && /opt/netstatd/bin/python -c "import netstatd.state._shortconn, netstatd.sources.bpf._ringmerge"
 
 # -- runtime: the same Debian and Python (the venv points at /usr/bin/python3), libbpf1 for ctypes --
 FROM debian:bookworm-slim

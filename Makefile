@@ -14,8 +14,10 @@ RUN_PACKAGES  := clang llvm libbpf-dev bpftool iproute2 python3-venv gcc python3
 TEST_PACKAGES := prometheus containerd runc busybox-static containernetworking-plugins \
 	unbound dnsdist fstrm-bin golang-github-dnstap-golang-dnstap-cli bind9-dnsutils chromium nodejs bpftrace openssl $(if $(shell command -v kubectl),,kubernetes-client)
 BPF_OBJS := $(BPF_DIR)/netstatd.bpf.o $(BPF_DIR)/probe_fentry.bpf.o
-# the native helper for short TCP connections (setup.py): built in place, beside the tracker
-NATIVE := src/netstatd/state/_shortconn$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+# the native helpers (setup.py), built in place: short TCP connections beside the tracker, the merge of
+# every CPU's ring beside the ring reader
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+NATIVE := src/netstatd/state/_shortconn$(EXT_SUFFIX) $(BPF_DIR)/_ringmerge$(EXT_SUFFIX)
 PROTO_DIR := src/netstatd/sources/containerd/protos
 DNSTAP_PROTO_DIR := src/netstatd/sources/dnstap/protos
 GRPCIO_TOOLS := grpcio-tools==1.85.1
@@ -66,7 +68,7 @@ lock:
 	! grep -nE '^ *(-i|--index-url|--extra-index-url|-f|--find-links|--trusted-host)' requirements.lock requirements-dev.lock
 	rm -rf $(LOCK_VENV)
 
-$(NATIVE): src/netstatd/state/shortconn.c $(BPF_DIR)/events.h setup.py $(VENV)/.installed
+$(NATIVE) &: src/netstatd/state/shortconn.c $(BPF_DIR)/ringmerge.c $(BPF_DIR)/events.h setup.py $(VENV)/.installed
 	$(VENV)/bin/python setup.py -q build_ext --inplace
 	touch $@
 

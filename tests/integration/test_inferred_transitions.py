@@ -8,9 +8,11 @@ must then carry what was missed.
 """
 
 import ctypes
+import json
 import os
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
@@ -19,12 +21,9 @@ from netstatd.protocol import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RE
 from netstatd.sources import netlink
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.bpf.libbpf import lib
-from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
-from netstatd.sources.bpf.ringbuf import RingReader
+from netstatd.sources.bpf.loader import OBJECT_PATH, KernelProbes, KernelSettings
+from netstatd.sources.bpf.ringbuf import RingSet
 
-# struct owner (netstatd.bpf.c): u64 cookie, u64 cgroup_id, u32 tgid, u32 udp_flags, char comm[16],
-# u64 folded, u32 nfolded, then u16 last_step
-LAST_STEP_OFFSET = 52
 SO_COOKIE = 57
 BPF_EXIST = 2
 
@@ -33,10 +32,19 @@ BPF_EXIST = 2
 def kernel():
     probes = KernelProbes(KernelSettings())
     probes.open()
-    reader = RingReader(probes.ring_fd, probes.ring_size)
+    reader = RingSet([(fd, probes.ring_size) for fd in probes.ring_fds])
     yield probes, reader
     reader.close()
     probes.close()
+
+
+def last_step_offset() -> int:
+    """Where struct owner (netstatd.bpf.c) keeps last_step, from the object's BTF."""
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(OBJECT_PATH)], check=True, capture_output=True, text=True
+    ).stdout
+    owner = next(t for t in json.loads(out)["types"] if t.get("name") == "owner" and t["kind"] == "STRUCT")
+    return next(m["bits_offset"] for m in owner["members"] if m["name"] == "last_step") // 8
 
 
 def cookie_of(sock: socket.socket) -> int:
@@ -48,11 +56,11 @@ def roll_back(owners_fd: int, sock: socket.socket, last_step: int) -> None:
     key = ctypes.c_int(sock.fileno())
     value = ctypes.create_string_buffer(256)  # more than the value's size: the kernel copies that much
     assert lib.bpf_map_lookup_elem(owners_fd, ctypes.byref(key), value) == 0, "no storage for the socket"
-    struct.pack_into("<H", value, LAST_STEP_OFFSET, last_step)
+    struct.pack_into("<H", value, last_step_offset(), last_step)
     assert lib.bpf_map_update_elem(owners_fd, ctypes.byref(key), value, BPF_EXIST) == 0
 
 
-def records_until(reader: RingReader, cookies: set[int], done, timeout: float = 10) -> dict[int, list[tuple]]:
+def records_until(reader: RingSet, cookies: set[int], done, timeout: float = 10) -> dict[int, list[tuple]]:
     """The TCP state records of these sockets, from the ring, until done(records) holds."""
     out: dict[int, list[tuple]] = {c: [] for c in cookies}
     deadline = time.monotonic() + timeout

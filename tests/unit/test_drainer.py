@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class FakeReader:
-    """RingReader.read() from a list of chunks (b"" once they are gone); read() runs on the drainer's thread."""
+    """RingSet.read() from a list of chunks (b"" once they are gone); read() runs on the drainer's thread."""
 
     def __init__(self, chunks: list[bytes], error: BaseException | None = None) -> None:
         self.chunks = deque(chunks)

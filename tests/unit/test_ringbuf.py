@@ -1,17 +1,21 @@
-"""sources/bpf/ringbuf.py on a fake ring: a memfd laid out as the kernel maps a BPF ring buffer (consumer
-page, producer page, then the data area twice in a row), written the way the kernel writes it. No root."""
+"""sources/bpf/ringbuf.py on fake rings: memfds laid out as the kernel maps a BPF ring buffer (consumer
+page, producer page, then the data area twice in a row), written the way the kernel writes it. No root.
+Then RingSet: every CPU's ring merged by time (ringmerge.c)."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import random
 import struct
 from collections.abc import Iterator
 
 import pytest
 
-from netstatd.sources.bpf.events import EVENT_SIZE, RECORD_SIZE, pack_record
-from netstatd.sources.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, RingReader
+from netstatd.sources.bpf import ringbuf
+from netstatd.sources.bpf.events import COOKIE, EVENT_SIZE, RECORD, RECORD_SIZE, TS, pack_record
+from netstatd.sources.bpf.loader import MIN_RING_BYTES, ring_bytes_per_cpu
+from netstatd.sources.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, NATIVE_MERGE, RingReader, RingSet, merge, merge_py
 
 PAGE = mmap.PAGESIZE
 U64 = struct.Struct("<Q")
@@ -172,3 +176,105 @@ def test_max_bytes_takes_whole_records_and_leaves_the_rest(ring, reader):
 def test_a_size_that_is_not_a_power_of_two_pages_is_refused(ring):
     with pytest.raises(ValueError, match="power-of-2"):
         RingReader(ring.fd, 3 * PAGE)
+
+
+# -- RingSet: one ring per CPU ------------------------------------------------------------------------
+
+NOW = 1_000_000  # the watermark: monotonic_ns() when a read begins
+
+
+@pytest.fixture
+def two_rings(monkeypatch) -> Iterator[tuple[FakeRing, FakeRing, RingSet]]:
+    monkeypatch.setattr(ringbuf.time, "monotonic_ns", lambda: NOW)
+    cpu0, cpu1 = FakeRing(), FakeRing()
+    rings = RingSet([(cpu0.fd, cpu0.size), (cpu1.fd, cpu1.size)])
+    yield cpu0, cpu1, rings
+    rings.close()
+    cpu0.close()
+    cpu1.close()
+
+
+def at(ts: int, cookie: int) -> bytes:
+    return pack_record(ts_ns=ts, cookie=cookie)
+
+
+def stamps(chunk: bytes) -> list[tuple[int, int]]:
+    """(time, cookie) of each record."""
+    return [(r[TS], r[COOKIE]) for r in RECORD.iter_unpack(chunk)]
+
+
+def test_a_socket_s_records_on_two_cpus_come_out_in_the_order_they_were_made(two_rings):
+    cpu0, cpu1, rings = two_rings
+    # connect() on CPU 0, the handshake's softirq on CPU 1, the close back on CPU 0
+    for ring, ts, cookie in ((cpu0, 10, 7), (cpu1, 20, 7), (cpu0, 30, 7), (cpu1, 15, 8), (cpu0, 25, 8)):
+        ring.add(at(ts, cookie))
+    cpu0.publish()
+    cpu1.publish()
+    assert stamps(rings.read()) == [(10, 7), (15, 8), (20, 7), (25, 8), (30, 7)]
+    assert rings.read() == b""
+
+
+def test_records_made_after_the_read_began_wait_for_the_next_read(two_rings, monkeypatch):
+    cpu0, cpu1, rings = two_rings
+    cpu0.add(at(NOW - 5, 1))
+    cpu1.add(at(NOW + 5, 1))  # committed after the read began: an earlier one may still come on CPU 0
+    cpu0.publish()
+    cpu1.publish()
+    assert stamps(rings.read()) == [(NOW - 5, 1)]
+    cpu0.add(at(NOW + 2, 1))  # was still being written when the rings were read
+    cpu0.publish()
+    monkeypatch.setattr(ringbuf.time, "monotonic_ns", lambda: NOW + 10)
+    assert stamps(rings.read()) == [(NOW + 2, 1), (NOW + 5, 1)]
+    assert cpu1.consumer == RECORD_SIZE  # what waits is held in user space, the ring is released
+
+
+def test_a_record_written_inside_another_s_program_is_put_in_its_place(two_rings):
+    cpu0, cpu1, rings = two_rings
+    # a process's record reserved first, committed after a softirq's records on the same CPU
+    for ts, cookie in ((50, 1), (20, 2), (30, 3), (60, 4)):
+        cpu0.add(at(ts, cookie))
+    cpu1.add(at(40, 5))
+    cpu0.publish()
+    cpu1.publish()
+    assert stamps(rings.read()) == [(20, 2), (30, 3), (40, 5), (50, 1), (60, 4)]
+
+
+MERGES = [merge, merge_py] if NATIVE_MERGE else [merge_py]
+
+
+@pytest.mark.parametrize("merge_fn", MERGES, ids=lambda f: f.__name__)
+def test_equal_times_keep_ring_order_first_ring_first(merge_fn):
+    records, held = merge_fn([at(5, 1) + at(5, 2), at(5, 3), at(5, 4) + at(9, 5) + at(3, 6)], 5)
+    assert stamps(records) == [(5, 1), (5, 2), (5, 3), (5, 4)]
+    assert [stamps(h) for h in held] == [[], [], [(9, 5), (3, 6)]]  # from the first one after the watermark
+
+
+@pytest.mark.parametrize("merge_fn", MERGES, ids=lambda f: f.__name__)
+def test_merge_refuses_parts_that_are_not_whole_records(merge_fn):
+    with pytest.raises(ValueError, match="whole records"):
+        merge_fn([at(1, 1)[:-1]], 10)
+
+
+def test_the_native_merge_and_the_python_one_agree():
+    rng = random.Random(7)
+    parts = [b"".join(at(rng.randrange(100), c + 100 * p) for c in range(rng.randrange(30))) for p in range(4)]
+    assert merge(parts, 60) == merge_py(parts, 60)
+
+
+def test_one_cpu_reads_its_ring_as_it_is():
+    ring = FakeRing()
+    rings = RingSet([(ring.fd, ring.size)])
+    try:
+        ring.add(at(2, 1))
+        ring.add(at(1, 2))
+        ring.publish()
+        assert stamps(rings.read()) == [(2, 1), (1, 2)]
+    finally:
+        rings.close()
+        ring.close()
+
+
+def test_each_cpu_gets_a_power_of_two_share_of_the_ring_bytes_and_at_least_the_minimum():
+    mib = 1 << 20
+    assert [ring_bytes_per_cpu(8 * mib, n) // mib for n in (1, 2, 3, 4, 8, 16, 64)] == [8, 4, 2, 2, 1, 1, 1]
+    assert ring_bytes_per_cpu(8 * mib, 64) == MIN_RING_BYTES

@@ -1,4 +1,5 @@
-"""Drains the kernel ring buffer on its own thread and hands chunks to the event loop.
+"""Drains the kernel ring buffers (every CPU's, merged: ringbuf.RingSet) on its own thread and hands
+chunks to the event loop.
 
 The thread only copies bytes out of the ring, so the ring stays nearly empty
 even while the event loop is busy (a large snapshot, a GC pause). Decoding
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from ...metrics import Metric, single
 from ...supervisor import failpoint
 from .events import RECORD_SIZE
-from .ringbuf import RingReader
+from .ringbuf import RingSet
 
 log = logging.getLogger("netstatd.bpf")
 
@@ -31,7 +32,7 @@ log = logging.getLogger("netstatd.bpf")
 class RingDrainer:
     def __init__(
         self,
-        reader: RingReader,
+        reader: RingSet,
         loop: asyncio.AbstractEventLoop,
         deliver: Callable[[bytes], None],
         *,

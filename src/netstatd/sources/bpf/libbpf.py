@@ -50,6 +50,7 @@ def _load() -> ctypes.CDLL:
         "bpf_link__fd": (i, [p]),
         "bpf_iter_create": (i, [i]),
         "bpf_map__fd": (i, [p]),
+        "bpf_map_create": (i, [i, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, p]),
         "bpf_map__set_max_entries": (i, [p, ctypes.c_uint32]),
         "bpf_map__initial_value": (p, [p, ctypes.POINTER(sz)]),
         "bpf_map_lookup_elem": (i, [i, p, p]),

@@ -50,9 +50,20 @@ class KernelSettings:
     capture_udp: bool = True
     include_loopback: bool = False
     udp_refresh_s: float = 5.0
-    # Its pages count twice in the agent's RSS (the data area is mapped twice). 8 MiB holds ~0.3 s of
-    # full churn, 4x the high water measured there (docs/benchmarks.md).
+    # Every CPU's ring together (ring_bytes_per_cpu). Their pages count twice in the agent's RSS (the
+    # data area is mapped twice). 8 MiB holds ~0.3 s of full churn, 4x the high water measured there
+    # (docs/benchmarks.md).
     ring_bytes: int = 8 << 20
+
+
+MIN_RING_BYTES = 1 << 20
+BPF_MAP_TYPE_RINGBUF = 27
+
+
+def ring_bytes_per_cpu(total: int, cpus: int) -> int:
+    """Each CPU's ring: its share of `total`, a power of two (as the kernel requires), at least 1 MiB."""
+    share = max(total // max(cpus, 1), MIN_RING_BYTES)
+    return 1 << (share.bit_length() - 1)
 
 
 def find_cgroup2_root(mounts: str = "/proc/mounts") -> str:
@@ -125,15 +136,15 @@ class KernelProbes:
         self.object_path = object_path
         self.uses_fexit = False
         self._accept_from_io = False
-        self._producer: mmap.mmap | None = None
+        self._producers: list[mmap.mmap] = []  # each ring's producer position page
         self._stats_link: int | None = None
         self._obj: int | None = None
         self._links: list[int] = []
         self._cgroup_fd = -1
-        self.ring_fd = -1
+        self.ring_fds: list[int] = []  # one ring buffer per possible CPU, index = CPU
         self._udp_flows_fd = -1
         self._take_and_delete = True  # bpf_map_lookup_and_delete_elem on an LRU hash (Linux >= 5.14)
-        self.ring_size = settings.ring_bytes
+        self.ring_size = ring_bytes_per_cpu(settings.ring_bytes, lib.libbpf_num_possible_cpus())
 
     # -- lifecycle --------------------------------------------------------
     def open(self) -> None:
@@ -161,13 +172,19 @@ class KernelProbes:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
-        if self._producer is not None:
-            self._producer.close()
-            self._producer = None
+        self._close_rings()
         if self._obj:
             lib.bpf_object__close(self._obj)
             self._obj = None
         self._udp_flows_fd = -1
+
+    def _close_rings(self) -> None:
+        for m in self._producers:
+            m.close()
+        self._producers.clear()
+        for fd in self.ring_fds:
+            os.close(fd)
+        self.ring_fds.clear()
 
     # -- steps ------------------------------------------------------------
     def _load(self, use_fexit: bool) -> None:
@@ -185,20 +202,29 @@ class KernelProbes:
         self._accept_from_io = s.capture_tcp and not use_fexit
         for name, prog in self._programs():
             lib.bpf_program__set_autoload(prog, name in wanted)
-        ring = check_ptr(lib.bpf_object__find_map_by_name(obj, b"events"), "find map events")
-        check_rc(lib.bpf_map__set_max_entries(ring, s.ring_bytes), "size ring buffer")
+        cpus = lib.libbpf_num_possible_cpus()
+        rings = check_ptr(lib.bpf_object__find_map_by_name(obj, b"rings"), "find map rings")
+        check_rc(lib.bpf_map__set_max_entries(rings, cpus), "size the ring array")
         self._write_settings()
         recent_warnings.clear()
         check_rc(lib.bpf_object__load(obj), "load BPF object")
-        self.ring_fd = lib.bpf_map__fd(ring)
-        # the producer position: every record is RECORD_SIZE, so it counts the records written
-        if self._producer is not None:
-            self._producer.close()
-        self._producer = mmap.mmap(self.ring_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE)
+        self._make_rings(lib.bpf_map__fd(rings), cpus)
         counters = check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters")
         self._counters_fd = lib.bpf_map__fd(counters)
         flows = check_ptr(lib.bpf_object__find_map_by_name(obj, b"udp_flows"), "find map udp_flows")
         self._udp_flows_fd = lib.bpf_map__fd(flows)
+
+    def _make_rings(self, rings_fd: int, cpus: int) -> None:
+        """A ring buffer in every CPU's slot of the array (the array holds them; our fds map them)."""
+        self._close_rings()
+        for cpu in range(cpus):
+            fd = lib.bpf_map_create(BPF_MAP_TYPE_RINGBUF, f"ring_cpu{cpu}".encode(), 0, 0, self.ring_size, None)
+            check_rc(fd, f"create the ring buffer of CPU {cpu}")
+            self.ring_fds.append(fd)
+            key, value = ctypes.c_uint32(cpu), ctypes.c_uint32(fd)
+            check_rc(lib.bpf_map_update_elem(rings_fd, ctypes.byref(key), ctypes.byref(value), 0), "add a ring")
+            # the producer position: every record is RECORD_SIZE, so it counts the records written
+            self._producers.append(mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE))
 
     def _write_settings(self) -> None:
         m = None
@@ -284,7 +310,7 @@ class KernelProbes:
         return max(0, not_taken - counters[events.CNT_NESTED])
 
     def metrics(self) -> list[Metric]:
-        counters = self.counters() if self.ring_fd >= 0 else [0] * events.CNT_MAX
+        counters = self.counters() if self.ring_fds else [0] * events.CNT_MAX
         misses = self.program_misses()
         return [
             single(
@@ -335,7 +361,12 @@ class KernelProbes:
                 "UDP datagrams folded into an already announced flow.",
                 counters[events.CNT_UDP_DEDUPED],
             ),
-            single("netstatd_ring_buffer_bytes", "gauge", "Size of the kernel ring buffer.", self.ring_size),
+            single(
+                "netstatd_ring_buffer_bytes",
+                "gauge",
+                "Size of the kernel ring buffers, every CPU's together.",
+                self.ring_size * len(self.ring_fds),
+            ),
             single(
                 "netstatd_fentry_available", "gauge", "1 when fexit programs load on this kernel.", int(self.uses_fexit)
             ),
@@ -404,6 +435,7 @@ class KernelProbes:
                 out.append(0)
             else:
                 out.append(sum(vals))
-        # not counted by the programs (one map update less per record): the ring's producer position
-        out[events.CNT_EMITTED] = memoryview(self._producer)[:8].cast("Q")[0] // events.RECORD_SIZE
+        # not counted by the programs (one map update less per record): the rings' producer positions
+        produced = sum(memoryview(m)[:8].cast("Q")[0] for m in self._producers)
+        out[events.CNT_EMITTED] = produced // events.RECORD_SIZE
         return out

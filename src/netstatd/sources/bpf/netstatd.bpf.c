@@ -51,10 +51,24 @@ struct owner {
 #define TCPF_ACCEPT_PENDING 0x1 /* cloned from a listener: the acceptor is not known yet */
 #define TCPF_PASSIVE 0x2        /* cloned from a listener */
 
-struct {
+/* A ring buffer per CPU: a record's reserve and commit touch only its own CPU's ring, whose lock and
+ * positions stay in that CPU's cache (one shared ring cost ~30 ns more a record at full churn on two
+ * CPUs, docs/benchmarks.md). Records of one socket can then sit in different rings: user space
+ * merges them by time (ringbuf.py RingSet). The loader sizes the array to the possible CPUs and
+ * puts a ring in every slot. */
+struct ring {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 << 20); /* the loader sets the size (loader.py ring_bytes) */
-} events SEC(".maps");
+	/* the template's size: the loader makes each CPU's ring (loader.py ring_bytes_per_cpu), and the
+	 * kernel does not compare sizes of rings in an array */
+	__uint(max_entries, 4096);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1); /* the loader sets it to the possible CPUs */
+	__type(key, __u32);
+	__array(values, struct ring);
+} rings SEC(".maps");
 
 /* BPF_F_CLONE: an accepted socket starts with its listener's owner. */
 struct {
@@ -128,12 +142,23 @@ static __always_inline void count(__u32 idx)
 		__sync_fetch_and_add(c, 1);
 }
 
+static __always_inline void *cpu_ring(void)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+
+	return bpf_map_lookup_elem(&rings, &cpu);
+}
+
+/* The time of a record is taken as it is committed, while the transition it reports still holds the
+ * socket: a socket's next record, on any CPU, has a later time (the order RingSet merges in). */
 static __always_inline void emit(struct netstat_event *e)
 {
+	void *ring = cpu_ring();
+
 	e->ts_ns = bpf_ktime_get_ns();
 	/* No wakeup: user space drains on a short timer, which is far cheaper
 	 * than a wakeup per event at high connection rates. */
-	if (bpf_ringbuf_output(&events, e, sizeof(*e), BPF_RB_NO_WAKEUP))
+	if (!ring || bpf_ringbuf_output(ring, e, sizeof(*e), BPF_RB_NO_WAKEUP))
 		count(CNT_LOST);
 }
 
@@ -141,7 +166,8 @@ static __always_inline void emit(struct netstat_event *e)
  * once (ring memory is not zeroed; zeroing it first cost ~25 ns a record here). */
 static __always_inline struct netstat_event *reserve(void)
 {
-	struct netstat_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	void *ring = cpu_ring();
+	struct netstat_event *e = ring ? bpf_ringbuf_reserve(ring, sizeof(*e), 0) : NULL;
 
 	if (!e)
 		count(CNT_LOST);

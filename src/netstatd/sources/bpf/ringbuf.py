@@ -7,12 +7,15 @@ committed record since the last read in a single slice.
 Layout (kernel/bpf/ringbuf.c): page 0 is the consumer position (RW); from
 PAGE on, the producer position page (RO) and the data area mapped twice in a
 row, so a record that wraps is still contiguous.
+
+RingSet reads every CPU's ring (netstatd.bpf.c has one per CPU) as one stream, merged by time.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import time
 
 from ...metrics import Metric, single
 from .events import EVENT_SIZE, RECORD_SIZE
@@ -20,6 +23,33 @@ from .events import EVENT_SIZE, RECORD_SIZE
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 _U32 = struct.Struct("<I")
+_TS = struct.Struct("<8xQ")  # a record's time, after the ring header
+
+
+def merge_py(parts: list[bytes], watermark: int) -> tuple[bytes, list[bytes]]:
+    """ringmerge.c's merge() in Python, for a build without the native helper: each part's records up
+    to its first one after the watermark, all of them by time (ring order among equal times); the
+    rest of each part, held."""
+    out: list[tuple[int, int, bytes]] = []
+    held = []
+    for part in parts:
+        if len(part) % RECORD_SIZE:
+            raise ValueError("each part must be bytes of whole records")
+        n = len(part) // RECORD_SIZE
+        cut = next((i for i in range(n) if _TS.unpack_from(part, i * RECORD_SIZE)[0] > watermark), n)
+        for at in range(0, cut * RECORD_SIZE, RECORD_SIZE):
+            out.append((_TS.unpack_from(part, at)[0], len(out), part[at : at + RECORD_SIZE]))
+        held.append(part[cut * RECORD_SIZE :])
+    out.sort()
+    return b"".join(rec for _, _, rec in out), held
+
+
+try:
+    from ._ringmerge import merge  # built by `make setup` (setup.py)
+
+    NATIVE_MERGE = True
+except ImportError:  # built without gcc: the agent warns
+    merge, NATIVE_MERGE = merge_py, False
 
 
 class RingReader:
@@ -88,25 +118,48 @@ class RingReader:
         self._cons += nbytes
         self._cons_pos[0] = self._cons
 
-    def metrics(self) -> list[Metric]:
-        return [
-            single(
-                "netstatd_ring_records_malformed_total",
-                "counter",
-                "Ring records of an unexpected size.",
-                self.malformed,
-            ),
-            single(
-                "netstatd_ring_buffer_high_water_bytes",
-                "gauge",
-                "Most bytes ever waiting in the ring buffer when it was drained.",
-                self.high_water,
-            ),
-        ]
-
     def close(self) -> None:
         self._cons_pos.release()
         self._prod_pos.release()
         self._data.release()
         self._prod_map.close()
         self._cons_map.close()
+
+
+class RingSet:
+    """Every CPU's ring (netstatd.bpf.c), read as one stream of records in the order they were made:
+    merged by time, up to the time the read began (ringmerge.c says why that is the order)."""
+
+    def __init__(self, rings: list[tuple[int, int]]) -> None:
+        """rings: (map fd, size) of each CPU's ring."""
+        self.readers = [RingReader(fd, size) for fd, size in rings]
+        self._held = [b""] * len(self.readers)
+
+    def read(self) -> bytes:
+        """Every record committed up to now, in order; the ones after this call began wait for the next."""
+        if len(self.readers) == 1:  # one CPU: the ring's order is the order
+            return self.readers[0].read()
+        watermark = time.monotonic_ns()  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+        parts = [held + r.read() for held, r in zip(self._held, self.readers, strict=True)]
+        records, self._held = merge(parts, watermark)
+        return records
+
+    def metrics(self) -> list[Metric]:
+        return [
+            single(
+                "netstatd_ring_records_malformed_total",
+                "counter",
+                "Ring records of an unexpected size.",
+                sum(r.malformed for r in self.readers),
+            ),
+            single(
+                "netstatd_ring_buffer_high_water_bytes",
+                "gauge",
+                "Most bytes ever waiting in one CPU's ring buffer when it was drained.",
+                max((r.high_water for r in self.readers), default=0),
+            ),
+        ]
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
