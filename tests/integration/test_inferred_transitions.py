@@ -51,12 +51,15 @@ def cookie_of(sock: socket.socket) -> int:
     return struct.unpack("<Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
-def roll_back(owners_fd: int, sock: socket.socket, last_step: int) -> None:
-    """Set the socket's owner.last_step: the last transition the programs took."""
+def owner_of(owners_fd: int, sock: socket.socket) -> ctypes.Array:
     key = ctypes.c_int(sock.fileno())
     value = ctypes.create_string_buffer(256)  # more than the value's size: the kernel copies that much
     assert lib.bpf_map_lookup_elem(owners_fd, ctypes.byref(key), value) == 0, "no storage for the socket"
-    struct.pack_into("<H", value, last_step_offset(), last_step)
+    return value
+
+
+def set_owner(owners_fd: int, sock: socket.socket, value: ctypes.Array) -> None:
+    key = ctypes.c_int(sock.fileno())
     assert lib.bpf_map_update_elem(owners_fd, ctypes.byref(key), value, BPF_EXIST) == 0
 
 
@@ -103,9 +106,12 @@ def test_a_handshake_no_probe_saw_is_inferred_on_both_sides(hosts, kernel):
         ]
         assert [step_of(r) for r in opened[scookie]] == [(TCP_SYN_RECV, TCP_ESTABLISHED, (TCP_SYN_RECV,), False)]
 
-        # as if no probe had run for either side's handshake
-        roll_back(owners_fd, client, TCP_CLOSE << 8 | TCP_SYN_SENT)
-        roll_back(owners_fd, server, TCP_CLOSE << 8 | TCP_LISTEN)  # the listener's, cloned into it
+        # as if no probe had run for either side's handshake: the client's storage as connect() left
+        # it, the accepted socket's as it was cloned from the listener's
+        value = owner_of(owners_fd, client)
+        struct.pack_into("<H", value, last_step_offset(), TCP_CLOSE << 8 | TCP_SYN_SENT)
+        set_owner(owners_fd, client, value)
+        set_owner(owners_fd, server, owner_of(owners_fd, listener))
         server.close()
         client.close()
         closed = records_until(

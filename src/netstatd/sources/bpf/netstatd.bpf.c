@@ -443,7 +443,10 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 		o->last_step = step;
 		if (seen && seen != oldstate) {
 			count(CNT_INFERRED);
-			if (seen == TCP_LISTEN && oldstate != TCP_SYN_RECV && o->nfolded < FOLDED_MAX) {
+			/* a socket cloned from its listener: its owner is still the listener's */
+			bool cloned = seen == TCP_LISTEN && o->cookie != bpf_get_socket_cookie(sk);
+
+			if (cloned && oldstate != TCP_SYN_RECV && o->nfolded < FOLDED_MAX) {
 				o->folded |= (__u64)TCP_SYN_RECV << (FOLDED_BITS * o->nfolded);
 				o->nfolded++;
 			}
