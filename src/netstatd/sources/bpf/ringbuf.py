@@ -13,6 +13,7 @@ RingSet reads every CPU's ring (netstatd.bpf.c has one per CPU) as one stream, m
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
 import time
@@ -20,10 +21,15 @@ import time
 from ...metrics import Metric, single
 from .events import EVENT_SIZE, RECORD_SIZE
 
+log = logging.getLogger("netstatd.bpf")
+
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 _U32 = struct.Struct("<I")
 _TS = struct.Struct("<8xQ")  # a record's time, after the ring header
+NO_WATERMARK = (1 << 64) - 1
+# A record is committed before it is read: one more than this ahead of our clock means another clock.
+CLOCK_APART_NS = 10**9
 
 
 def merge_py(parts: list[bytes], watermark: int) -> tuple[bytes, list[bytes]]:
@@ -134,14 +140,24 @@ class RingSet:
         """rings: (map fd, size) of each CPU's ring."""
         self.readers = [RingReader(fd, size) for fd, size in rings]
         self._held = [b""] * len(self.readers)
+        self._clock_apart = False  # our CLOCK_MONOTONIC is not the kernel's (a time namespace)
 
     def read(self) -> bytes:
         """Every record committed up to now, in order; the ones after this call began wait for the next."""
         if len(self.readers) == 1:  # one CPU: the ring's order is the order
             return self.readers[0].read()
-        watermark = time.monotonic_ns()  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+        # CLOCK_MONOTONIC, as bpf_ktime_get_ns(), unless a time namespace moves ours: then records
+        # would wait for ever, so they are merged with no watermark (each read's in order, not across)
+        watermark = NO_WATERMARK if self._clock_apart else time.monotonic_ns()
         parts = [held + r.read() for held, r in zip(self._held, self.readers, strict=True)]
         records, self._held = merge(parts, watermark)
+        if not self._clock_apart and any(h and _TS.unpack_from(h)[0] > watermark + CLOCK_APART_NS for h in self._held):
+            self._clock_apart = True
+            log.warning(
+                "kernel record times are over %d s ahead of this process's CLOCK_MONOTONIC (a time namespace?): "
+                "the CPUs' rings are merged read by read",
+                CLOCK_APART_NS // 10**9,
+            )
         return records
 
     def metrics(self) -> list[Metric]:
