@@ -336,6 +336,18 @@ static __always_inline bool foldable(int newstate)
 	       newstate != TCP_LISTEN;
 }
 
+/* A state the socket passed through, carried by its next record; false when the list is full (the
+ * transition then makes a record of its own). */
+static __always_inline bool fold(struct owner *o, int state)
+{
+	if (o->nfolded >= FOLDED_MAX)
+		return false;
+	o->folded |= (__u64)state << (FOLDED_BITS * o->nfolded);
+	o->nfolded++;
+	count(CNT_FOLDED);
+	return true;
+}
+
 /* One transition taken: folded into the socket's next record, or a record of its own. inferred: a
  * transition no probe saw (see handle_state), taken at the next one: its record's owner is the stored
  * one and its time that of the next transition. */
@@ -345,12 +357,8 @@ static __always_inline void take_transition(struct sock *sk, struct owner *o, co
 	struct netstat_event *e;
 	struct tcp_sock *tp;
 
-	if (o && foldable(newstate) && o->nfolded < FOLDED_MAX) {
-		o->folded |= (__u64)newstate << (FOLDED_BITS * o->nfolded);
-		o->nfolded++;
-		count(CNT_FOLDED);
+	if (o && foldable(newstate) && fold(o, newstate))
 		return;
-	}
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return;
@@ -446,10 +454,8 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 			/* a socket cloned from its listener: its owner is still the listener's */
 			bool cloned = seen == TCP_LISTEN && o->cookie != bpf_get_socket_cookie(sk);
 
-			if (cloned && oldstate != TCP_SYN_RECV && o->nfolded < FOLDED_MAX) {
-				o->folded |= (__u64)TCP_SYN_RECV << (FOLDED_BITS * o->nfolded);
-				o->nfolded++;
-			}
+			if (cloned && oldstate != TCP_SYN_RECV)
+				fold(o, TCP_SYN_RECV);
 			take_transition(sk, o, seen, oldstate, true);
 		}
 	}
