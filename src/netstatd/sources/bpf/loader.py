@@ -144,7 +144,8 @@ class KernelProbes:
         self.ring_fds: list[int] = []  # one ring buffer per possible CPU, index = CPU
         self._udp_flows_fd = -1
         self._take_and_delete = True  # bpf_map_lookup_and_delete_elem on an LRU hash (Linux >= 5.14)
-        self.ring_size = ring_bytes_per_cpu(settings.ring_bytes, lib.libbpf_num_possible_cpus())
+        self._cpus = lib.libbpf_num_possible_cpus()  # a ring each; per-CPU counters have a slot each
+        self.ring_size = ring_bytes_per_cpu(settings.ring_bytes, self._cpus)
 
     # -- lifecycle --------------------------------------------------------
     def open(self) -> None:
@@ -202,22 +203,21 @@ class KernelProbes:
         self._accept_from_io = s.capture_tcp and not use_fexit
         for name, prog in self._programs():
             lib.bpf_program__set_autoload(prog, name in wanted)
-        cpus = lib.libbpf_num_possible_cpus()
         rings = check_ptr(lib.bpf_object__find_map_by_name(obj, b"rings"), "find map rings")
-        check_rc(lib.bpf_map__set_max_entries(rings, cpus), "size the ring array")
+        check_rc(lib.bpf_map__set_max_entries(rings, self._cpus), "size the ring array")
         self._write_settings()
         recent_warnings.clear()
         check_rc(lib.bpf_object__load(obj), "load BPF object")
-        self._make_rings(lib.bpf_map__fd(rings), cpus)
+        self._make_rings(lib.bpf_map__fd(rings))
         counters = check_ptr(lib.bpf_object__find_map_by_name(obj, b"counters"), "find map counters")
         self._counters_fd = lib.bpf_map__fd(counters)
         flows = check_ptr(lib.bpf_object__find_map_by_name(obj, b"udp_flows"), "find map udp_flows")
         self._udp_flows_fd = lib.bpf_map__fd(flows)
 
-    def _make_rings(self, rings_fd: int, cpus: int) -> None:
+    def _make_rings(self, rings_fd: int) -> None:
         """A ring buffer in every CPU's slot of the array (the array holds them; our fds map them)."""
         self._close_rings()
-        for cpu in range(cpus):
+        for cpu in range(self._cpus):
             fd = lib.bpf_map_create(BPF_MAP_TYPE_RINGBUF, f"ring_cpu{cpu}".encode(), 0, 0, self.ring_size, None)
             check_rc(fd, f"create the ring buffer of CPU {cpu}")
             self.ring_fds.append(fd)
@@ -426,8 +426,7 @@ class KernelProbes:
 
     def counters(self) -> list[int]:
         """Kernel counters (events.CNT_*), summed over CPUs."""
-        ncpu = lib.libbpf_num_possible_cpus()
-        vals = (ctypes.c_uint64 * ncpu)()
+        vals = (ctypes.c_uint64 * self._cpus)()
         out = []
         for i in range(events.CNT_MAX):
             key = ctypes.c_uint32(i)
