@@ -1,10 +1,13 @@
+import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from netstatd.sources.bpf.loader import OBJECT_PATH
 from netstatd.testing.agent import AgentProcess
 
 IN_CI = bool(os.environ.get("CI"))
@@ -24,6 +27,16 @@ def require(condition: object, reason: str) -> None:
 def require_root() -> None:
     """Kernel and namespace tests need root."""
     require(os.geteuid() == 0, "needs root (loads eBPF programs / creates network namespaces); run 'make test' as root")
+
+
+def object_btf() -> dict[str, dict]:
+    """The named types of the compiled BPF object's BTF (bpftool's JSON), by name."""
+    if not OBJECT_PATH.exists():
+        pytest.fail(f"{OBJECT_PATH} is not built: run 'make setup'")
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(OBJECT_PATH)], check=True, capture_output=True, text=True
+    ).stdout
+    return {t["name"]: t for t in json.loads(out)["types"] if t.get("name")}
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:

@@ -8,11 +8,9 @@ must then carry what was missed.
 """
 
 import ctypes
-import json
 import os
 import socket
 import struct
-import subprocess
 import time
 
 import pytest
@@ -21,8 +19,9 @@ from netstatd.protocol import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RE
 from netstatd.sources import netlink
 from netstatd.sources.bpf import events as ev
 from netstatd.sources.bpf.libbpf import lib
-from netstatd.sources.bpf.loader import OBJECT_PATH, KernelProbes, KernelSettings
+from netstatd.sources.bpf.loader import KernelProbes, KernelSettings
 from netstatd.sources.bpf.ringbuf import RingSet
+from tests.conftest import object_btf
 
 SO_COOKIE = 57
 BPF_EXIST = 2
@@ -40,10 +39,7 @@ def kernel():
 
 def last_step_offset() -> int:
     """Where struct owner (netstatd.bpf.c) keeps last_step, from the object's BTF."""
-    out = subprocess.run(
-        ["bpftool", "-j", "btf", "dump", "file", str(OBJECT_PATH)], check=True, capture_output=True, text=True
-    ).stdout
-    owner = next(t for t in json.loads(out)["types"] if t.get("name") == "owner" and t["kind"] == "STRUCT")
+    owner = object_btf()["owner"]
     return next(m["bits_offset"] for m in owner["members"] if m["name"] == "last_step") // 8
 
 

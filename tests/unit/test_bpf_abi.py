@@ -1,6 +1,5 @@
 """The C structs in events.h and their Python decoders, checked against the compiled object's BTF."""
 
-import json
 import re
 import struct
 import subprocess
@@ -11,18 +10,14 @@ import pytest
 from netstatd.protocol import TCP_STATES
 from netstatd.sources.bpf import events
 from netstatd.sources.bpf.loader import OBJECT_PATH
+from tests.conftest import object_btf
 
 SIZES = {"Q": 8, "I": 4, "H": 2, "B": 1}
 
 
 @pytest.fixture(scope="module")
 def btf() -> dict[str, dict]:
-    if not OBJECT_PATH.exists():
-        pytest.fail(f"{OBJECT_PATH} is not built: run 'make setup'")
-    out = subprocess.run(
-        ["bpftool", "-j", "btf", "dump", "file", str(OBJECT_PATH)], check=True, capture_output=True, text=True
-    ).stdout
-    return {t["name"]: t for t in json.loads(out)["types"] if t.get("name")}
+    return object_btf()
 
 
 def python_layout(fields: tuple[tuple[str, str], ...]) -> list[tuple[str, int, int]]:
