@@ -174,9 +174,9 @@ def test_metrics_pass_promtool_and_count_events(agent, hosts):
     ):
         assert name in body, name
     assert 'netstatd_events_by_state{protocol="TCP",family="IPv4",state="SYN_SENT"}' in body
-    # records: SYN_SENT, ESTABLISHED, CLOSE (client); ESTABLISHED, CLOSE (server, SYN_RECV folded);
-    # listen, the listener's close (no accept record: the listener's process accepted). The other
-    # transitions are folded (docs/kernel.md).
+    # events: SYN_SENT (folded into the next record, counted still), ESTABLISHED, CLOSE (client);
+    # ESTABLISHED, CLOSE (server, SYN_RECV folded); listen, the listener's close (no accept record: the
+    # listener's process accepted). The other transitions are folded (docs/kernel.md).
     assert agent.metric("netstatd_events_total") >= before + 7
     assert agent.metric("netstatd_kernel_events_lost_total") == 0
 

@@ -139,6 +139,32 @@ def test_a_connect_whose_syn_is_dropped_times_out(hosts, stream, agent):
     assert agent.metric('netstatd_connect_failures_total{reason="ETIMEDOUT"}') >= 1
 
 
+def test_a_connect_that_lasts_is_shown_with_its_process_before_it_ends(hosts, stream):
+    """The kernel folds a connect's SYN_SENT into its next record (docs/kernel.md): one still
+    waiting at a stats read (--stats-interval, 5 s here) is reported then, with its process."""
+    a, b = hosts.a, hosts.b
+    port = 7
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+    b.run("iptables", "-w", "-A", *rule)
+    try:
+        client, local_port = start_peer(a, peers.TCP_CONNECT, b.ipv4, str(port))
+        try:
+            mine = (a.netns_inode, local_port)
+            attempt = stream.wait_for(
+                lambda e: e["type"] == "connection.event" and (e["netns"], e["localPort"]) == mine, timeout=15
+            )
+        finally:
+            client.kill()
+            client.wait()
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            b.run("iptables", "-w", "-D", *rule)
+    assert (attempt["state"], attempt["states"]) == ("SYN_SENT", ["SYN_SENT"])
+    assert (attempt["pid"], attempt["direction"], attempt["remotePort"]) == (client.pid, "outbound", port)
+    # its close does not report the attempt again
+    assert close_of(stream, a.netns_inode, local_port=local_port)["states"] == ["CLOSE"]
+
+
 def test_a_server_closing_with_unread_data_resets_and_both_ends_say_so(hosts, stream, agent):
     a, b = hosts.a, hosts.b
     sent_before = agent.metric('netstatd_tcp_resets_total{direction="sent"}')

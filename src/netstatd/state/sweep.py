@@ -1,7 +1,7 @@
 """The folded-state sweep: TCP states the kernel did not send on their own, read from sock_diag.
 
-The kernel sends a record only for SYN_SENT, ESTABLISHED and CLOSE; the other
-states are folded into the socket's next record (docs/kernel.md). A socket that
+The kernel sends a record only for ESTABLISHED and CLOSE; the other states are
+folded into the socket's next record (docs/kernel.md). A socket that
 stays in a folded state (an application that never closes: CLOSE_WAIT; a peer
 that never closes: FIN_WAIT2) would have no next record for a long time, so it
 would show its last sent state. The agent dumps the sockets in those states
@@ -21,7 +21,8 @@ from ..protocol import (
 )
 from .tables import Change, Tables
 
-# The states handle_state() folds (netstatd.bpf.c foldable()): the only ones that can be stale.
+# The states handle_state() folds (netstatd.bpf.c foldable()): the only ones that can be stale. Not
+# SYN_SENT: the stats iterator reports a connect that lasts, with its owner (a sweep has none).
 FOLDED_STATES = (TCP_SYN_RECV, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING)
 
 

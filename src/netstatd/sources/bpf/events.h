@@ -103,6 +103,7 @@ struct agent_settings {
 #define CNT_FOLDED 4 /* state transitions folded into a later record */
 #define CNT_PASSED 5 /* runs of the first program that found the transition taken by the second */
 #define CNT_INFERRED 6 /* TCP transitions no probe saw, inferred from the socket's next one */
-#define CNT_MAX 7
+#define CNT_FOLDED_NESTED 7 /* CNT_FOLDED's folds by the second program (each program has its slot) */
+#define CNT_MAX 8
 
 #endif

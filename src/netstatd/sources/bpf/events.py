@@ -32,7 +32,8 @@ CNT_NESTED = 3
 CNT_FOLDED = 4
 CNT_PASSED = 5
 CNT_INFERRED = 6
-CNT_MAX = 7
+CNT_FOLDED_NESTED = 7  # CNT_FOLDED's share of the second state program; counters() adds it in
+CNT_MAX = 8
 
 FOLDED_BITS = 4
 FOLDED_MAX = 16

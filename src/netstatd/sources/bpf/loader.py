@@ -434,6 +434,7 @@ class KernelProbes:
                 out.append(0)
             else:
                 out.append(sum(vals))
+        out[events.CNT_FOLDED] += out[events.CNT_FOLDED_NESTED]  # each state program counts in its own slot
         # not counted by the programs (one map update less per record): the rings' producer positions
         produced = sum(memoryview(m)[:8].cast("Q")[0] for m in self._producers)
         out[events.CNT_EMITTED] = produced // events.RECORD_SIZE

@@ -293,6 +293,18 @@ static __always_inline void fill_counters(struct netstat_event *e, const struct 
 	e->error = err;
 }
 
+/* A record other than a close: its counter fields zeroed (ring memory is not, see reserve()). */
+static __always_inline void no_counters(struct netstat_event *e)
+{
+	e->bytes_acked = 0;
+	e->bytes_received = 0;
+	e->segs_out = 0;
+	e->segs_in = 0;
+	e->srtt_us = 0;
+	e->total_retrans = 0;
+	e->error = 0;
+}
+
 static __always_inline void owner_from_current(struct owner *o, __u64 cookie)
 {
 	o->cookie = cookie;
@@ -321,30 +333,36 @@ static __always_inline void event_owner_stored(struct netstat_event *e, const st
 
 /* Which transitions become a record of their own. The rest are folded into
  * the socket's next record (event.folded), in order: a short connection costs
- * three records on the connecting side and two on the accepting side instead
- * of five each, and no state is lost. Folded states a socket stays in (a
- * CLOSE_WAIT the application never closes) reach user space through its
+ * two records on each side instead of five, and no state is lost. Folded
+ * states a socket stays in reach user space without a next record: a connect
+ * that lasts (SYN_SENT) through the stats iterator (on_tcp_stats), with its
+ * owner; the others (a CLOSE_WAIT the application never closes) through the
  * sock_diag sweep, which runs while CNT_FOLDED moves (docs/kernel.md).
  *   LISTEN: a listener, in listen()'s context;
- *   SYN_SENT: the attempt, in the connecting process's context;
  *   ESTABLISHED: the connection is up, with both ports;
  *   CLOSE: gone, with every state it passed through.
  */
 static __always_inline bool foldable(int newstate)
 {
-	return newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE &&
-	       newstate != TCP_LISTEN;
+	return newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE && newstate != TCP_LISTEN;
 }
 
 /* A state the socket passed through, carried by its next record; false when the list is full (the
- * transition then makes a record of its own). */
-static __always_inline bool fold(struct owner *o, int state)
+ * transition then makes a record of its own). second: the program folding it (see "Two programs").
+ * Counted without an atomic: each program has its own per-CPU slot, and the kernel never runs a
+ * program inside itself on one CPU, so no increment is lost. */
+static __always_inline bool fold(struct owner *o, int state, bool second)
 {
+	__u32 idx = second ? CNT_FOLDED_NESTED : CNT_FOLDED;
+	__u64 *folds;
+
 	if (o->nfolded >= FOLDED_MAX)
 		return false;
 	o->folded |= (__u64)state << (FOLDED_BITS * o->nfolded);
 	o->nfolded++;
-	count(CNT_FOLDED);
+	folds = bpf_map_lookup_elem(&counters, &idx);
+	if (folds)
+		*folds += 1;
 	return true;
 }
 
@@ -352,27 +370,30 @@ static __always_inline bool fold(struct owner *o, int state)
  * transition no probe saw (see handle_state), taken at the next one: its record's owner is the stored
  * one and its time that of the next transition. */
 static __always_inline void take_transition(struct sock *sk, struct owner *o, const int oldstate, const int newstate,
-					    bool inferred)
+					    bool inferred, bool second)
 {
+	/* connect() or listen(): the owner is the running process */
+	bool process_context = !inferred && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN);
 	struct netstat_event *e;
 	struct tcp_sock *tp;
+	__u64 cookie;
 
-	if (o && foldable(newstate) && fold(o, newstate))
-		return;
+	if (o && process_context)
+		owner_from_current(o, bpf_get_socket_cookie(sk));
+	if (o && foldable(newstate) && fold(o, newstate, second))
+		return; /* a connect among them: its owner is in the storage, for the record that carries it */
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return;
-	__u64 cookie = bpf_get_socket_cookie(sk);
-
-	if (o && !inferred && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN)) {
-		/* process context: connect() or listen() */
-		owner_from_current(o, cookie);
-	} else if (o && !o->cookie) {
-		o->cookie = cookie; /* a socket older than us: owner unknown (user space seeds it) */
-	} else if (o && o->cookie != cookie) {
-		/* cloned from the listener: its owner stands until the acceptor is known */
-		o->cookie = cookie;
-		o->tcp_flags |= TCPF_ACCEPT_PENDING | TCPF_PASSIVE;
+	cookie = bpf_get_socket_cookie(sk);
+	if (o && !process_context) {
+		if (!o->cookie) {
+			o->cookie = cookie; /* a socket older than us: owner unknown (user space seeds it) */
+		} else if (o->cookie != cookie) {
+			/* cloned from the listener: its owner stands until the acceptor is known */
+			o->cookie = cookie;
+			o->tcp_flags |= TCPF_ACCEPT_PENDING | TCPF_PASSIVE;
+		}
 	}
 	if (skipped_sock(sk))
 		return;
@@ -386,15 +407,18 @@ static __always_inline void take_transition(struct sock *sk, struct owner *o, co
 	e->newstate = newstate;
 	*(__u64 *)&e->flags = 0; /* with _pad */
 	e->folded = 0;
-	if (newstate == TCP_LISTEN && !inferred) {
-		/* listen() itself: the port is the bound one (0 for a listen without bind, which
-		 * picks it just after; user space asks sock_diag) */
-		event_owner_current(e);
-	} else if (o) {
-		event_owner_stored(e, o);
+	if (o) {
 		e->folded = o->folded;
 		o->folded = 0;
 		o->nfolded = 0;
+	}
+	if (process_context) {
+		/* listen() itself: the port is the bound one (0 for a listen without bind, which
+		 * picks it just after; user space asks sock_diag). A connect's record only without
+		 * storage, before the kernel picks its port. */
+		event_owner_current(e);
+	} else if (o) {
+		event_owner_stored(e, o);
 	} else {
 		e->tgid = 0;
 		e->cgroup_id = 0;
@@ -407,13 +431,7 @@ static __always_inline void take_transition(struct sock *sk, struct owner *o, co
 	} else {
 		/* an inferred CLOSE is one the socket has left since (it connects again): its
 		 * counters are gone */
-		e->bytes_acked = 0;
-		e->bytes_received = 0;
-		e->segs_out = 0;
-		e->segs_in = 0;
-		e->srtt_us = 0;
-		e->total_retrans = 0;
-		e->error = 0;
+		no_counters(e);
 	}
 	e->_pad2 = 0;
 	submit(e);
@@ -455,13 +473,13 @@ static __always_inline int handle_state(struct sock *sk, const int oldstate, con
 			bool cloned = seen == TCP_LISTEN && o->cookie != bpf_get_socket_cookie(sk);
 
 			if (cloned && oldstate != TCP_SYN_RECV)
-				fold(o, TCP_SYN_RECV);
-			take_transition(sk, o, seen, oldstate, true);
+				fold(o, TCP_SYN_RECV, second);
+			take_transition(sk, o, seen, oldstate, true, second);
 		}
 	}
 	if (second)
 		count(CNT_NESTED);
-	take_transition(sk, o, oldstate, newstate, false);
+	take_transition(sk, o, oldstate, newstate, false, second);
 	return 0;
 }
 
@@ -551,6 +569,34 @@ int BPF_PROG(on_inet_csk_accept_exit, struct sock *sk, struct proto_accept_arg *
 	return 0;
 }
 
+/* A connect still in SYN_SENT, whose transition was folded (take_transition): its record, with the
+ * stored owner, taken now. The iterator holds the socket's lock, so no transition of it runs
+ * meanwhile, and its next record (ESTABLISHED or CLOSE) comes after this one, without SYN_SENT. */
+static __always_inline void report_connect(struct sock *sk, struct tcp_sock *tp)
+{
+	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, 0);
+	struct netstat_event *e;
+
+	if (!o || o->nfolded != 1 || (o->folded & ((1 << FOLDED_BITS) - 1)) != TCP_SYN_SENT || skipped_sock(sk))
+		return;
+	e = reserve();
+	if (!e)
+		return;
+	fill_sock_btf(e, sk, tp);
+	e->cookie = bpf_get_socket_cookie(sk);
+	e->kind = EV_TCP_STATE;
+	e->oldstate = o->last_step >> 8;
+	e->newstate = TCP_SYN_SENT;
+	*(__u64 *)&e->flags = 0; /* with _pad */
+	e->folded = 0;
+	event_owner_stored(e, o);
+	o->folded = 0;
+	o->nfolded = 0;
+	no_counters(e);
+	e->_pad2 = 0;
+	submit(e);
+}
+
 /* Live connections' counters: user space reads this iterator every --stats-interval. One record
  * (EV_TCP_STATS) per connection whose counters changed since the previous read (a hash of them is
  * kept in the socket's storage), so a node of idle connections costs a walk of its sockets and no
@@ -572,7 +618,11 @@ int on_tcp_stats(struct bpf_iter__tcp *ctx)
 		return 0; /* a request or TIME_WAIT socket */
 	sk = (struct sock *)tp;
 	state = skc->skc_state;
-	if (state == TCP_LISTEN || state == TCP_CLOSE || state == TCP_SYN_SENT || skipped_sock(sk))
+	if (state == TCP_SYN_SENT) {
+		report_connect(sk, tp);
+		return 0;
+	}
+	if (state == TCP_LISTEN || state == TCP_CLOSE || skipped_sock(sk))
 		return 0;
 	o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	e.kind = EV_TCP_STATS;
