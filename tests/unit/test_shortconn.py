@@ -256,22 +256,6 @@ def test_record_counts_match_the_python_count_with_many_distinct_kinds(tmp_path)
     assert native.record_counts == python.record_counts and len(python.record_counts) == 701
 
 
-def test_a_connect_folded_into_its_next_record_counts_as_syn_sent(tmp_path):
-    """The kernel folds a connect's SYN_SENT into the record after it: the metrics still count it as a
-    SYN_SENT event, with the native helper and without."""
-    from netstatd.metrics import render
-
-    chunk = record(ev.EV_TCP_STATE, 5, SYN_SENT, ESTABLISHED, ts=1, folded=(SYN_SENT,)) + record(
-        ev.EV_TCP_STATE, 6, SYN_SENT, CLOSE, ts=2, folded=(SYN_SENT,)
-    )
-    for native in (False, True):
-        t = make_tracker(tmp_path, native=native)
-        t.ingest(chunk)
-        text = render(t.tracker.folder.metrics())
-        assert 'netstatd_events_by_state{protocol="TCP",family="IPv4",state="SYN_SENT"} 2' in text, native
-        assert 'netstatd_events_total{protocol="TCP",family="IPv4"} 4' in text, native
-
-
 def test_owners_are_looked_up_when_their_records_arrive_not_at_the_flush():
     """A short-lived process may be gone by the flush: its exe is read as its records come in, for
     connections packed and carried alike."""

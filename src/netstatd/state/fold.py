@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..metrics import Metric
-from ..protocol import FAMILY_NAMES, TCP_CLOSE, TCP_LISTEN, TCP_STATE_NAMES, TCP_SYN_SENT
+from ..protocol import FAMILY_NAMES, TCP_CLOSE, TCP_LISTEN, TCP_STATE_NAMES
 from ..sources.bpf import events as ev
 from .native import ShortConnections
 
@@ -35,18 +35,6 @@ KIND_LABELS = {
 #    states: the state names it passed through, in order,
 #    accept: the decoded accept record, or None]
 Pending = list
-
-
-# A connect the kernel folded into a record: counted as the CLOSE -> SYN_SENT record it would have been.
-_CONNECT_WORD = ev.EV_TCP_STATE | TCP_CLOSE << 16 | TCP_SYN_SENT << 24
-_FIRST_FOLDED = (1 << ev.FOLDED_BITS) - 1
-
-
-def count_folded_connects(chunk: bytes, counts: Counter[int]) -> None:
-    """The Python twin of the native count_kinds()'s folded connects (shortconn.c)."""
-    for _cookie, _pid, kind, family, _old, _new, folded in ev.RECORD_BRIEF.iter_unpack(chunk):
-        if kind == ev.EV_TCP_STATE and folded & _FIRST_FOLDED == TCP_SYN_SENT:
-            counts[_CONNECT_WORD | family << 8] += 1
 
 
 @dataclass
@@ -88,7 +76,6 @@ class Folder:
                     self.period.shorts.append(shorts)
         else:
             self.record_counts.update(memoryview(chunk).cast("I")[ev.KIND_WORD :: ev.RECORD_WORDS])
-            count_folded_connects(chunk, self.record_counts)
         self._fold(chunk, processes)
         return processes
 

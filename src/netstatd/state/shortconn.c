@@ -584,70 +584,51 @@ out:
 	return result;
 }
 
-/* Words counted by count_kinds(): a table of a chunk's distinct ones, emptied into the dict when
- * half full (records of no kind known) and at the end. */
-enum { SLOTS = 1024 }; /* distinct words of a chunk: a few dozen kinds and transitions */
-struct word_counts {
-	__u32 words[SLOTS];
-	Py_ssize_t hits[SLOTS];
-	Py_ssize_t used;
-};
-
-static void count_word(struct word_counts *t, __u32 word)
-{
-	size_t h = (word * 2654435761u) & (SLOTS - 1);
-	while (t->hits[h] && t->words[h] != word)
-		h = (h + 1) & (SLOTS - 1);
-	t->used += !t->hits[h];
-	t->words[h] = word;
-	t->hits[h]++;
-}
-
-static int add_words(struct word_counts *t, PyObject *counts)
-{
-	for (size_t h = 0; h < SLOTS; h++) {
-		if (!t->hits[h])
-			continue;
-		PyObject *key = PyLong_FromUnsignedLong(t->words[h]);
-		PyObject *old = key ? PyDict_GetItemWithError(counts, key) : NULL;
-		Py_ssize_t before = old ? PyLong_AsSsize_t(old) : 0;
-		PyObject *value = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(before + t->hits[h]);
-		int failed = !value || PyDict_SetItem(counts, key, value) < 0;
-		Py_XDECREF(key);
-		Py_XDECREF(value);
-		if (failed)
-			return -1;
-		t->hits[h] = 0;
-	}
-	t->used = 0;
-	return 0;
-}
-
 /* count_kinds(chunk, counts): counts[kind | family << 8 | oldstate << 16 | newstate << 24] += records
- * (Tracker.record_counts, as memoryview(chunk).cast("I")[KIND_WORD::RECORD_WORDS] lists them). A
- * connect the kernel folded into a record (SYN_SENT first in its folded states) counts as the
- * CLOSE -> SYN_SENT record it would have been (fold.py count_folded_connects). */
+ * (Tracker.record_counts, as memoryview(chunk).cast("I")[KIND_WORD::RECORD_WORDS] lists them). */
 static PyObject *count_kinds(PyObject *self, PyObject *args)
 {
 	Py_buffer chunk;
 	PyObject *counts;
 	if (!PyArg_ParseTuple(args, "y*O!:count_kinds", &chunk, &PyDict_Type, &counts))
 		return NULL;
-	struct word_counts t;
-	memset(t.hits, 0, sizeof(t.hits));
-	t.used = 0;
-	Py_ssize_t n = chunk.len / (Py_ssize_t)sizeof(struct record);
+	enum { SLOTS = 1024 }; /* distinct words of a chunk: a few dozen kinds and transitions */
+	__u32 words[SLOTS];
+	Py_ssize_t hits[SLOTS];
+	memset(hits, 0, sizeof(hits));
+	Py_ssize_t n = chunk.len / (Py_ssize_t)sizeof(struct record), used = 0;
 	PyObject *result = NULL;
-	for (Py_ssize_t i = 0; i < n; i++) {
-		const struct netstat_event *e = &record_at(chunk.buf, i)->e;
-		count_word(&t, e->kind | e->family << 8 | e->oldstate << 16 | (__u32)e->newstate << 24);
-		if (e->kind == EV_TCP_STATE && (e->folded & ((1u << FOLDED_BITS) - 1)) == TCP_SYN_SENT)
-			count_word(&t, EV_TCP_STATE | e->family << 8 | TCP_CLOSE << 16 | (__u32)TCP_SYN_SENT << 24);
-		if (t.used >= SLOTS / 2 && add_words(&t, counts) < 0)
-			goto out;
+	for (Py_ssize_t i = 0; i <= n; i++) {
+		__u32 word = 0;
+		if (i < n) {
+			const struct netstat_event *e = &record_at(chunk.buf, i)->e;
+			word = e->kind | e->family << 8 | e->oldstate << 16 | (__u32)e->newstate << 24;
+			size_t h = (word * 2654435761u) & (SLOTS - 1);
+			while (hits[h] && words[h] != word)
+				h = (h + 1) & (SLOTS - 1);
+			used += !hits[h];
+			words[h] = word;
+			hits[h]++;
+		}
+		if (i < n && used < SLOTS / 2)
+			continue;
+		/* the end, or a table half full (records of no kind known): add to the dict, start again */
+		for (size_t h = 0; h < SLOTS; h++) {
+			if (!hits[h])
+				continue;
+			PyObject *key = PyLong_FromUnsignedLong(words[h]);
+			PyObject *old = key ? PyDict_GetItemWithError(counts, key) : NULL;
+			Py_ssize_t before = old ? PyLong_AsSsize_t(old) : 0;
+			PyObject *value = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(before + hits[h]);
+			int failed = !value || PyDict_SetItem(counts, key, value) < 0;
+			Py_XDECREF(key);
+			Py_XDECREF(value);
+			if (failed)
+				goto out;
+			hits[h] = 0;
+		}
+		used = 0;
 	}
-	if (add_words(&t, counts) < 0)
-		goto out;
 	result = Py_NewRef(Py_None);
 out:
 	PyBuffer_Release(&chunk);
