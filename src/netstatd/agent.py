@@ -254,7 +254,7 @@ class Agent:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             failpoint("flush")
-            self.hub.publish(self.hostnames.flush() + self.dns_failures.flush() + self.pipeline.flush())
+            await self.hub.publish_in_turns(self.hostnames.flush() + self.dns_failures.flush() + self.pipeline.flush())
             if self.pipeline.tracker.tables.unbound_listeners:
                 self.checks.bind_listeners_soon()
 

@@ -320,6 +320,15 @@ class Hub:
             if frames:
                 sub.offer(frames)
 
+    async def publish_in_turns(self, events: list[Event]) -> None:
+        """publish() a frame's worth at a time, the event loop turning in between: clients' send loops
+        write the first frames while the next are encoded. WebSocket writes happen only at the loop's
+        turns, a socket taking a few MB each: a flush period of a backlog published at once (tens of MB)
+        would wait in the queues and overflow them, while the clients keep up."""
+        for start in range(0, len(events), FRAME_EVENTS):
+            self.publish(events[start : start + FRAME_EVENTS])
+            await asyncio.sleep(0)
+
     def publish_lazily(self, events: Iterable[Event]) -> None:
         """publish() for events made on demand (a start-up seed of 100k sockets): made a frame's worth
         at a time, and not at all while nobody listens."""

@@ -96,6 +96,34 @@ async def test_a_loop_behind_by_max_backlog_stalls_the_thread_and_loses_nothing(
     assert got == chunks
 
 
+async def test_a_backlog_is_taken_a_slice_at_a_time_with_the_loop_turning_in_between():
+    """The loop's other work (WebSocket writes, timers) runs between slices of a backlog, not after it all."""
+    n = 8
+    chunks = [chunk(i, 1) for i in range(n)]
+    reader = FakeReader(chunks)
+    got: list[bytes] = []
+
+    def deliver(c: bytes) -> None:
+        time.sleep(0.003)  # a chunk that takes a while to decode
+        got.append(c)
+
+    loop = asyncio.get_running_loop()
+    drainer = RingDrainer(reader, loop, deliver, report=no_report, interval_s=0.001, slice_s=0.005)
+    task = asyncio.create_task(drainer.run())
+    await asyncio.sleep(0)  # run() has started its thread
+    # The loop is busy (blocked here) while the thread reads every chunk: a backlog.
+    deadline = time.monotonic() + 5
+    while reader.reads <= n and time.monotonic() < deadline:
+        time.sleep(0.001)
+    seen_between: list[int] = []
+    while len(got) < n:
+        await asyncio.sleep(0)  # a turn of the loop: what the other work sees
+        seen_between.append(len(got))
+    await stop(task)
+    assert got == chunks
+    assert any(0 < k < n for k in seen_between), seen_between
+
+
 async def test_a_batch_that_fails_is_counted_and_reported_and_the_next_goes_on():
     chunks = [chunk(0, 1), chunk(10, 2), chunk(20, 3)]
     reports: list[tuple[str, BaseException, str]] = []

@@ -1,10 +1,11 @@
 """Bounded per-client queues: overflow is counted and answered with a reset and a fresh snapshot."""
 
+import asyncio
 import tracemalloc
 
 import orjson
 
-from netstatd.hub import Hub, encode_frames
+from netstatd.hub import FRAME_EVENTS, Hub, encode_frames
 
 
 def make_hub(max_events=10) -> Hub:
@@ -136,3 +137,24 @@ def test_a_client_still_taking_its_snapshot_may_queue_more_before_it_overflows()
     assert hub.overflows == 0 and sub.queued_events == SNAPSHOT_SLACK * 10
     hub.publish([{"type": "connection.event", "sockCookie": 1}])
     assert hub.overflows == 1
+
+
+async def test_a_large_flush_is_published_with_the_loop_turning_between_frames():
+    """A client's send loop takes the first frames of a large flush before the last are offered, so
+    they never wait in its queue all at once."""
+    hub = make_hub(max_events=10 * FRAME_EVENTS)
+    sub = hub.subscribe("c", {"type": "host.info"})
+    take_all(sub)
+    taken: list[int] = []
+
+    async def send_loop() -> None:
+        while True:
+            await sub.wake.wait()
+            taken.append(sum(len(orjson.loads(f)) for f in sub.take()))
+
+    sender = asyncio.create_task(send_loop())
+    await asyncio.sleep(0)
+    await hub.publish_in_turns([{"type": "connection.event", "sockCookie": i} for i in range(3 * FRAME_EVENTS)])
+    await asyncio.sleep(0)
+    sender.cancel()
+    assert taken == [FRAME_EVENTS] * 3

@@ -3,7 +3,9 @@ chunks to the event loop.
 
 The thread only copies bytes out of the ring, so the ring stays nearly empty
 even while the event loop is busy (a large snapshot, a GC pause). Decoding
-happens on the loop. If the loop falls more than `max_backlog` bytes behind,
+happens on the loop, `slice_s` at a time: a backlog is taken in turns with the
+loop's other work (its WebSocket writes above all), never in one long run. If
+the loop falls more than `max_backlog` bytes behind,
 the thread stops draining: the ring fills and the kernel counts the loss
 (netstatd_kernel_events_lost_total), so loss is counted in one place.
 
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -38,6 +41,7 @@ class RingDrainer:
         *,
         report: Callable[[str, BaseException, str], None],
         interval_s: float = 0.010,
+        slice_s: float = 0.010,
         max_backlog: int = 64 << 20,
     ) -> None:
         self._reader = reader
@@ -45,6 +49,7 @@ class RingDrainer:
         self._deliver = deliver
         self._report = report
         self._interval = interval_s
+        self._slice = slice_s
         self._max_backlog = max_backlog
         self._chunks: deque[bytes] = deque()
         self._lock = threading.Lock()
@@ -119,7 +124,12 @@ class RingDrainer:
                     return
 
     def _drain(self) -> None:
+        until = time.monotonic() + self._slice
         while True:
+            if time.monotonic() > until:
+                # the rest at the loop's next turn, after the I/O and timers due meanwhile
+                self._loop.call_soon(self._drain)
+                return
             with self._lock:
                 if not self._chunks:
                     self._scheduled = False
