@@ -36,7 +36,7 @@ CLIENT_IP, SERVER_IP = bytes([10, 99, 0, 1]) + bytes(12), bytes([10, 99, 0, 2]) 
 SERVER_PORT = 7100
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN = 1, 2, 3, 4, 5, 7, 8, 9, 10
 # (old state, new state, states folded into the record), as the kernel sends them (netstatd.bpf.c)
-CLIENT_STEPS = ((CLOSE, SYN_SENT, ()), (SYN_SENT, ESTABLISHED, ()), (FIN_WAIT2, CLOSE, (FIN_WAIT1, FIN_WAIT2)))
+CLIENT_STEPS = ((SYN_SENT, ESTABLISHED, (SYN_SENT,)), (FIN_WAIT2, CLOSE, (FIN_WAIT1, FIN_WAIT2)))
 SERVER_STEPS = ((SYN_RECV, ESTABLISHED, (SYN_RECV,)), (LAST_ACK, CLOSE, (CLOSE_WAIT, LAST_ACK)))
 
 
