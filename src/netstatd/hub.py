@@ -227,6 +227,7 @@ class Hub:
         self.client_max_events = client_max_events
         self.client_max_bytes = client_max_bytes
         self.subscribers: set[Subscriber] = set()
+        self._held: deque[list[Event]] = deque()  # publish_in_turns()'s frames' worth not offered yet
         # metrics
         self.dropped_events = 0
         self.stalled = 0  # clients closed for taking no frame for api.app.STALL_S
@@ -305,9 +306,9 @@ class Hub:
             sub.resubscribe(new)
 
     def publish(self, events: list[Event]) -> None:
-        if not events or not self.subscribers:
-            return
-        self._offer(events)
+        self._offer_held()
+        if events and self.subscribers:
+            self._offer(events)
 
     def _offer(self, events: list[Event]) -> None:
         """Each subscriber the frames of what its filter lets through, encoded once per filter."""
@@ -324,14 +325,25 @@ class Hub:
         """publish() a frame's worth at a time, the event loop turning in between: clients' send loops
         write the first frames while the next are encoded. WebSocket writes happen only at the loop's
         turns, a socket taking a few MB each: a flush period of a backlog published at once (tens of MB)
-        would wait in the queues and overflow them, while the clients keep up."""
-        for start in range(0, len(events), FRAME_EVENTS):
-            self.publish(events[start : start + FRAME_EVENTS])
+        would wait in the queues and overflow them, while the clients keep up. A publish() meanwhile
+        (newer events: a sweep's, a reconcile's) first offers what is still held, so order is kept."""
+        self._held.extend(events[start : start + FRAME_EVENTS] for start in range(0, len(events), FRAME_EVENTS))
+        while self._held:
+            batch = self._held.popleft()
+            if self.subscribers:
+                self._offer(batch)
             await asyncio.sleep(0)
+
+    def _offer_held(self) -> None:
+        while self._held:
+            batch = self._held.popleft()
+            if self.subscribers:
+                self._offer(batch)
 
     def publish_lazily(self, events: Iterable[Event]) -> None:
         """publish() for events made on demand (a start-up seed of 100k sockets): made a frame's worth
         at a time, and not at all while nobody listens."""
+        self._offer_held()
         if not self.subscribers:
             return
         it = iter(events)

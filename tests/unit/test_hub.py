@@ -158,3 +158,18 @@ async def test_a_large_flush_is_published_with_the_loop_turning_between_frames()
     await asyncio.sleep(0)
     sender.cancel()
     assert taken == [FRAME_EVENTS] * 3
+
+
+async def test_a_publish_during_a_publish_in_turns_comes_after_what_it_holds():
+    """Another task's newer events (a sweep's) never overtake the rest of a flush being published."""
+    hub = make_hub(max_events=10 * FRAME_EVENTS)
+    sub = hub.subscribe("c", {"type": "host.info"})
+    take_all(sub)
+    flush = asyncio.create_task(
+        hub.publish_in_turns([{"type": "connection.event", "sockCookie": i} for i in range(3 * FRAME_EVENTS)])
+    )
+    await asyncio.sleep(0)  # the first frame's worth is offered, the flush task waits for its next turn
+    hub.publish([{"type": "connection.event", "sockCookie": -1}])
+    await flush
+    cookies = [e["sockCookie"] for e in decode(take_all(sub))]
+    assert cookies == [*range(3 * FRAME_EVENTS), -1]
