@@ -164,7 +164,7 @@ class SockDiagChecks:
             own_path = None if netns == netlink.netns_inode() else path
             sockets = await loop.run_in_executor(None, sockdiag.dump_sockets, netns, own_path)
             await asyncio.sleep(SCAN_SETTLE_S)
-            self.hub.publish(self.pipeline.flush())
+            await self.hub.publish_in_turns(self.pipeline.flush())
         except (FileNotFoundError, ProcessLookupError):
             result = "failed"  # the task exited already (or its netns changed): nothing to scan
         except OSError as e:
@@ -209,7 +209,7 @@ class SockDiagChecks:
             # A socket that closed before or during the dump is not in it, and its CLOSE record may
             # still be in the ring: take in every record written so far, or it would look "gone".
             await records_taken_in(self.tracker, self.kernel.counters()[ev.CNT_EMITTED])
-            self.hub.publish(self.pipeline.flush())
+            await self.hub.publish_in_turns(self.pipeline.flush())
             changes, compare_s = _with_cpu_time(self.tracker.reconcile, tcp, udp, before)
             self.hub.publish(self.pipeline.events(changes))
             # CPU time, not wall time: under load the dump waits for the CPU, which costs nothing
@@ -248,7 +248,7 @@ class SockDiagChecks:
             self._sweep_failing = False
             # records emitted before the dump are drained and applied first: they are older than it
             await asyncio.sleep(SCAN_SETTLE_S)
-            self.hub.publish(self.pipeline.flush())
+            await self.hub.publish_in_turns(self.pipeline.flush())
             events = self.pipeline.events(sweep_folded(self.tracker.tables, states, before))
             self.swept += len(events)
             self.hub.publish(events)
