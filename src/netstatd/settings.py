@@ -83,7 +83,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("dns_max_names", "IP -> hostname entries kept from DNSTap (least recently learned dropped first)"),
     Option("dns_failed_interval", "seconds between two dns.failed events of one DNS client and name"),
     Option("metrics_per_namespace", "bytes per Kubernetes namespace in /metrics (at most 200 namespaces)"),
-    Option("stats_interval", "seconds between two reads of live TCP connections' counters (0: only at their close)"),
+    Option(
+        "stats_interval",
+        "seconds between two reads of live TCP connections' counters and of waiting connects (0: only at their close)",
+    ),
     Option(
         "listen_address",
         "addresses every HTTP and DNSTap listener binds (default: 127.0.0.1,::1 without authentication, "
