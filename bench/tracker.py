@@ -78,7 +78,7 @@ def connection_records(i: int, ts: int) -> list[bytes]:
     port = 10000 + i % 50000
     c, s = 2 * i + 1, 2 * i + 2
     client = [
-        record(ts + n, c, ev.EV_TCP_STATE, CLIENT_NS, CLIENT_IP, SERVER_IP, port if n else 0, SERVER_PORT, *step)
+        record(ts + n, c, ev.EV_TCP_STATE, CLIENT_NS, CLIENT_IP, SERVER_IP, port, SERVER_PORT, *step)
         for n, step in enumerate(CLIENT_STEPS)
     ]
     server = [
@@ -86,8 +86,7 @@ def connection_records(i: int, ts: int) -> list[bytes]:
         for n, step in enumerate(SERVER_STEPS)
     ]
     accept = record(ts + 1, s, ev.EV_TCP_ACCEPT, SERVER_NS, SERVER_IP, CLIENT_IP, SERVER_PORT, port, 0, ESTABLISHED)
-    out = [client[0], client[1], server[0], accept, client[2], server[1]]
-    return out
+    return [client[0], server[0], accept, client[1], server[1]]
 
 
 def run(connections: int, rate: int, native: bool) -> float:
