@@ -329,16 +329,17 @@ class Hub:
         (newer events: a sweep's, a reconcile's) first offers what is still held, so order is kept."""
         self._held.extend(events[start : start + FRAME_EVENTS] for start in range(0, len(events), FRAME_EVENTS))
         while self._held:
-            batch = self._held.popleft()
-            if self.subscribers:
-                self._offer(batch)
+            self._offer_next_held()
             await asyncio.sleep(0)
 
     def _offer_held(self) -> None:
         while self._held:
-            batch = self._held.popleft()
-            if self.subscribers:
-                self._offer(batch)
+            self._offer_next_held()
+
+    def _offer_next_held(self) -> None:
+        batch = self._held.popleft()
+        if self.subscribers:
+            self._offer(batch)
 
     def publish_lazily(self, events: Iterable[Event]) -> None:
         """publish() for events made on demand (a start-up seed of 100k sockets): made a frame's worth

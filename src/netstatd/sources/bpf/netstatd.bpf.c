@@ -305,6 +305,20 @@ static __always_inline void no_counters(struct netstat_event *e)
 	e->error = 0;
 }
 
+/* A TCP state record's socket and transition; its owner, folded states and counters are the caller's. */
+static __always_inline void fill_transition(struct netstat_event *e, const struct sock *sk, const struct tcp_sock *tp,
+					    __u64 cookie, int oldstate, int newstate)
+{
+	fill_sock_btf(e, sk, tp);
+	e->cookie = cookie;
+	e->kind = newstate == TCP_LISTEN ? EV_TCP_LISTEN : EV_TCP_STATE;
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	*(__u64 *)&e->flags = 0; /* with _pad */
+	e->folded = 0;
+	e->_pad2 = 0;
+}
+
 static __always_inline void owner_from_current(struct owner *o, __u64 cookie)
 {
 	o->cookie = cookie;
@@ -400,13 +414,7 @@ static __always_inline void take_transition(struct sock *sk, struct owner *o, co
 	e = reserve();
 	if (!e)
 		return;
-	fill_sock_btf(e, sk, tp);
-	e->cookie = cookie;
-	e->kind = newstate == TCP_LISTEN ? EV_TCP_LISTEN : EV_TCP_STATE;
-	e->oldstate = oldstate;
-	e->newstate = newstate;
-	*(__u64 *)&e->flags = 0; /* with _pad */
-	e->folded = 0;
+	fill_transition(e, sk, tp, cookie, oldstate, newstate);
 	if (o) {
 		e->folded = o->folded;
 		o->folded = 0;
@@ -433,7 +441,6 @@ static __always_inline void take_transition(struct sock *sk, struct owner *o, co
 		 * counters are gone */
 		no_counters(e);
 	}
-	e->_pad2 = 0;
 	submit(e);
 }
 
@@ -577,23 +584,17 @@ static __always_inline void report_connect(struct sock *sk, struct tcp_sock *tp)
 	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, 0);
 	struct netstat_event *e;
 
-	if (!o || o->nfolded != 1 || (o->folded & ((1 << FOLDED_BITS) - 1)) != TCP_SYN_SENT || skipped_sock(sk))
+	/* the connect's fold alone: the only state folded */
+	if (!o || o->nfolded != 1 || o->folded != TCP_SYN_SENT || skipped_sock(sk))
 		return;
 	e = reserve();
 	if (!e)
 		return;
-	fill_sock_btf(e, sk, tp);
-	e->cookie = bpf_get_socket_cookie(sk);
-	e->kind = EV_TCP_STATE;
-	e->oldstate = o->last_step >> 8;
-	e->newstate = TCP_SYN_SENT;
-	*(__u64 *)&e->flags = 0; /* with _pad */
-	e->folded = 0;
+	fill_transition(e, sk, tp, bpf_get_socket_cookie(sk), o->last_step >> 8, TCP_SYN_SENT);
 	event_owner_stored(e, o);
 	o->folded = 0;
 	o->nfolded = 0;
 	no_counters(e);
-	e->_pad2 = 0;
 	submit(e);
 }
 
